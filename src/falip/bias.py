@@ -1,0 +1,211 @@
+"""The foveal bias: configuration, the bump, and the attention masks built from it.
+
+The one internal representation is a **bias vector** per region: ``(1 + gh·gw,)`` float32 values
+over the tokens ([CLS] first, then patches row-major). ``rows`` says which queries it is added to:
+
+- ``cls``: only the [CLS] query's logits (row 0 of ``M``) — the paper's choice;
+- ``all``: every query's logits (every row of ``M`` is the vector);
+- ``diagonal``: each token's logit to itself (``M[t, t] = v[t]``).
+
+``heads`` scales the bias per head (selection is a scale of 0 or 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import InvalidRegionError
+from .geometry import box_token_weights, make_transform, mask_token_weights, validate_boxes, validate_masks
+
+SHAPES = ("gaussian", "uniform", "hard")
+ROWS = ("cls", "all", "diagonal")
+
+HeadSpec = Union[None, Sequence[int], Mapping[int, float]]
+
+
+@dataclass(frozen=True)
+class FovealConfig:
+    """FALIP settings.
+
+    alpha: peak bias (centre of the region). sigma: Gaussian width in token units.
+    shape: ``gaussian`` (the paper's bump), ``uniform`` (``alpha`` on every region token) or
+        ``hard`` (0 inside the region, ``hard_value`` on patch tokens outside it).
+    rows: which attention queries get the bias (``cls``, ``all``, ``diagonal``).
+    layers: 0-based block indices that carry the bias (negative counts from the end);
+        ``None`` = the last third of the blocks (blocks 8–11 of 12, as the reference code).
+    heads: ``None`` = all heads; a sequence of head indices; or ``{head: scale}``.
+    """
+
+    alpha: float = 0.2
+    sigma: float = 100.0
+    shape: str = "gaussian"
+    rows: str = "cls"
+    layers: Optional[tuple[int, ...]] = None
+    heads: HeadSpec = None
+    eps: float = 1e-6
+    hard_value: float = -100.0
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"FovealConfig.shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.rows not in ROWS:
+            raise ValueError(f"FovealConfig.rows must be one of {ROWS}, got {self.rows!r}")
+        for name in ("alpha", "sigma", "eps", "hard_value"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"FovealConfig.{name} must be finite, got {getattr(self, name)!r}")
+        if self.sigma <= 0:
+            raise ValueError(f"FovealConfig.sigma must be > 0, got {self.sigma!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.heads is not None and not isinstance(self.heads, Mapping):
+            object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+
+    @classmethod
+    def official(cls) -> "FovealConfig":
+        """The reference code's settings: α 0.2, σ 100, [CLS] row, blocks ≥ 8 of 12, all heads."""
+        return cls(alpha=0.2, sigma=100.0, shape="gaussian", rows="cls", layers=(8, 9, 10, 11))
+
+    def resolve_layers(self, depth: int) -> tuple[int, ...]:
+        """Sorted 0-based block indices for a ViT of ``depth`` blocks."""
+        if self.layers is None:
+            return tuple(range(depth - depth // 3, depth))
+        out = set()
+        for i in self.layers:
+            j = i + depth if i < 0 else i
+            if not 0 <= j < depth:
+                raise ValueError(f"layer {i} is out of range for a ViT with {depth} blocks")
+            out.add(j)
+        return tuple(sorted(out))
+
+    def head_scales(self, num_heads: int) -> Optional[torch.Tensor]:
+        """``(num_heads,)`` float32 per-head scale of the bias, or ``None`` for all heads at 1."""
+        if self.heads is None:
+            return None
+        scales = torch.zeros(num_heads, dtype=torch.float32)
+        items = self.heads.items() if isinstance(self.heads, Mapping) else ((h, 1.0) for h in self.heads)
+        for h, s in items:
+            if not 0 <= int(h) < num_heads:
+                raise ValueError(f"head {h} is out of range for a ViT with {num_heads} heads")
+            scales[int(h)] = float(s)
+        return scales
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if isinstance(self.heads, Mapping):
+            d["heads"] = {str(k): float(v) for k, v in self.heads.items()}
+        return d
+
+
+def bump(h: int, w: int, alpha: float, sigma: float, eps: float = 1e-6) -> np.ndarray:
+    """The ``(h, w)`` float64 bump: ``α (G − min G + ε) / (max G − min G + ε)`` (SPEC §1)."""
+    i = np.arange(h, dtype=np.float64)[:, None] - (h - 1) / 2
+    j = np.arange(w, dtype=np.float64)[None, :] - (w - 1) / 2
+    g = np.exp(-(i**2 + j**2) / (2 * sigma**2))
+    return alpha * (g - g.min() + eps) / (g.max() - g.min() + eps)
+
+
+def bias_from_weights(weights: np.ndarray, config: FovealConfig) -> torch.Tensor:
+    """Bias vector ``(1 + gh·gw,)`` float32 from token weights ``(gh, gw)`` in [0, 1].
+
+    Region tokens are those with weight > 0; the bump spans their bounding rectangle and is
+    multiplied by the weight (1 for boxes, the covered fraction for masks).
+    """
+    covered = weights > 0
+    rows = np.flatnonzero(covered.any(axis=1))
+    cols = np.flatnonzero(covered.any(axis=0))
+    patch = np.zeros_like(weights)
+    if config.shape == "hard":
+        patch[~covered] = config.hard_value
+    elif config.shape == "uniform":
+        patch = config.alpha * weights
+    else:
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        patch[r0:r1, c0:c1] = bump(r1 - r0, c1 - c0, config.alpha, config.sigma, config.eps)
+        patch *= weights
+    vec = np.concatenate([[0.0], patch.reshape(-1)]).astype(np.float32)
+    return torch.from_numpy(vec)
+
+
+def region_bias(
+    box,
+    image_size: tuple[int, int],
+    grid: tuple[int, int],
+    config: Optional[FovealConfig] = None,
+    preprocess: str = "squash",
+    patch_size: int = 16,
+) -> torch.Tensor:
+    """The float32 bias vector ``(1 + gh·gw,)`` added to the [CLS] query's logits for one box.
+
+    ``box`` is ``(x0, y0, x1, y1)`` in original pixels of an image of ``image_size = (W, H)``;
+    ``grid = (gh, gw)`` patches of ``patch_size`` pixels. Index 0 is [CLS] (always 0).
+    With ``preprocess="squash"`` and :meth:`FovealConfig.official` this is SPEC §1.1 exactly.
+    """
+    config = config or FovealConfig.official()
+    gh, gw = grid
+    if gh != gw:
+        raise ValueError(f"only square patch grids are supported, got {grid}")
+    box = validate_boxes(box, image_size)
+    if box.shape[0] != 1:
+        raise ValueError(f"region_bias takes one box, got {box.shape[0]}")
+    transform = make_transform(preprocess, image_size, gh * patch_size)
+    weights = box_token_weights(transform.map_box(box[0]), gh * patch_size, patch_size, grid)
+    return bias_from_weights(weights, config)
+
+
+def region_biases(
+    transform,
+    grid: tuple[int, int],
+    patch_size: int,
+    config: FovealConfig,
+    boxes=None,
+    masks=None,
+) -> torch.Tensor:
+    """Bias vectors ``(K, 1 + gh·gw)`` for K boxes or K masks of one image under ``transform``."""
+    if (boxes is None) == (masks is None):
+        raise ValueError("give exactly one of boxes=... or masks=...")
+    S = transform.input_size
+    if boxes is not None:
+        arr = validate_boxes(boxes, transform.image_size)
+        weights = [box_token_weights(transform.map_box(b, i), S, patch_size, grid) for i, b in enumerate(arr)]
+    else:
+        weights = []
+        for i, m in enumerate(validate_masks(masks, transform.image_size)):
+            w = mask_token_weights(transform.map_mask(m), patch_size, grid)
+            if not w.any():
+                raise InvalidRegionError(
+                    f"mask {i} lies entirely outside the centre crop (preprocess={transform.mode!r})"
+                )
+            weights.append(w)
+    return torch.stack([bias_from_weights(w, config) for w in weights])
+
+
+def full_attention_mask(
+    bias: torch.Tensor, rows: str, num_heads: int, head_scales: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Additive attention mask ``(K·H, L, L)`` from bias vectors ``(K, L)``."""
+    K, L = bias.shape
+    mask = bias.new_zeros(K, L, L)
+    if rows == "cls":
+        mask[:, 0, :] = bias
+    elif rows == "all":
+        mask[:] = bias[:, None, :]
+    else:
+        mask.diagonal(dim1=1, dim2=2).copy_(bias)
+    mask = mask[:, None].expand(K, num_heads, L, L)
+    if head_scales is not None:
+        mask = mask * head_scales.to(mask)[None, :, None, None]
+    return mask.reshape(K * num_heads, L, L)
+
+
+def cls_query_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """Additive mask ``(K·H, 1, L)`` for the [CLS] query alone, from bias vectors ``(K, L)``."""
+    K, L = bias.shape
+    mask = bias[:, None, None, :].expand(K, num_heads, 1, L)
+    if head_scales is not None:
+        mask = mask * head_scales.to(mask)[None, :, None, None]
+    return mask.reshape(K * num_heads, 1, L)
+

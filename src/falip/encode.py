@@ -1,0 +1,133 @@
+"""Execution strategies: the same biased ViT, computed three ways (SPEC §2).
+
+- ``naive``: one full forward pass per region, batch size 1, full ``L×L`` masks — the reference
+  code's execution pattern, kept as the baseline that the other modes are tested against.
+- ``exact``: blocks before the first biased block run once per image; in the first biased block
+  the patch tokens do not depend on the bias (rows=cls), so only [CLS] is computed per region;
+  the remaining blocks run batched over regions, in chunks of ``chunk_size``. Equal to ``naive``
+  up to float rounding.
+- ``approx``: only [CLS] goes through the biased blocks, attending to the *unbiased* patch tokens
+  of one plain pass. Cost ≈ one image pass for any number of regions. Not FALIP exactly: its
+  deviation is measured in ``benchmarks/`` and reported in the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .bias import cls_query_mask, full_attention_mask
+from .runtimes.base import VisionRuntime
+
+MODES = ("naive", "exact", "approx")
+
+
+@dataclass(frozen=True)
+class BiasPlan:
+    """Where the bias goes: sorted block indices, which rows, per-head scales ``(H,)`` or None."""
+
+    layers: tuple[int, ...]
+    rows: str
+    head_scales: Optional[torch.Tensor] = None
+
+
+def encode_biased(
+    runtime: VisionRuntime,
+    pixels: torch.Tensor,
+    bias: torch.Tensor,
+    plan: BiasPlan,
+    mode: str = "exact",
+    chunk_size: int = 32,
+) -> torch.Tensor:
+    """Embeddings ``(K, E)`` (not normalised) of one image ``pixels (1, 3, S, S)`` under K biases ``(K, L)``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if pixels.shape[0] != 1:
+        raise ValueError(f"encode_biased takes one image, got a batch of {pixels.shape[0]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bias = bias.to(runtime.device, torch.float32)
+    if not plan.layers:
+        return runtime.run(pixels).expand(bias.shape[0], -1)
+    if mode == "naive":
+        return torch.cat([runtime.run(pixels, _naive_trunk(runtime, bias[k : k + 1], plan)) for k in range(bias.shape[0])])
+    if mode == "approx":
+        if plan.rows != "cls":
+            raise ValueError(f"mode='approx' only exists for rows='cls' (the [CLS] query alone is biased), got rows={plan.rows!r}")
+        return runtime.run(pixels, _approx_trunk(runtime, bias, plan, chunk_size))
+    return runtime.run(pixels, _exact_trunk(runtime, bias, plan, chunk_size))
+
+
+def _naive_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan):
+    mask = full_attention_mask(bias, plan.rows, runtime.num_heads, plan.head_scales)
+
+    def trunk(x: torch.Tensor) -> torch.Tensor:
+        for i in range(runtime.num_layers):
+            x = runtime.block(i, x, mask if i in plan.layers else None)
+        return x
+
+    return trunk
+
+
+def _chunks(n: int, size: int):
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _exact_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, chunk_size: int):
+    first, depth, H = plan.layers[0], runtime.num_layers, runtime.num_heads
+
+    def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (1, L, D), shared by every region
+        for i in range(first):
+            x = runtime.block(i, x)
+        shared_first = runtime.block(first, x) if plan.rows == "cls" else None
+        outs = []
+        for sl in _chunks(bias.shape[0], chunk_size):
+            b = bias[sl]
+            k = b.shape[0]
+            if plan.rows == "cls":
+                qmask = cls_query_mask(b, H, plan.head_scales)
+                cls = runtime.block_query(first, x[:, :1].expand(k, -1, -1), x.expand(k, -1, -1), qmask)
+                y = torch.cat([cls, shared_first[:, 1:].expand(k, -1, -1)], dim=1)
+                for i in range(first + 1, depth):
+                    out = runtime.block(i, y)
+                    if i in plan.layers:  # patch rows are unbiased: only [CLS]'s row is recomputed
+                        out = torch.cat([runtime.block_query(i, y[:, :1], y, qmask), out[:, 1:]], dim=1)
+                    y = out
+            else:
+                mask = full_attention_mask(b, plan.rows, H, plan.head_scales)
+                y = x.expand(k, -1, -1)
+                for i in range(first, depth):
+                    y = runtime.block(i, y, mask if i in plan.layers else None)
+            outs.append(y[:, :1])
+        return torch.cat(outs)
+
+    return trunk
+
+
+def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, chunk_size: int):
+    first, depth, H = plan.layers[0], runtime.num_layers, runtime.num_heads
+
+    def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (1, L, D)
+        for i in range(first):
+            x = runtime.block(i, x)
+        cls_in = x[:, :1]  # [CLS] entering the first biased block, before any bias
+        patches = []  # unbiased patch tokens entering blocks first..depth-1
+        for i in range(first, depth):
+            patches.append(x[:, 1:])
+            if i < depth - 1:
+                x = runtime.block(i, x)
+        outs = []
+        for sl in _chunks(bias.shape[0], chunk_size):
+            b = bias[sl]
+            k = b.shape[0]
+            qmask = cls_query_mask(b, H, plan.head_scales)
+            cls = cls_in.expand(k, -1, -1)
+            for j, i in enumerate(range(first, depth)):
+                context = torch.cat([cls, patches[j].expand(k, -1, -1)], dim=1)
+                cls = runtime.block_query(i, cls, context, qmask if i in plan.layers else None)
+            outs.append(cls)
+        return torch.cat(outs)
+
+    return trunk

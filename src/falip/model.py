@@ -1,0 +1,183 @@
+"""``FalipModel``: a CLIP ViT that can look at regions of an image."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bias import FovealConfig, region_biases
+from .encode import MODES, BiasPlan, encode_biased
+from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
+from .images import load_image
+from .loading import create_clip
+from .runtimes.open_clip import OpenClipRuntime
+
+
+class FalipModel:
+    """A CLIP ViT with foveal attention. Build it with :func:`falip.load`.
+
+    Attributes: ``runtime`` (the adapter), ``preprocess`` (``crop``/``squash``/``pad``),
+    ``config`` (the default :class:`FovealConfig`), ``image_size`` S, ``patch_size`` p,
+    ``grid`` (gh, gw), ``num_layers``, ``num_heads``.
+    """
+
+    def __init__(
+        self,
+        runtime: OpenClipRuntime,
+        tokenizer,
+        preprocess: str = "crop",
+        config: Optional[FovealConfig] = None,
+        name: str = "",
+        pretrained: Optional[str] = None,
+    ):
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.config = config or FovealConfig()
+        self.name = name
+        self.pretrained = pretrained
+        self.config.resolve_layers(runtime.num_layers)  # fail early on layers the model lacks
+
+    # -- geometry -------------------------------------------------------------------------------
+    image_size = property(lambda self: self.runtime.image_size)
+    patch_size = property(lambda self: self.runtime.patch_size)
+    grid = property(lambda self: self.runtime.grid)
+    num_layers = property(lambda self: self.runtime.num_layers)
+    num_heads = property(lambda self: self.runtime.num_heads)
+    device = property(lambda self: self.runtime.device)
+
+    def info(self) -> dict:
+        """A JSON-able summary: name, weights, geometry, default bias layers, preprocessing."""
+        return dict(
+            name=self.name,
+            pretrained=self.pretrained,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            grid=list(self.grid),
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            width=self.runtime.width,
+            dtype=str(self.runtime.dtype).replace("torch.", ""),
+            device=str(self.device),
+            preprocess=self.preprocess,
+            mean=list(self.runtime.mean),
+            std=list(self.runtime.std),
+            config=self.config.to_dict(),
+            bias_layers=list(self.config.resolve_layers(self.num_layers)),
+        )
+
+    def transform_for(self, image_size: tuple[int, int], preprocess: Optional[str] = None) -> ImageTransform:
+        """The preprocessing transform for an image of ``image_size = (W, H)``."""
+        return make_transform(preprocess or self.preprocess, image_size, self.image_size)
+
+    def preprocess_image(self, image, preprocess: Optional[str] = None) -> tuple[torch.Tensor, ImageTransform]:
+        """``(pixels (1, 3, S, S) float32, transform)`` for a path, PIL image or array."""
+        pil = load_image(image)
+        transform = self.transform_for(pil.size, preprocess)
+        fill = tuple(int(round(255 * m)) for m in self.runtime.mean)
+        resized = transform.apply(pil, fill=fill)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(self.runtime.mean).view(3, 1, 1)
+        std = torch.tensor(self.runtime.std).view(3, 1, 1)
+        return ((pixels - mean) / std)[None], transform
+
+    def plan(self, config: Optional[FovealConfig] = None) -> BiasPlan:
+        config = config or self.config
+        return BiasPlan(
+            layers=config.resolve_layers(self.num_layers),
+            rows=config.rows,
+            head_scales=config.head_scales(self.num_heads),
+        )
+
+    def region_biases(
+        self, transform: ImageTransform, boxes=None, masks=None, config: Optional[FovealConfig] = None
+    ) -> torch.Tensor:
+        """Bias vectors ``(K, 1 + gh·gw)`` of K boxes (xyxy pixels) or K masks ``(H, W)``."""
+        return region_biases(transform, self.grid, self.patch_size, config or self.config, boxes=boxes, masks=masks)
+
+    # -- encoders -------------------------------------------------------------------------------
+    def encode_image(self, images, preprocess: Optional[str] = None) -> torch.Tensor:
+        """L2-normalised embeddings ``(B, E)`` of one image or a list of images (no bias)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        pixels = torch.cat([self.preprocess_image(im, preprocess)[0] for im in images])
+        return F.normalize(self.runtime.run(pixels).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
+        """L2-normalised embeddings ``(T, E)`` of one text or a list of texts (CLIP BPE tokenizer)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"texts must be a non-empty list of strings, got {texts!r}")
+        tokens = self.tokenizer(texts)
+        return F.normalize(self.runtime.encode_text(tokens).float(), dim=-1)
+
+    def encode_regions(
+        self,
+        image,
+        boxes=None,
+        *,
+        masks=None,
+        config: Optional[FovealConfig] = None,
+        mode: str = "exact",
+        preprocess: Optional[str] = None,
+        chunk_size: int = 32,
+    ) -> torch.Tensor:
+        """L2-normalised embeddings ``(K, E)`` of one image looking at each of K regions.
+
+        image: path, PIL image or array. boxes: ``(K, 4)`` ``(x0, y0, x1, y1)`` in original pixels
+        (list, numpy or tensor). masks: instead of boxes, K boolean ``(H, W)`` masks.
+        mode: ``exact`` (default), ``naive`` (one pass per region) or ``approx`` (see README).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        pixels, transform = self.preprocess_image(image, preprocess)
+        bias = self.region_biases(transform, boxes=boxes, masks=masks, config=config)
+        embeddings = encode_biased(self.runtime, pixels, bias, self.plan(config), mode=mode, chunk_size=chunk_size)
+        return F.normalize(embeddings.float(), dim=-1)
+
+    def score_regions(self, image, boxes=None, texts: Union[str, Sequence[str]] = (), **kwargs) -> torch.Tensor:
+        """Logits ``(K, T)`` = logit_scale · cosine between each region's embedding and each text.
+
+        Keyword arguments are those of :meth:`encode_regions` (``masks``, ``config``, ``mode`` …).
+        """
+        text = self.encode_text(texts)
+        regions = self.encode_regions(image, boxes, **kwargs)
+        return self.runtime.logit_scale.cpu() * regions.cpu() @ text.cpu().T
+
+
+def load(
+    name_or_path: str,
+    pretrained: Optional[str] = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    preprocess: str = "crop",
+    config: Optional[FovealConfig] = None,
+    quick_gelu: Optional[bool] = None,
+) -> FalipModel:
+    """Load a CLIP ViT for FALIP.
+
+    name_or_path: an open_clip name (``"ViT-B-16"``), an OpenAI name (``"ViT-B/16"``,
+        ``"ViT-L/14@336px"``), ``"hf-hub:org/repo"``, or a local OpenAI-layout checkpoint file.
+    pretrained: an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"`` …) or a weights file;
+        ``None`` gives random weights (with a warning) for a name.
+    precision: ``fp32``, ``fp16`` or ``bf16``. preprocess: ``crop`` (CLIP default), ``squash``
+        (the FALIP reference code) or ``pad``. config: default :class:`FovealConfig`.
+    quick_gelu: override the activation (default: QuickGELU for OpenAI weights and files).
+    """
+    import open_clip
+
+    clip, info = create_clip(name_or_path, pretrained, device, precision, quick_gelu)
+    runtime = OpenClipRuntime(clip, mean=info["mean"], std=info["std"])
+    if info["arch"] is not None:
+        tokenizer = open_clip.SimpleTokenizer(context_length=info["arch"]["text_cfg"]["context_length"])
+    else:
+        tokenizer = open_clip.get_tokenizer(info["name"])
+    return FalipModel(runtime, tokenizer, preprocess=preprocess, config=config, name=info["name"], pretrained=info["pretrained"])

@@ -1,0 +1,150 @@
+"""open_clip adapter (tested with open_clip_torch 3.x).
+
+It relies only on these seams of open_clip's ``VisionTransformer``:
+
+- ``visual.forward`` = stem → ``visual.transformer(tokens)`` → pool → projection, so the block
+  stack can be replaced for one call by a module of ours (the stem and head stay open_clip's own);
+- ``visual.transformer.resblocks[i](x, attn_mask=...)``, whose float mask reaches
+  ``nn.MultiheadAttention`` as an additive bias;
+- ``ResidualAttentionBlock.attention(q_x, k_x, v_x, attn_mask)`` plus its ``ln_1``, ``ls_1``,
+  ``ln_2``, ``mlp``, ``ls_2`` for evaluating a block at the [CLS] query only.
+
+The last seam is checked numerically when the adapter is built, so an open_clip release that
+changes the block layout fails loudly instead of giving wrong embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import Trunk
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class _TrunkModule(nn.Module):
+    """Stands in for ``visual.transformer`` during one call and runs ``trunk`` instead."""
+
+    def __init__(self, trunk: Trunk):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.trunk(x)
+
+
+class OpenClipRuntime:
+    """Runs the vision tower of an open_clip ``CLIP`` model with attention biases."""
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+    ):
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+        visual = getattr(clip, "visual", None)
+        if not isinstance(visual, VisionTransformer):
+            raise UnsupportedModelError(
+                f"FALIP needs a CLIP vision transformer; this model's image tower is "
+                f"{type(visual).__name__} (ResNet and timm towers have no [CLS] attention to bias)"
+            )
+        if visual.attn_pool is not None or visual.pool_type != "tok":
+            raise UnsupportedModelError(
+                f"FALIP steers the [CLS] token, but this ViT pools with "
+                f"{'an attentional pooler' if visual.attn_pool is not None else repr(visual.pool_type)}"
+            )
+        blocks = visual.transformer.resblocks
+        for i, blk in enumerate(blocks):
+            if type(blk) is not ResidualAttentionBlock:
+                raise UnsupportedModelError(
+                    f"block {i} is a {type(blk).__name__}; only open_clip's ResidualAttentionBlock is supported"
+                )
+        clip.eval()
+        self.clip = clip
+        self.visual = visual
+        self.blocks = blocks
+        h, w = visual.image_size
+        ph, pw = visual.patch_size
+        if h != w or ph != pw:
+            raise UnsupportedModelError(f"only square inputs and patches are supported, got {visual.image_size}/{visual.patch_size}")
+        self.image_size = int(h)
+        self.patch_size = int(ph)
+        self.grid = tuple(int(g) for g in visual.grid_size)
+        self.num_layers = len(blocks)
+        self.num_heads = int(blocks[0].attn.num_heads)
+        self.width = int(visual.transformer.width)
+        self.batch_first = bool(blocks[0].attn.batch_first)
+        self.mean = tuple(mean or getattr(visual, "image_mean", None) or OPENAI_MEAN)
+        self.std = tuple(std or getattr(visual, "image_std", None) or OPENAI_STD)
+        self._check_query_seam()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp().float()
+
+    @torch.no_grad()
+    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None) -> torch.Tensor:
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if trunk is None:
+            return self.visual(pixels)
+        original = self.visual.transformer
+        self.visual.transformer = _TrunkModule(trunk)
+        try:
+            return self.visual(pixels)
+        finally:
+            self.visual.transformer = original
+
+    def block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.batch_first:
+            return self.blocks[index](x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+        return self.blocks[index](x, attn_mask=attn_mask)
+
+    def block_query(
+        self, index: int, query: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        blk = self.blocks[index]
+        q, kv = blk.ln_1(query), blk.ln_1(context)
+        if not self.batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        attn = blk.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=attn_mask)
+        if not self.batch_first:
+            attn = attn.transpose(0, 1)
+        x = query + blk.ls_1(attn)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings ``(T, E)`` (not normalised) of token ids ``(T, context_length)``."""
+        return self.clip.encode_text(tokens.to(self.device))
+
+    @torch.no_grad()
+    def _check_query_seam(self) -> None:
+        """Verify block_query == block()[:, :1] on random tokens (guards open_clip layout changes)."""
+        L = 1 + self.grid[0] * self.grid[1]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, L, self.width, generator=gen).to(self.device, self.dtype)
+        mask = (0.5 * torch.randn(2 * self.num_heads, L, L, generator=gen)).to(self.device, self.dtype)
+        full = self.block(0, x, mask)[:, :1].float()
+        query = self.block_query(0, x[:, :1], x, mask[:, :1]).float()
+        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        err = (full - query).abs().max().item()
+        if not err <= tol * max(1.0, full.abs().max().item()):
+            raise UnsupportedModelError(
+                f"this open_clip version's ResidualAttentionBlock does not match falip's [CLS]-query "
+                f"evaluation (max |diff| {err:.3g}); falip is tested with open_clip_torch 3.x"
+            )
