@@ -59,7 +59,8 @@ def normalize_model_name(name: str) -> str:
 
 
 def looks_like_path(name: str) -> bool:
-    return os.sep in name or name.startswith((".", "~")) or name.lower().endswith(CHECKPOINT_SUFFIXES)
+    """True for strings meant as files (OpenAI names like ``ViT-B/16`` contain a slash too)."""
+    return name.startswith(("/", ".", "~")) or name.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +161,9 @@ def build_from_state_dict(state: dict, precision: str, device: str, quick_gelu: 
 
     cfg = infer_openai_config(state, source)
     model = open_clip.CLIP(**cfg, quick_gelu=quick_gelu, cast_dtype=get_cast_dtype(precision))
+    # TorchScript archives also store non-persistent buffers (the text causal mask).
+    buffers = dict(model.named_buffers())
+    state = {k: v for k, v in state.items() if k in model.state_dict() or k not in buffers}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UnsupportedModelError(

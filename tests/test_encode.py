@@ -1,0 +1,261 @@
+"""Equivalence tests: every execution path computes the same FALIP embeddings.
+
+Tolerances: fp32 paths agree to atol 1e-5 on L2-normalised embeddings (float rounding of batched
+vs. per-sample kernels); the float64 reference agrees to atol 1e-5.
+"""
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from falip import FovealConfig, InvalidRegionError, encode_biased
+from falip.encode import BiasPlan
+
+from conftest import random_boxes, random_image, tiny_clip, wrap
+from reference import spec_bias_row, squash_pixels, vit_encode
+
+ATOL = 1e-5
+
+GRIDS = {  # (image_size, patch_size): B/32-, B/16- and L/14-shaped grids
+    "B32": (224, 32),
+    "B16": (224, 16),
+    "L14": (224, 14),
+    "L14-336": (336, 14),
+}
+
+
+@pytest.fixture(scope="module", params=list(GRIDS))
+def grid_model(request):
+    S, p = GRIDS[request.param]
+    return tiny_clip(S, p, layers=6)
+
+
+def close(a, b, atol=ATOL):
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0)
+
+
+def test_zero_bias_equals_open_clip_encode_image(rng, grid_model):
+    model = wrap(grid_model, preprocess="crop", config=FovealConfig(alpha=0.0, layers=(2, 3, 4, 5)))
+    img = Image.fromarray(random_image(rng, 300, 200))
+    pixels, _ = model.preprocess_image(img)
+    expected = F.normalize(grid_model.encode_image(pixels), dim=-1)
+    close(model.encode_image(img), expected)
+    boxes = random_boxes(rng, 300, 200, 3)
+    for mode in ("naive", "exact", "approx"):
+        close(model.encode_regions(img, boxes, mode=mode), expected.expand(3, -1))
+
+
+def test_crop_preprocessing_equals_open_clips_transform(rng):
+    model = wrap(tiny_clip(224, 32, layers=2))
+    transform = open_clip.image_transform(224, is_train=False)
+    for w, h in [(300, 200), (200, 300), (225, 224), (640, 427), (100, 100)]:
+        img = Image.fromarray(random_image(rng, w, h))
+        pixels, _ = model.preprocess_image(img)
+        torch.testing.assert_close(pixels[0], transform(img), atol=0, rtol=0)
+
+
+def test_squash_preprocessing_equals_torchvision_resize(rng):
+    from torchvision import transforms as T
+
+    model = wrap(tiny_clip(224, 32, layers=2), preprocess="squash")
+    tv = T.Compose(
+        [
+            T.Resize((224, 224), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(model.runtime.mean, model.runtime.std),
+        ]
+    )
+    img = Image.fromarray(random_image(rng, 333, 222))
+    torch.testing.assert_close(model.preprocess_image(img)[0][0], tv(img), atol=0, rtol=0)
+
+
+def test_pad_preprocessing_letterboxes(rng):
+    model = wrap(tiny_clip(224, 32, layers=2), preprocess="pad")
+    img = Image.fromarray(random_image(rng, 448, 224))
+    pixels, transform = model.preprocess_image(img)
+    assert transform.resized == (224, 112) and transform.offset == (0, 56)
+    assert pixels[0, :, :56].abs().max() < 0.02  # mean colour normalises to ~0
+    assert pixels[0, :, 56:168].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("preprocess", ["squash", "crop", "pad"])
+def test_exact_equals_naive_for_every_grid_and_preprocess(rng, grid_model, preprocess):
+    model = wrap(grid_model, preprocess=preprocess, config=FovealConfig(alpha=1.0))
+    img = random_image(rng, 320, 240)
+    boxes = random_boxes(rng, 320, 240, 5)
+    boxes[0] = (60, 20, 260, 220)  # inside the crop for every mode
+    naive = model.encode_regions(img, boxes, mode="naive")
+    close(model.encode_regions(img, boxes, mode="exact"), naive)
+    close(model.encode_regions(img, boxes, mode="exact", chunk_size=2), naive)
+    # the bias really changes the embedding (the test would be vacuous otherwise)
+    assert (naive - model.encode_image(img)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        FovealConfig(alpha=1.0, rows="all"),
+        FovealConfig(alpha=1.0, rows="diagonal"),
+        FovealConfig(alpha=1.0, shape="uniform", layers=(1, 3)),
+        FovealConfig(shape="hard"),
+        FovealConfig(alpha=1.0, heads=(0,)),
+        FovealConfig(alpha=1.0, heads={1: 3.0}, layers=(0, 5)),
+    ],
+    ids=["rows-all", "rows-diag", "uniform-layers-1-3", "hard", "head-0", "head-1x3"],
+)
+def test_exact_equals_naive_for_every_variant(rng, config):
+    model = wrap(tiny_clip(224, 32, layers=6, width=128), config=config)
+    img = random_image(rng, 256, 256)
+    boxes = random_boxes(rng, 256, 256, 4)
+    close(model.encode_regions(img, boxes, mode="exact"), model.encode_regions(img, boxes, mode="naive"))
+
+
+def test_batched_equals_one_by_one(rng, b16_tiny):
+    model = wrap(b16_tiny, config=FovealConfig(alpha=1.0))
+    img = random_image(rng, 300, 300)
+    boxes = random_boxes(rng, 300, 300, 6)
+    batched = model.encode_regions(img, boxes)
+    single = torch.cat([model.encode_regions(img, b[None]) for b in boxes])
+    close(batched, single)
+
+
+def test_masks_equal_boxes_on_patch_aligned_regions(rng, b16_tiny):
+    model = wrap(b16_tiny, preprocess="squash", config=FovealConfig(alpha=1.0))
+    img = random_image(rng, 224, 224)
+    mask = np.zeros((224, 224), bool)
+    mask[48:112, 32:96] = True  # rows 3..6, cols 2..5
+    box = (33, 49, 96, 112)  # the same tokens under the reference rule (no border quirk)
+    close(model.encode_regions(img, masks=[mask]), model.encode_regions(img, [box]))
+
+
+def test_mask_weights_follow_patch_coverage(b16_tiny):
+    model = wrap(b16_tiny, preprocess="squash", config=FovealConfig(shape="uniform", alpha=1.0))
+    mask = np.zeros((224, 224), bool)
+    mask[0:16, 0:8] = True  # half of patch (0, 0)
+    mask[16:32, 16:32] = True  # all of patch (1, 1)
+    bias = model.region_biases(model.transform_for((224, 224)), masks=[mask])[0]
+    grid = bias[1:].view(14, 14)
+    assert grid[0, 0] == pytest.approx(0.5) and grid[1, 1] == pytest.approx(1.0)
+    assert torch.count_nonzero(grid) == 2
+
+
+def test_approx_equals_exact_when_only_the_last_block_is_biased(rng, grid_model):
+    model = wrap(grid_model, config=FovealConfig(alpha=1.0, layers=(-1,)))
+    img = random_image(rng, 300, 260)
+    boxes = random_boxes(rng, 300, 260, 4)
+    close(model.encode_regions(img, boxes, mode="approx"), model.encode_regions(img, boxes, mode="exact"))
+
+
+def test_approx_is_close_but_not_identical(rng, b16_tiny):
+    model = wrap(b16_tiny)
+    img = random_image(rng, 300, 260)
+    boxes = random_boxes(rng, 300, 260, 4)
+    exact = model.encode_regions(img, boxes, mode="exact")
+    approx = model.encode_regions(img, boxes, mode="approx", chunk_size=3)
+    assert (exact - approx).abs().max() < 0.05
+
+
+def test_approx_rejects_rows_other_than_cls(rng, b16_tiny):
+    model = wrap(b16_tiny, config=FovealConfig(rows="all"))
+    with pytest.raises(ValueError, match="approx"):
+        model.encode_regions(random_image(rng, 64, 64), [(0, 0, 10, 10)], mode="approx")
+
+
+def test_layer_selection_biases_only_the_chosen_blocks(rng):
+    clip = tiny_clip(224, 32, layers=4)
+    model = wrap(clip, preprocess="squash", config=FovealConfig(alpha=1.0, layers=(1,)))
+    img = random_image(rng, 224, 224)
+    box = (40, 40, 150, 120)
+    pixels, transform = model.preprocess_image(img)
+    bias = model.region_biases(transform, boxes=[box])
+    mask = torch.zeros(model.num_heads, 50, 50)
+    mask[:, 0] = bias[0]
+
+    blocks = list(clip.visual.transformer.resblocks)
+
+    def trunk(x):
+        for i, blk in enumerate(blocks):
+            x = blk(x, attn_mask=mask if i == 1 else None)
+        return x
+
+    expected = F.normalize(model.runtime.run(pixels, trunk), dim=-1)
+    close(model.encode_regions(img, [box], mode="exact"), expected)
+    close(model.encode_regions(img, [box], mode="naive"), expected)
+
+
+def test_head_selection_biases_only_the_chosen_heads(rng):
+    model_all = wrap(tiny_clip(224, 32, layers=4, width=192), config=FovealConfig(alpha=1.0, heads=(0, 1, 2)))
+    clip = model_all.runtime.clip
+    img = random_image(rng, 224, 224)
+    box = [(30, 30, 120, 200)]
+    plain = wrap(clip, config=FovealConfig(alpha=1.0))
+    close(model_all.encode_regions(img, box), plain.encode_regions(img, box))
+    none = wrap(clip, config=FovealConfig(alpha=1.0, heads=()))
+    close(none.encode_regions(img, box), plain.encode_image(img))
+    doubled = wrap(clip, config=FovealConfig(alpha=1.0, heads={0: 2.0, 1: 2.0, 2: 2.0}))
+    close(doubled.encode_regions(img, box), wrap(clip, config=FovealConfig(alpha=2.0)).encode_regions(img, box))
+    one = wrap(clip, config=FovealConfig(alpha=1.0, heads=(1,))).encode_regions(img, box)
+    assert (one - plain.encode_regions(img, box)).abs().max() > 1e-4
+
+
+def test_official_compatibility_equals_the_float64_reference(rng, b16_tiny, official):
+    """falip in squash mode with the official config == SPEC §1.1 + OpenAI ViT equations, float64."""
+    model = wrap(b16_tiny, preprocess="squash", config=official)
+    state = b16_tiny.state_dict()
+    W, H = 500, 375
+    img = Image.fromarray(random_image(rng, W, H))
+    boxes = [(0, 0, W, H), (125, 93.75, 250, 187.5), (300.3, 10.1, 301.2, 12.7), (-20, 100, 120, 400)]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = {m: model.encode_regions(img, boxes, mode=m) for m in ("naive", "exact")}
+    pixels = squash_pixels(img)
+    for k, box in enumerate(boxes):
+        ref = vit_encode(state, pixels, spec_bias_row(box, W, H), layers=(8, 9, 10, 11))
+        close(got["naive"][k], ref.float())
+        close(got["exact"][k], ref.float())
+
+
+def test_vit_b16_sized_exact_equals_naive(rng):
+    clip = open_clip.create_model("ViT-B-16").eval()
+    model = wrap(clip, preprocess="squash")
+    img = random_image(rng, 400, 300)
+    boxes = [(10, 10, 200, 150), (150, 100, 390, 290), (0, 0, 400, 300)]
+    naive = model.encode_regions(img, boxes, mode="naive")
+    close(model.encode_regions(img, boxes, mode="exact"), naive)
+    pixels, _ = model.preprocess_image(img)
+    zero = wrap(clip, preprocess="squash", config=FovealConfig(alpha=0.0))
+    close(zero.encode_regions(img, boxes[:1], mode="exact")[0], F.normalize(clip.encode_image(pixels), dim=-1)[0])
+
+
+def test_score_regions_is_logit_scale_times_cosine(rng, b16_tiny):
+    model = wrap(b16_tiny)
+    img = random_image(rng, 200, 200)
+    boxes = [(0, 0, 100, 100), (100, 100, 200, 200)]
+    texts = ["a red circle", "a blue square", "a dog"]
+    scores = model.score_regions(img, boxes, texts)
+    assert scores.shape == (2, 3)
+    expected = b16_tiny.logit_scale.exp() * model.encode_regions(img, boxes) @ model.encode_text(texts).T
+    close(scores, expected, atol=1e-4)
+
+
+def test_encode_biased_without_layers_returns_the_plain_embedding(rng, b16_tiny):
+    model = wrap(b16_tiny)
+    pixels, _ = model.preprocess_image(random_image(rng, 64, 64))
+    out = encode_biased(model.runtime, pixels, torch.ones(2, 197), BiasPlan(layers=(), rows="cls"))
+    close(out, model.runtime.run(pixels).expand(2, -1))
+
+
+def test_box_entirely_outside_the_centre_crop_raises(rng, b16_tiny):
+    model = wrap(b16_tiny, preprocess="crop")
+    img = random_image(rng, 400, 200)  # crop keeps x in [100, 300)
+    with pytest.raises(InvalidRegionError, match="box 1 .* outside the centre crop"):
+        model.encode_regions(img, [(150, 50, 250, 150), (10, 10, 90, 190)])
+    with pytest.raises(InvalidRegionError, match="mask 0 lies entirely outside the centre crop"):
+        mask = np.zeros((200, 400), bool)
+        mask[:, :50] = True
+        model.encode_regions(img, masks=[mask])
