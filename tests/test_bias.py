@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from falip import FovealConfig, InvalidRegionError, RegionClampWarning, bump, region_bias
-from falip.bias import bias_from_weights, cls_query_mask, full_attention_mask
+from falip.bias import bias_from_weights, full_attention_mask, private_cls_mask, query_rows_mask
 
 from reference import spec_bias_row
 
@@ -130,8 +130,17 @@ def test_rows_variants_build_the_masks_they_name():
     assert torch.equal(allr[1], v.expand(5, 5))
     diag = full_attention_mask(v, "diagonal", 2, None)
     assert torch.equal(diag[0], torch.diag(v[0]))
-    q = cls_query_mask(v, 2, torch.tensor([1.0, 0.5]))
+    q = query_rows_mask(v, 2, torch.tensor([1.0, 0.5]))
     assert q.shape == (2, 1, 5) and torch.equal(q[1, 0], 0.5 * v[0])
+
+
+def test_private_cls_mask_hides_the_other_regions_cls_keys():
+    b = torch.tensor([[0.0, 1.0, 2.0], [0.5, 3.0, 4.0]])  # K=2 regions, L=3
+    m = private_cls_mask(b, 2, torch.tensor([0.0, 2.0]))
+    assert m.shape == (2, 2, 4)  # keys: cls_1, cls_2, patch_1, patch_2
+    inf = float("-inf")
+    assert m[1].tolist() == [[0.0, inf, 2.0, 4.0], [inf, 1.0, 6.0, 8.0]]
+    assert m[0].tolist() == [[0.0, inf, 0.0, 0.0], [inf, 0.0, 0.0, 0.0]]  # head scale 0: no NaN
 
 
 def test_layers_default_to_the_last_third_and_accept_negative_indices():

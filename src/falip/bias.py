@@ -201,11 +201,23 @@ def full_attention_mask(
     return mask.reshape(K * num_heads, L, L)
 
 
-def cls_query_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
-    """Additive mask ``(K·H, 1, L)`` for the [CLS] query alone, from bias vectors ``(K, L)``."""
-    K, L = bias.shape
-    mask = bias[:, None, None, :].expand(K, num_heads, 1, L)
+def query_rows_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """Additive mask ``(H, K, L)`` for K [CLS] queries of *one* sequence, query k carrying bias ``k`` ``(K, L)``."""
+    mask = bias[None].expand(num_heads, -1, -1)
     if head_scales is not None:
-        mask = mask * head_scales.to(mask)[None, :, None, None]
-    return mask.reshape(K * num_heads, 1, L)
+        mask = mask * head_scales.to(mask)[:, None, None]
+    return mask
 
+
+def private_cls_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """Additive mask ``(H, K, K + L - 1)`` for K [CLS] queries over keys ``[cls_1..cls_K, patches]``.
+
+    Query k sees its own [CLS] key (bias ``bias[k, 0]``) and the shared patch keys (bias
+    ``bias[k, 1:]``); the other regions' [CLS] keys get ``-inf``, i.e. exactly zero weight. This
+    evaluates K independent [CLS] rows that share their patch tokens in one attention call.
+    """
+    K = bias.shape[0]
+    scaled = query_rows_mask(bias, num_heads, head_scales)  # (H, K, L)
+    own = torch.full((num_heads, K, K), float("-inf"), dtype=bias.dtype, device=bias.device)
+    own.diagonal(dim1=1, dim2=2).copy_(scaled[:, :, 0])
+    return torch.cat([own, scaled[:, :, 1:]], dim=2)

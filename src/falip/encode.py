@@ -3,11 +3,12 @@
 - ``naive``: one full forward pass per region, batch size 1, full ``L×L`` masks — the reference
   code's execution pattern, kept as the baseline that the other modes are tested against.
 - ``exact``: blocks before the first biased block run once per image; in the first biased block
-  the patch tokens do not depend on the bias (rows=cls), so only [CLS] is computed per region;
-  the remaining blocks run batched over regions, in chunks of ``chunk_size``. Equal to ``naive``
-  up to float rounding.
+  the patch tokens do not depend on the bias (rows=cls), so they are computed once and the K
+  [CLS] rows are evaluated as K queries of that one sequence; the remaining blocks run batched
+  over regions, in chunks of ``chunk_size``. Equal to ``naive`` up to float rounding.
 - ``approx``: only [CLS] goes through the biased blocks, attending to the *unbiased* patch tokens
-  of one plain pass. Cost ≈ one image pass for any number of regions. Not FALIP exactly: its
+  of one plain pass; the K [CLS] tokens share one sequence and are kept independent by ``-inf``
+  on each other's keys. Cost ≈ one image pass for any number of regions. Not FALIP exactly: its
   deviation is measured in ``benchmarks/`` and reported in the README.
 """
 
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .bias import cls_query_mask, full_attention_mask
+from .bias import full_attention_mask, private_cls_mask, query_rows_mask
 from .runtimes.base import VisionRuntime
 
 MODES = ("naive", "exact", "approx")
@@ -81,25 +82,23 @@ def _exact_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, chu
     def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (1, L, D), shared by every region
         for i in range(first):
             x = runtime.block(i, x)
+        # With rows=cls the first biased block changes only [CLS]'s row: its patch tokens are
+        # computed once, and the K [CLS] rows as K queries of the one shared sequence.
         shared_first = runtime.block(first, x) if plan.rows == "cls" else None
         outs = []
         for sl in _chunks(bias.shape[0], chunk_size):
             b = bias[sl]
             k = b.shape[0]
+            mask = full_attention_mask(b, plan.rows, H, plan.head_scales)
             if plan.rows == "cls":
-                qmask = cls_query_mask(b, H, plan.head_scales)
-                cls = runtime.block_query(first, x[:, :1].expand(k, -1, -1), x.expand(k, -1, -1), qmask)
-                y = torch.cat([cls, shared_first[:, 1:].expand(k, -1, -1)], dim=1)
-                for i in range(first + 1, depth):
-                    out = runtime.block(i, y)
-                    if i in plan.layers:  # patch rows are unbiased: only [CLS]'s row is recomputed
-                        out = torch.cat([runtime.block_query(i, y[:, :1], y, qmask), out[:, 1:]], dim=1)
-                    y = out
+                queries = x[:, :1].expand(1, k, -1)
+                cls = runtime.block_query(first, queries, x, query_rows_mask(b, H, plan.head_scales))
+                y = torch.cat([cls.transpose(0, 1), shared_first[:, 1:].expand(k, -1, -1)], dim=1)
+                start = first + 1
             else:
-                mask = full_attention_mask(b, plan.rows, H, plan.head_scales)
-                y = x.expand(k, -1, -1)
-                for i in range(first, depth):
-                    y = runtime.block(i, y, mask if i in plan.layers else None)
+                y, start = x.expand(k, -1, -1), first
+            for i in range(start, depth):
+                y = runtime.block(i, y, mask if i in plan.layers else None)
             outs.append(y[:, :1])
         return torch.cat(outs)
 
@@ -122,12 +121,14 @@ def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, ch
         for sl in _chunks(bias.shape[0], chunk_size):
             b = bias[sl]
             k = b.shape[0]
-            qmask = cls_query_mask(b, H, plan.head_scales)
-            cls = cls_in.expand(k, -1, -1)
+            # All K [CLS] tokens ride in one sequence; each sees only its own [CLS] key.
+            biased = private_cls_mask(b, H, plan.head_scales)
+            plain = private_cls_mask(torch.zeros_like(b), H, None)
+            cls = cls_in.expand(1, k, -1)
             for j, i in enumerate(range(first, depth)):
-                context = torch.cat([cls, patches[j].expand(k, -1, -1)], dim=1)
-                cls = runtime.block_query(i, cls, context, qmask if i in plan.layers else None)
-            outs.append(cls)
+                context = torch.cat([cls, patches[j]], dim=1)
+                cls = runtime.block_query(i, cls, context, biased if i in plan.layers else plain)
+            outs.append(cls.transpose(0, 1))
         return torch.cat(outs)
 
     return trunk
