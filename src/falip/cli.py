@@ -1,8 +1,12 @@
-"""Command line: ``falip info``, ``falip score``, ``falip bias``. Thin: parse, call the library, print."""
+"""Command line: ``falip info``, ``falip score``, ``falip bias``, plus the commands of COMMAND_MODULES.
+
+Thin: parse, call the library, print. Errors from bad input end with exit code 2 and one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -148,6 +152,10 @@ def cmd_bias(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add their own subcommands through ``register(subparsers)``.
+COMMAND_MODULES = ("falip.results",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="falip", description="FALIP: foveal attention for CLIP ViTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", default="squash", choices=PREPROCESS_MODES)
     add_bias_args(p)
     p.set_defaults(func=cmd_bias)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
