@@ -66,7 +66,7 @@ def test_aggregate_markdown_and_csv(tmp_path, capsys):
     assert lines[0].startswith("| task | dataset | split | method | model | acc | n | skipped")
     assert "| demo | toy | val | crop | ViT-B-16 | 33.33 | 3 | 1 |" in lines[3]
     assert main(["aggregate", str(tmp_path / "a.json"), "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[1].startswith("demo,toy,val,falip,ViT-B-16,50.00,4,0")
+    assert capsys.readouterr().out.splitlines()[1].startswith("demo,toy,val,falip,ViT-B-16,50.0,4,0")
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(FalipError, match="not a falip results file"):
         aggregate([tmp_path / "x.json"])
