@@ -101,12 +101,15 @@ class FalipModel:
         return region_biases(transform, self.grid, self.patch_size, config or self.config, boxes=boxes, masks=masks)
 
     # -- encoders -------------------------------------------------------------------------------
-    def encode_image(self, images, preprocess: Optional[str] = None) -> torch.Tensor:
+    def encode_image(self, images, preprocess: Optional[str] = None, batch_size: int = 32) -> torch.Tensor:
         """L2-normalised embeddings ``(B, E)`` of one image or a list of images (no bias)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        pixels = torch.cat([self.preprocess_image(im, preprocess)[0] for im in images])
-        return F.normalize(self.runtime.run(pixels).float(), dim=-1)
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = torch.cat([self.preprocess_image(im, preprocess)[0] for im in images[start : start + batch_size]])
+            out.append(F.normalize(self.runtime.run(pixels).float(), dim=-1))
+        return torch.cat(out)
 
     @torch.no_grad()
     def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Region-encoding methods shared by every task: FALIP, image edits, and their combinations.
+
+A method name is one of
+
+- ``falip``: the foveal bias on the unedited image;
+- ``none``: the full, unedited image for every region (the no-prompt baseline);
+- an edit of :data:`falip.prompts.EDITS` (``crop``, ``blur``, ``circle`` …): one edited image per region;
+- ``falip+<edit>`` (or ``<edit>+falip``): the edited image *and* the bias on the region's place in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .bias import FovealConfig
+from .geometry import validate_boxes, validate_masks
+from .images import load_image
+from .prompts import EDITS, apply_edit
+
+METHOD_HELP = f"falip, none, one of {', '.join(EDITS)}, or falip+<edit>"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    edit: Optional[str]  # an entry of EDITS, or None for the unedited image
+    foveal: bool  # the FALIP bias is applied
+
+    @property
+    def text_suffix(self) -> str:
+        return " is in red color." if self.edit == "shade" else ""
+
+
+def parse_method(name: str) -> Method:
+    """``"falip+blur"`` → Method(edit="blur", foveal=True); raises ValueError naming the choices."""
+    parts = [p.strip() for p in name.lower().split("+") if p.strip()]
+    foveal = "falip" in parts
+    edits = [p for p in parts if p != "falip"]
+    if not parts or parts.count("falip") > 1 or len(edits) > 1 or (edits and edits[0] not in EDITS + ("none",)):
+        raise ValueError(f"unknown method {name!r}: use {METHOD_HELP}")
+    edit = edits[0] if edits else None
+    if edit == "none":
+        if foveal:
+            raise ValueError(f"unknown method {name!r}: use {METHOD_HELP}")
+        edit = None
+    return Method(name="+".join(parts), edit=edit, foveal=foveal)
+
+
+def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def encode_with_method(
+    model,
+    image,
+    method,
+    boxes=None,
+    masks: Optional[Sequence[np.ndarray]] = None,
+    config: Optional[FovealConfig] = None,
+    mode: str = "exact",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """L2-normalised embeddings ``(K, E)`` of K regions of one image under ``method``.
+
+    Regions are ``boxes (K, 4)`` xyxy pixels, or ``masks`` (K of ``(H, W)``); with both, the
+    boxes drive the edits and the masks the bias. An edit without boxes uses each mask's bounding box.
+    """
+    method = parse_method(method) if isinstance(method, str) else method
+    pil = load_image(image)
+    if boxes is None and masks is None:
+        raise ValueError("give boxes=..., masks=... or both")
+    mask_list = validate_masks(masks, pil.size) if masks is not None else None
+    box_arr = validate_boxes(boxes, pil.size) if boxes is not None else np.array([_mask_box(m) for m in mask_list])
+    if mask_list is not None and len(mask_list) != len(box_arr):
+        raise ValueError(f"{len(box_arr)} boxes but {len(mask_list)} masks")
+    K = len(box_arr)
+
+    if method.edit is None:
+        if not method.foveal:
+            return model.encode_image(pil).expand(K, -1).clone()
+        if mask_list is not None:
+            return model.encode_regions(pil, masks=mask_list, config=config, mode=mode)
+        return model.encode_regions(pil, box_arr, config=config, mode=mode)
+
+    edited = [apply_edit(pil, method.edit, box_arr[k], None if mask_list is None else mask_list[k]) for k in range(K)]
+    if not method.foveal:
+        return model.encode_image([e.image for e in edited], batch_size=batch_size)
+    out = []
+    for e in edited:
+        if mask_list is not None and e.mask is not None and e.mask.any():
+            out.append(model.encode_regions(e.image, masks=[e.mask], config=config, mode=mode))
+        else:
+            out.append(model.encode_regions(e.image, [e.box], config=config, mode=mode))
+    return torch.cat(out)
