@@ -1,0 +1,1 @@
+"""Loaders for the data formats users already have (one module per dataset family)."""

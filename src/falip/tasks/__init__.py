@@ -1,0 +1,1 @@
+"""Task pipelines built on the core: REC, region classification, point clouds, head analysis."""
