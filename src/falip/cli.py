@@ -153,7 +153,7 @@ def cmd_bias(args: argparse.Namespace) -> int:
 
 
 # Modules that add their own subcommands through ``register(subparsers)``.
-COMMAND_MODULES = ("falip.results",)
+COMMAND_MODULES = ("falip.results", "falip.synthetic")
 
 
 def build_parser() -> argparse.ArgumentParser:
