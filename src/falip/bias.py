@@ -28,6 +28,33 @@ HeadSpec = Union[None, Sequence[int], Mapping[int, float]]
 
 
 @dataclass(frozen=True)
+class Unleash:
+    """Amplify ("unleash") the change the bias makes to chosen heads in chosen blocks.
+
+    In each of ``layers`` (0-based, negative counts from the end), head h of ``heads`` (None = all)
+    attends with ``P_h + lam·(P_h − P0_h)``, where ``P`` / ``P0`` are its attention probabilities
+    with / without the bias at the same input: ``lam = 1`` doubles the prompt-induced change (the
+    paper), ``lam = 0`` is the prompted model unchanged. CLI spelling: ``LAYERS:HEADS[:λ]``.
+    """
+
+    layers: tuple[int, ...]
+    heads: Optional[tuple[int, ...]] = None
+    lam: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if not self.layers:
+            raise ValueError("Unleash.layers is empty: name at least one block")
+        if self.heads is not None:
+            object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+            if not self.heads:
+                raise ValueError("Unleash.heads is empty: name at least one head, or None for all")
+        if not np.isfinite(self.lam):
+            raise ValueError(f"Unleash.lam must be finite, got {self.lam!r}")
+        object.__setattr__(self, "lam", float(self.lam))
+
+
+@dataclass(frozen=True)
 class FovealConfig:
     """FALIP settings.
 
@@ -38,6 +65,8 @@ class FovealConfig:
     layers: 0-based block indices that carry the bias (negative counts from the end);
         ``None`` = the last third of the blocks (blocks 8–11 of 12, as the reference code).
     heads: ``None`` = all heads; a sequence of head indices; or ``{head: scale}``.
+    unleash: ``None`` (off), or :class:`Unleash` entries amplifying the bias's effect on chosen
+        heads of biased blocks (a later entry overrides an earlier one for the same head).
     """
 
     alpha: float = 0.2
@@ -48,6 +77,7 @@ class FovealConfig:
     heads: HeadSpec = None
     eps: float = 1e-6
     hard_value: float = -100.0
+    unleash: Optional[tuple[Unleash, ...]] = None
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -63,6 +93,13 @@ class FovealConfig:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if self.heads is not None and not isinstance(self.heads, Mapping):
             object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        if self.unleash is not None:
+            if isinstance(self.unleash, Unleash):
+                object.__setattr__(self, "unleash", (self.unleash,))
+            entries = tuple(
+                u if isinstance(u, Unleash) else Unleash(**u) if isinstance(u, Mapping) else Unleash(*u) for u in self.unleash
+            )
+            object.__setattr__(self, "unleash", entries or None)
 
     @classmethod
     def official(cls) -> "FovealConfig":
@@ -93,10 +130,40 @@ class FovealConfig:
             scales[int(h)] = float(s)
         return scales
 
+    def unleash_gains(self, depth: int, num_heads: int) -> Optional[dict[int, torch.Tensor]]:
+        """``{block: gain (num_heads,) float32}`` for the unleashed blocks, or ``None`` when off.
+
+        Raises ValueError for blocks or heads the model lacks, and for blocks without the bias
+        (there is no prompt-induced change to amplify there).
+        """
+        if self.unleash is None:
+            return None
+        biased = self.resolve_layers(depth)
+        gains: dict[int, torch.Tensor] = {}
+        for entry in self.unleash:
+            for i in entry.layers:
+                j = i + depth if i < 0 else i
+                if not 0 <= j < depth:
+                    raise ValueError(f"unleash layer {i} is out of range for a ViT with {depth} blocks")
+                if j not in biased:
+                    raise ValueError(
+                        f"unleash layer {i} carries no bias (biased blocks: {list(biased)}), so there is no "
+                        "prompt-induced change to amplify; unleash biased blocks or add the block to layers"
+                    )
+                heads = range(num_heads) if entry.heads is None else entry.heads
+                gain = gains.setdefault(j, torch.zeros(num_heads, dtype=torch.float32))
+                for h in heads:
+                    if not 0 <= h < num_heads:
+                        raise ValueError(f"unleash head {h} is out of range for a ViT with {num_heads} heads")
+                    gain[h] = entry.lam
+        return gains
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if isinstance(self.heads, Mapping):
             d["heads"] = {str(k): float(v) for k, v in self.heads.items()}
+        if self.unleash is None:
+            del d["unleash"]  # configs without unleashing serialise exactly as before the option existed
         return d
 
 

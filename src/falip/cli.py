@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .bias import ROWS, SHAPES, FovealConfig
+from .bias import ROWS, SHAPES, FovealConfig, Unleash
 from .encode import MODES
 from .errors import FalipError
 from .geometry import PREPROCESS_MODES
@@ -36,6 +36,33 @@ def parse_index_list(text: str) -> tuple[int, ...]:
         else:
             raise argparse.ArgumentTypeError(f"expected indices like '8-11' or '0,3,-1', got {text!r}")
     return tuple(out)
+
+
+def parse_head_spec(text: str):
+    """``"0,3"`` → (0, 3) (selected heads); ``"0:2,3:0.5"`` → {0: 2.0, 3: 0.5} (per-head bias scales)."""
+    if ":" not in text:
+        return parse_index_list(text)
+    scales: dict[int, float] = {}
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*", item)
+        if not m:
+            raise argparse.ArgumentTypeError(f"expected heads like '0,3' or per-head scales like '0:2,3:0.5', got {text!r}")
+        scales[int(m.group(1))] = float(m.group(2))
+    return scales
+
+
+def parse_unleash(text: str) -> Unleash:
+    """``"8-11:all"`` → all heads of blocks 8–11 at λ = 1; ``"10:3,5:2.0"`` → heads 3 and 5 of block 10 at λ = 2."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"--unleash is LAYERS:HEADS[:λ] (e.g. 8-11:all or 10:3,5:1.0), got {text!r}")
+    layers = parse_index_list(parts[0])
+    heads = None if parts[1].strip().lower() == "all" else parse_index_list(parts[1])
+    try:
+        lam = float(parts[2]) if len(parts) == 3 else 1.0
+        return Unleash(layers=layers, heads=heads, lam=lam)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad --unleash {text!r}: {exc}") from None
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -73,12 +100,16 @@ def add_bias_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shape", default="gaussian", choices=SHAPES)
     g.add_argument("--rows", default="cls", choices=ROWS, help="queries that get the bias (default: cls)")
     g.add_argument("--layers", type=parse_index_list, default=None, help="biased blocks, e.g. 8-11 (default: last third)")
-    g.add_argument("--heads", type=parse_index_list, default=None, help="biased heads, e.g. 0,3 (default: all)")
+    g.add_argument("--heads", type=parse_head_spec, default=None, help="biased heads, e.g. 0,3, or per-head scales 0:2,3:0.5 (default: all)")
+    g.add_argument("--unleash", type=parse_unleash, action="append", default=None, metavar="LAYERS:HEADS[:λ]",
+                   help="amplify the bias's effect on heads of biased blocks, e.g. 8-11:all (λ=1 doubles it) or 10:3,5:2 (repeat)")
     g.add_argument("--mode", default="exact", choices=MODES, help="execution: exact (default), naive, approx")
 
 
 def config_from_args(args: argparse.Namespace) -> FovealConfig:
-    return FovealConfig(alpha=args.alpha, sigma=args.sigma, shape=args.shape, rows=args.rows, layers=args.layers, heads=args.heads)
+    unleash = getattr(args, "unleash", None)
+    return FovealConfig(alpha=args.alpha, sigma=args.sigma, shape=args.shape, rows=args.rows, layers=args.layers, heads=args.heads,
+                        unleash=tuple(unleash) if unleash else None)
 
 
 def load_from_args(args: argparse.Namespace, config: Optional[FovealConfig] = None):
@@ -153,7 +184,7 @@ def cmd_bias(args: argparse.Namespace) -> int:
 
 
 # Modules that add their own subcommands through ``register(subparsers)``.
-COMMAND_MODULES = ("falip.results", "falip.synthetic")
+COMMAND_MODULES = ("falip.results", "falip.synthetic", "falip.tasks.heads")
 
 
 def build_parser() -> argparse.ArgumentParser:

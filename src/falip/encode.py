@@ -10,12 +10,16 @@
   of one plain pass; the K [CLS] tokens share one sequence and are kept independent by ``-inf``
   on each other's keys. Cost ≈ one image pass for any number of regions. Not FALIP exactly: its
   deviation is measured in ``benchmarks/`` and reported in the README.
+
+Every mode honours ``BiasPlan.unleash``: biased blocks named there run through the runtime's
+``block_heads`` with per-head gains (the prompt-induced attention change amplified); the others
+run exactly as without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -27,11 +31,13 @@ MODES = ("naive", "exact", "approx")
 
 @dataclass(frozen=True)
 class BiasPlan:
-    """Where the bias goes: sorted block indices, which rows, per-head scales ``(H,)`` or None."""
+    """Where the bias goes: sorted block indices, which rows, per-head scales ``(H,)`` or None,
+    and the unleashed blocks ``{block: per-head gain λ (H,)}`` or None."""
 
     layers: tuple[int, ...]
     rows: str
     head_scales: Optional[torch.Tensor] = None
+    unleash: Optional[Mapping[int, torch.Tensor]] = None
 
 
 def encode_biased(
@@ -61,12 +67,36 @@ def encode_biased(
     return runtime.run(pixels, _exact_trunk(runtime, bias, plan, chunk_size))
 
 
+def _block(runtime: VisionRuntime, plan: BiasPlan, i: int, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Block ``i`` on tokens ``(B, L, D)``; unleashed against the unmasked attention when the plan says so."""
+    gain = plan.unleash.get(i) if plan.unleash and mask is not None else None
+    if gain is None:
+        return runtime.block(i, x, mask)
+    return runtime.block_heads(i, x, x, mask, gain=gain).out
+
+
+def _block_query(
+    runtime: VisionRuntime,
+    plan: BiasPlan,
+    i: int,
+    query: torch.Tensor,
+    context: torch.Tensor,
+    mask: torch.Tensor,
+    base_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:meth:`block_query`, unleashed against ``base_mask`` (the same queries without the bias) when planned."""
+    gain = plan.unleash.get(i) if plan.unleash and i in plan.layers else None
+    if gain is None:
+        return runtime.block_query(i, query, context, mask)
+    return runtime.block_heads(i, query, context, mask, base_mask=base_mask, gain=gain).out
+
+
 def _naive_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan):
     mask = full_attention_mask(bias, plan.rows, runtime.num_heads, plan.head_scales)
 
     def trunk(x: torch.Tensor) -> torch.Tensor:
         for i in range(runtime.num_layers):
-            x = runtime.block(i, x, mask if i in plan.layers else None)
+            x = _block(runtime, plan, i, x, mask if i in plan.layers else None)
         return x
 
     return trunk
@@ -92,13 +122,13 @@ def _exact_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, chu
             mask = full_attention_mask(b, plan.rows, H, plan.head_scales)
             if plan.rows == "cls":
                 queries = x[:, :1].expand(1, k, -1)
-                cls = runtime.block_query(first, queries, x, query_rows_mask(b, H, plan.head_scales))
+                cls = _block_query(runtime, plan, first, queries, x, query_rows_mask(b, H, plan.head_scales))
                 y = torch.cat([cls.transpose(0, 1), shared_first[:, 1:].expand(k, -1, -1)], dim=1)
                 start = first + 1
             else:
                 y, start = x.expand(k, -1, -1), first
             for i in range(start, depth):
-                y = runtime.block(i, y, mask if i in plan.layers else None)
+                y = _block(runtime, plan, i, y, mask if i in plan.layers else None)
             outs.append(y[:, :1])
         return torch.cat(outs)
 
@@ -127,7 +157,7 @@ def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, ch
             cls = cls_in.expand(1, k, -1)
             for j, i in enumerate(range(first, depth)):
                 context = torch.cat([cls, patches[j]], dim=1)
-                cls = runtime.block_query(i, cls, context, biased if i in plan.layers else plain)
+                cls = _block_query(runtime, plan, i, cls, context, biased if i in plan.layers else plain, plain)
             outs.append(cls.transpose(0, 1))
         return torch.cat(outs)
 

@@ -42,6 +42,7 @@ class FalipModel:
         self.name = name
         self.pretrained = pretrained
         self.config.resolve_layers(runtime.num_layers)  # fail early on layers the model lacks
+        self.config.unleash_gains(runtime.num_layers, runtime.num_heads)  # ... and on bad unleash entries
 
     # -- geometry -------------------------------------------------------------------------------
     image_size = property(lambda self: self.runtime.image_size)
@@ -92,6 +93,7 @@ class FalipModel:
             layers=config.resolve_layers(self.num_layers),
             rows=config.rows,
             head_scales=config.head_scales(self.num_heads),
+            unleash=config.unleash_gains(self.num_layers, self.num_heads),
         )
 
     def region_biases(

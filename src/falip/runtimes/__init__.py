@@ -1,6 +1,6 @@
 """Adapters that run a CLIP implementation's vision tower with attention biases."""
 
-from .base import Trunk, VisionRuntime
+from .base import BlockHeads, Trunk, VisionRuntime
 from .open_clip import OpenClipRuntime
 
-__all__ = ["OpenClipRuntime", "Trunk", "VisionRuntime"]
+__all__ = ["BlockHeads", "OpenClipRuntime", "Trunk", "VisionRuntime"]

@@ -8,11 +8,30 @@ OpenAI ``clip`` or timm only have to implement these few methods.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 import torch
 
 Trunk = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockHeads:
+    """One block evaluated head by head (see :meth:`VisionRuntime.block_heads`).
+
+    out: ``(B, Q, D)`` the block's output tokens at the queries.
+    probs: ``(B, H, Q, Lk)`` attention probabilities each head used (rows sum to 1; when unleashed,
+        entries may be negative).
+    terms: ``(B, Q, H, D)`` each head's contribution to the attention output (its attention-weighted
+        values through its slice of the output projection), or None when not requested.
+    out_bias: ``(D,)`` the output projection's bias: ``terms.sum(2) + out_bias`` is the attention output.
+    """
+
+    out: torch.Tensor
+    probs: torch.Tensor
+    terms: Optional[torch.Tensor]
+    out_bias: torch.Tensor
 
 
 class VisionRuntime(Protocol):
@@ -42,4 +61,23 @@ class VisionRuntime(Protocol):
 
         Equal to ``block(context)[:, :Q]`` when ``query`` is the first ``Q`` tokens of ``context``
         (queries do not interact), at a fraction of the cost. ``attn_mask``: ``(B·H, Q, L)``.
+        """
+
+    def block_heads(
+        self,
+        index: int,
+        query: torch.Tensor,
+        context: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        *,
+        base_mask: Optional[torch.Tensor] = None,
+        gain: Optional[torch.Tensor] = None,
+        keep_terms: bool = False,
+    ) -> BlockHeads:
+        """Block ``index`` at ``query (B, Q, D)`` over ``context (B, Lk, D)``, computed head by head.
+
+        Equal to :meth:`block_query` (and to ``block`` when query is context). With ``gain (H,)``,
+        head h uses the probabilities ``P_h + gain[h]·(P_h − P0_h)``: ``P`` under ``attn_mask``,
+        ``P0`` under ``base_mask`` (None = no mask) — the prompt-induced change amplified ("unleashed").
+        Masks: ``(B·H, Q, Lk)``, ``(H, Q, Lk)`` when B = 1, or ``(Q, Lk)``.
         """

@@ -11,6 +11,10 @@ It relies only on these seams of open_clip's ``VisionTransformer``:
 
 The last seam is checked numerically when the adapter is built, so an open_clip release that
 changes the block layout fails loudly instead of giving wrong embeddings.
+
+:meth:`OpenClipRuntime.block_heads` (per-head terms, attention probabilities, unleashing) also
+reads the attention's ``in_proj_weight``/``in_proj_bias``/``out_proj``; it is checked against the
+block's own forward the first time it is used.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Trunk
+from .base import BlockHeads, Trunk
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +89,7 @@ class OpenClipRuntime:
         self.mean = tuple(mean or getattr(visual, "image_mean", None) or OPENAI_MEAN)
         self.std = tuple(std or getattr(visual, "image_std", None) or OPENAI_STD)
         self._check_query_seam()
+        self._heads_checked = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,6 +133,61 @@ class OpenClipRuntime:
         x = query + blk.ls_1(attn)
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
+    def block_heads(
+        self,
+        index: int,
+        query: torch.Tensor,
+        context: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        *,
+        base_mask: Optional[torch.Tensor] = None,
+        gain: Optional[torch.Tensor] = None,
+        keep_terms: bool = False,
+    ) -> BlockHeads:
+        if not self._heads_checked:
+            self._check_heads_seam()
+            self._heads_checked = True
+        return self._block_heads(index, query, context, attn_mask, base_mask, gain, keep_terms)
+
+    def _block_heads(self, index, query, context, attn_mask, base_mask, gain, keep_terms) -> BlockHeads:
+        blk = self.blocks[index]
+        attn = blk.attn
+        B, Q, D = query.shape
+        Lk, H = context.shape[1], self.num_heads
+        dh = D // H
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        q_x, kv_x = blk.ln_1(query), blk.ln_1(context)
+        q = F.linear(q_x, w[:D], b[:D]).view(B, Q, H, dh).transpose(1, 2)  # (B, H, Q, dh)
+        k = F.linear(kv_x, w[D : 2 * D], b[D : 2 * D]).view(B, Lk, H, dh).transpose(1, 2)
+        v = F.linear(kv_x, w[2 * D :], b[2 * D :]).view(B, Lk, H, dh).transpose(1, 2)
+        logits = (q * dh**-0.5) @ k.transpose(-1, -2)  # (B, H, Q, Lk)
+        probs = torch.softmax(logits + self._heads_mask(attn_mask, B, Q, Lk, logits.dtype), dim=-1)
+        if gain is not None:
+            base = torch.softmax(logits + self._heads_mask(base_mask, B, Q, Lk, logits.dtype), dim=-1)
+            probs = probs + gain.to(probs).view(1, H, 1, 1) * (probs - base)
+        heads = probs @ v  # (B, H, Q, dh)
+        out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
+        if out_b is None:
+            out_b = out_w.new_zeros(D)
+        attended = F.linear(heads.transpose(1, 2).reshape(B, Q, D), out_w, out_b)
+        terms = torch.einsum("bhqd,ehd->bqhe", heads, out_w.view(D, H, dh)) if keep_terms else None
+        x = query + blk.ls_1(attended)
+        out = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return BlockHeads(out=out, probs=probs, terms=terms, out_bias=out_b)
+
+    def _heads_mask(self, mask: Optional[torch.Tensor], B: int, Q: int, Lk: int, dtype: torch.dtype):
+        """An additive mask as ``(B or 1, H or 1, Q, Lk)`` (0 for None)."""
+        if mask is None:
+            return torch.zeros((), dtype=dtype, device=self.device)
+        if mask.dtype == torch.bool:
+            raise ValueError("block_heads takes additive float masks, got a boolean mask")
+        mask = mask.to(device=self.device, dtype=dtype)
+        if mask.dim() == 2:
+            return mask.view(1, 1, Q, Lk)
+        if mask.dim() != 3 or mask.shape[0] not in (self.num_heads, B * self.num_heads) or mask.shape[1:] != (Q, Lk):
+            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit B={B}, H={self.num_heads}, Q={Q}, L={Lk}")
+        return mask.view(-1, self.num_heads, Q, Lk)
+
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embeddings ``(T, E)`` (not normalised) of token ids ``(T, context_length)``."""
@@ -148,3 +209,35 @@ class OpenClipRuntime:
                 f"this open_clip version's ResidualAttentionBlock does not match falip's [CLS]-query "
                 f"evaluation (max |diff| {err:.3g}); falip is tested with open_clip_torch 3.x"
             )
+
+    @torch.no_grad()
+    def _check_heads_seam(self) -> None:
+        """Verify block_heads == block() and its per-head terms sum to the block's own attention output."""
+        attn = self.blocks[0].attn
+        if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
+            raise UnsupportedModelError(
+                "this open_clip version's attention has no packed in_proj_weight (or has bias_k/zero-attention); "
+                "per-head analysis needs nn.MultiheadAttention's standard layout"
+            )
+        L = 1 + self.grid[0] * self.grid[1]
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, L, self.width, generator=gen).to(self.device, self.dtype)
+        mask = (0.5 * torch.randn(2 * self.num_heads, L, L, generator=gen)).to(self.device, self.dtype)
+        full = self.block(0, x, mask).float()
+        heads = self._block_heads(0, x, x, mask, None, None, True)
+        blk = self.blocks[0]
+        q = blk.ln_1(x) if self.batch_first else blk.ln_1(x).transpose(0, 1)
+        attended = blk.attention(q_x=q, attn_mask=mask)
+        if not self.batch_first:
+            attended = attended.transpose(0, 1)
+        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        for name, ours, theirs in (
+            ("block output", heads.out.float(), full),
+            ("attention output", (heads.terms.sum(2) + heads.out_bias).float(), attended.float()),
+        ):
+            err = (ours - theirs).abs().max().item()
+            if not err <= tol * max(1.0, theirs.abs().max().item()):
+                raise UnsupportedModelError(
+                    f"this open_clip version's ResidualAttentionBlock does not match falip's per-head "
+                    f"evaluation ({name}: max |diff| {err:.3g}); falip is tested with open_clip_torch 3.x"
+                )

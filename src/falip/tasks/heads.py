@@ -1,0 +1,119 @@
+"""``falip attention`` (attention maps with and without FALIP) and ``falip heads`` (head response)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import add_bias_args, add_model_args, config_from_args, load_from_args, parse_box, parse_index_list
+from ..errors import FalipError
+from ..heads import STATISTICS, head_response, rank_heads
+from ..methods import METHOD_HELP, parse_method
+from ..results import RunRecorder
+from ..viz import attention_maps, draw_attention, draw_head_heatmap
+
+
+def _refuse_mode(args: argparse.Namespace) -> None:
+    """These commands evaluate every block head by head (equal to mode naive); --mode does not apply."""
+    if args.mode is not None:
+        raise FalipError(f"--mode does not apply to falip {args.command}: it evaluates every block head by head (as mode naive)")
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    if not args.box:
+        raise FalipError("give at least one region with --box x0,y0,x1,y1")
+    _refuse_mode(args)
+    if args.tile < 16:
+        raise FalipError(f"--tile must be at least 16 pixels, got {args.tile}")
+    config = config_from_args(args)
+    model = load_from_args(args, config)
+    maps = attention_maps(model, args.image, args.box, layers=args.show_layers, config=config)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    draw_attention(maps, tile=args.tile).save(output)
+    blocks = ",".join(str(i) for i in maps.layers)
+    print(f"share of [CLS]->patch attention inside each box (mean over blocks {blocks}):")
+    for k, (box, (plain, falip)) in enumerate(zip(args.box, maps.box_mass), start=1):
+        print(f"  box {k} {','.join(f'{v:g}' for v in box)}: no bias {plain:.3f} -> FALIP {falip:.3f}")
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    from ..datasets.generic import read_regions_jsonl
+
+    _refuse_mode(args)
+    method = parse_method(args.prompt)
+    if args.top < 1:
+        raise FalipError(f"--top must be at least 1, got {args.top}")
+    samples = read_regions_jsonl(args.annotations, args.image_root)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise FalipError(f"--limit must be at least 1, got {args.limit}")
+        samples = samples[: args.limit]
+    config = config_from_args(args)
+    model = load_from_args(args, config)
+    out = Path(args.output)
+    run_config = {
+        "task": "heads",
+        "method": method.name,
+        "statistic": args.statistic,
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "preprocess": args.preprocess,
+        "annotations": str(args.annotations),
+        "image_root": str(args.image_root),
+        "limit": args.limit,
+        "falip": config.to_dict() if method.foveal else None,
+    }
+    recorder = RunRecorder(out / "heads.json", task="heads", config=run_config, resume=not args.no_resume)
+    result = head_response(model, samples, method.name, args.statistic, config, recorder=recorder)
+    ranking = rank_heads(result.response)
+    title = f"{method.name}: {args.statistic} change of each head's [CLS] term, n={result.n}"
+    heatmap = out / "heads.png"
+    draw_head_heatmap(result.response, title, top=args.top).save(heatmap)
+    recorder.finish(
+        metrics={"n": result.n, "max_response": float(result.response.max()), "mean_response": float(result.response.mean())},
+        prompt=method.name,
+        statistic=args.statistic,
+        model=model.info(),
+        shape=["layers", "heads"],
+        response=np.round(result.response, 6).tolist(),
+        std=np.round(result.std, 6).tolist(),
+        ranking=ranking,
+        heatmap=heatmap.name,
+    )
+    print(f"{result.n} regions ({len(result.skipped)} skipped); top {args.top} heads by {args.statistic} response to {method.name}:")
+    for entry in ranking[: args.top]:
+        print(f"  block {entry['layer']:>2}  head {entry['head']:>2}  {entry['response']:.4g}")
+    print(f"wrote {out / 'heads.json'} and {heatmap}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``falip attention`` and ``falip heads`` to the CLI."""
+    p = sub.add_parser("attention", help="draw [CLS] attention maps without and with FALIP for each box")
+    p.add_argument("image", help="image file")
+    p.add_argument("--box", action="append", type=parse_box, default=[], help="x0,y0,x1,y1 in pixels (repeat)")
+    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--show-layers", type=parse_index_list, default=None,
+                   help="blocks whose maps are drawn, e.g. 6-11 (default: the biased blocks, see --layers)")
+    p.add_argument("--tile", type=int, default=160, help="size of one map in pixels (default 160)")
+    add_model_args(p)
+    add_bias_args(p)
+    p.set_defaults(func=cmd_attention, mode=None)
+
+    p = sub.add_parser("heads", help="which attention heads respond to a visual prompt: response matrix, ranking, heatmap")
+    p.add_argument("--annotations", required=True, help='regions JSONL: {"image": ..., "box": [x0,y0,x1,y1]} or {"mask": ...} per line')
+    p.add_argument("--image-root", required=True, help="folder that image (and mask) paths are relative to")
+    p.add_argument("--prompt", required=True, help=f"the visual prompt: {METHOD_HELP}")
+    p.add_argument("--output", required=True, help="folder for heads.json, heads.predictions.jsonl and heads.png")
+    p.add_argument("--statistic", default="l2", choices=STATISTICS, help="per-head change measure (default l2)")
+    p.add_argument("--top", type=int, default=10, help="heads printed and outlined in the heatmap (default 10)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N regions")
+    p.add_argument("--no-resume", action="store_true", help="recompute regions already in OUTPUT/heads.predictions.jsonl")
+    add_model_args(p)
+    add_bias_args(p)
+    p.set_defaults(func=cmd_heads, mode=None)
