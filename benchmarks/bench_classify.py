@@ -1,0 +1,79 @@
+"""Throughput of region classification (images/s) per method, on generated data.
+
+    python benchmarks/bench_classify.py                          # ViT-B/16, random weights, CPU fp32
+    python benchmarks/bench_classify.py --device cuda --precision fp16 --images 512
+    python benchmarks/bench_classify.py --model ViT-B-16 --pretrained openai
+
+Writes ``--images`` random 640×480 images with one box each as a generic JSONL dataset and runs
+:func:`falip.tasks.classify.evaluate` once per method (text side excluded from the timing, image
+reading included). Prints a markdown table; ``--output FILE.json`` keeps the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import falip
+from falip.datasets.generic import load_generic
+from falip.tasks.classify import evaluate
+
+
+def write_dataset(root: Path, n: int, classes: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        small = rng.integers(0, 256, size=(61, 81, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((640, 480), Image.BILINEAR).save(root / f"{i}.jpg", quality=90)
+        x0, y0 = rng.uniform(0, 400), rng.uniform(0, 300)
+        box = [x0, y0, x0 + rng.uniform(60, 240), y0 + rng.uniform(60, 180)]
+        lines.append(json.dumps({"image": f"{i}.jpg", "label": f"class {i % classes}", "box": box}))
+    (root / "regions.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "classes.txt").write_text("\n".join(f"class {c}" for c in range(classes)) + "\n")
+    return root
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--methods", default="none,falip,blur,circle,falip+blur")
+    p.add_argument("--mode", default="exact")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        model = falip.load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_dataset(Path(tmp), args.images, classes=10)
+        dataset = load_generic(root / "regions.jsonl", root / "classes.txt")
+        for method in args.methods.split(","):
+            result = evaluate(model, dataset, root / f"{method}.json", method=method, templates="simple", mode=args.mode,
+                              resume=False, workers=args.workers, progress=False)
+            rows.append(dict(method=method, **result["speed"]))
+    print(f"{args.model} ({args.pretrained or 'random weights'}), {args.device} {args.precision}, mode {args.mode}, "
+          f"{args.images} images 640x480, 1 box each; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}")
+    print("| method | images/s |\n|---|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['images_per_s']:.2f} |")
+    if args.output:
+        Path(args.output).write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()

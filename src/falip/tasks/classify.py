@@ -1,0 +1,438 @@
+"""Region-aware zero-shot classification (SPEC §3): what class is the object in this box or mask?
+
+A zero-shot classifier (class names × prompt templates, text side computed once and cached) scores
+the embedding of each region, encoded by any method of :mod:`falip.methods` (``falip``, ``none``,
+an image edit such as ``blur`` or ``circle``, or ``falip+<edit>``) — the code path REC uses.
+
+- :func:`classify`: one image, one region → class probabilities.
+- :func:`evaluate`: a :class:`~falip.datasets.generic.RegionDataset` → top-1/top-5 accuracy
+  (and per-group and worst-group accuracy when samples carry groups), results JSON + per-sample
+  JSONL with resume, through :class:`falip.results.RunRecorder`.
+- ``falip classify``: the command line (``register``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..bias import FovealConfig
+from ..cli import add_bias_args, add_model_args, config_from_args, load_from_args
+from ..datasets.classification import DATASETS, REGIONS, load_dataset
+from ..datasets.generic import RegionDataset, RegionSample, load_generic, read_classes, read_mask
+from ..errors import FalipError, ImageLoadError, InvalidRegionError
+from ..geometry import validate_boxes
+from ..images import load_image
+from ..methods import METHOD_HELP, Method, encode_with_method, parse_method
+from ..results import RunRecorder
+from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+class SampleError(FalipError):
+    """A sample that cannot be classified; ``reason`` is the short key counted in ``skipped``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier and the one-image API
+
+
+def text_classifier(
+    model, classnames: Sequence[str], templates: Union[Templates, str, None] = None, method: Union[str, Method] = "falip"
+) -> torch.Tensor:
+    """``(C, E)`` normalised class embeddings; a method's text suffix (``shade``) is appended to every prompt.
+
+    templates: ``None`` (the 80 OpenAI ImageNet templates), a built-in name or file
+    (:func:`falip.zeroshot.load_templates`), a list of templates, or ``{class: [prompts]}``.
+    """
+    method = parse_method(method) if isinstance(method, str) else method
+    templates = load_templates(templates) if templates is None or isinstance(templates, str) else templates
+    if method.text_suffix:
+        prompts = class_prompts(classnames, templates)
+        templates = {c: [p + method.text_suffix for p in ps] for c, ps in zip(classnames, prompts)}
+    return zero_shot_classifier(model, classnames, templates)
+
+
+def _logits(model, embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """``(K, C)`` = logit_scale · cosine of K region embeddings ``(K, E)`` and C classes ``(C, E)``."""
+    return model.runtime.logit_scale.detach().float().cpu() * embeddings.float().cpu() @ classifier.float().cpu().T
+
+
+def classify(
+    model,
+    image,
+    region,
+    classnames: Sequence[str],
+    templates: Union[Templates, str, None] = None,
+    method: Union[str, Method] = "falip",
+    config: Optional[FovealConfig] = None,
+    mode: str = "exact",
+) -> torch.Tensor:
+    """Probabilities ``(C,)`` over ``classnames`` for the object in ``region`` of ``image``.
+
+    region: a box ``(x0, y0, x1, y1)`` in pixels, or a boolean mask ``(H, W)`` of the image's size.
+    method: ``falip`` (default), ``none``, an edit (``crop``, ``blur``, ``circle`` …) or ``falip+<edit>``.
+    """
+    arr = np.asarray(region.detach().cpu() if hasattr(region, "detach") else region)
+    if arr.ndim == 2 and arr.shape != (1, 4):
+        regions = dict(masks=[arr])
+    elif arr.size == 4:
+        regions = dict(boxes=arr.reshape(1, 4))
+    else:
+        raise InvalidRegionError(f"region must be a box (x0, y0, x1, y1) or an (H, W) mask, got shape {arr.shape}")
+    classifier = text_classifier(model, classnames, templates, method)
+    embedding = encode_with_method(model, image, method, config=config, mode=mode, **regions)
+    return _logits(model, embedding, classifier).softmax(-1)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading samples
+
+
+@dataclass
+class ImageGroup:
+    """The regions of one image that are encoded in one call: boxes ``(K, 4)`` or K masks ``(H, W)``."""
+
+    image_path: Path
+    samples: list[RegionSample]
+    image: Optional[Image.Image] = None
+    boxes: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    ready: list[RegionSample] = field(default_factory=list)  # samples whose region is in boxes/masks
+    failed: list[tuple[RegionSample, SampleError]] = field(default_factory=list)
+
+
+def _uses_mask(sample: RegionSample) -> bool:
+    return sample.mask is not None and not sample.mask_as_box
+
+
+def group_by_image(samples: Iterable[RegionSample]) -> list[list[RegionSample]]:
+    """Samples grouped by (image, region kind), in order of first appearance."""
+    groups: dict[tuple[Path, bool], list[RegionSample]] = {}
+    for s in samples:
+        groups.setdefault((s.image, _uses_mask(s)), []).append(s)
+    return list(groups.values())
+
+
+def _sample_region(sample: RegionSample, size: tuple[int, int], class_index: dict[str, int]) -> np.ndarray:
+    """The region of one sample: a box ``(4,)`` or a mask ``(H, W)``; raises SampleError."""
+    if sample.label is None or sample.label not in class_index:
+        raise SampleError("unknown label", f"{sample.id}: label {sample.label!r} is not one of the {len(class_index)} classes")
+    W, H = size
+    if sample.mask is not None:
+        if not sample.mask.is_file():
+            raise SampleError("missing file", f"mask file not found: {sample.mask}")
+        try:
+            mask = read_mask(sample.mask, sample.mask_id)
+        except FalipError as exc:
+            raise SampleError("unreadable file", str(exc)) from exc
+        if mask.shape != (H, W):
+            raise SampleError(
+                "mask size mismatch",
+                f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but image {sample.image} is {W}x{H}",
+            )
+        if not mask.any():
+            what = f"no pixel with class id {sample.mask_id}" if sample.mask_id is not None else "no pixel > 127"
+            raise SampleError("empty mask", f"mask {sample.mask} is empty ({what})")
+        if not sample.mask_as_box:
+            return mask
+        ys, xs = np.nonzero(mask)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    elif sample.box is not None:
+        box = sample.box
+    else:
+        raise SampleError("bad region", f"{sample.id}: no box and no mask")
+    try:
+        return validate_boxes(box, size)[0]
+    except InvalidRegionError as exc:
+        raise SampleError("bad region", f"{sample.image}: {exc}") from exc
+
+
+def load_group(samples: list[RegionSample], class_index: dict[str, int]) -> ImageGroup:
+    """Open the image of a group once and build every sample's region; failures are collected, not raised."""
+    group = ImageGroup(samples[0].image, samples)
+    path = group.image_path
+    if not path.is_file():
+        group.failed = [(s, SampleError("missing file", f"image file not found: {path}")) for s in samples]
+        return group
+    try:
+        group.image = load_image(path)
+    except ImageLoadError as exc:
+        group.failed = [(s, SampleError("unreadable file", str(exc))) for s in samples]
+        return group
+    for s in samples:
+        try:
+            region = _sample_region(s, group.image.size, class_index)
+        except SampleError as exc:
+            group.failed.append((s, exc))
+            continue
+        (group.masks if region.ndim == 2 else group.boxes).append(region)
+        group.ready.append(s)
+    return group
+
+
+def prefetch(fn: Callable[[T], U], items: Sequence[T], workers: int, depth: int = 8) -> Iterator[U]:
+    """``map(fn, items)`` in order, computed up to ``depth`` items ahead by ``workers`` threads (0: inline)."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        position = 0
+        while position < len(items) or pending:
+            while position < len(items) and len(pending) < max(depth, workers):
+                pending.append(pool.submit(fn, items[position]))
+                position += 1
+            yield pending.popleft().result()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _encode_group(model, group: ImageGroup, method: Method, config, mode: str, batch_size: int) -> tuple[list, list]:
+    """Embeddings of a group's ready samples: ``([(sample, (E,) tensor)], [(sample, SampleError)])``.
+
+    A region the model cannot use (e.g. entirely outside the centre crop) fails alone.
+    """
+    regions = dict(masks=group.masks) if group.masks else dict(boxes=np.stack(group.boxes))
+    try:
+        emb = encode_with_method(model, group.image, method, config=config, mode=mode, batch_size=batch_size, **regions)
+        return list(zip(group.ready, emb)), []
+    except InvalidRegionError as exc:
+        if len(group.ready) == 1:
+            return [], [(group.ready[0], SampleError("bad region", f"{group.image_path}: {exc}"))]
+    done, failed = [], []
+    for k, s in enumerate(group.ready):
+        single = ImageGroup(group.image_path, [s], group.image, group.boxes[k : k + 1], group.masks[k : k + 1], [s])
+        d, f = _encode_group(model, single, method, config, mode, batch_size)
+        done += d
+        failed += f
+    return done, failed
+
+
+def classification_metrics(records: Sequence[dict], num_classes: int, skipped: int) -> tuple[dict, dict]:
+    """``(metrics, groups)``: top-1/top-5 accuracy in %, n, skipped; per-group top-1 and the worst group.
+
+    top5 is ``None`` when there are 5 classes or fewer (it would be 100 by construction).
+    """
+    n = len(records)
+    metrics: dict = {
+        "top1": 100.0 * sum(r["correct"] for r in records) / n if n else None,
+        "top5": 100.0 * sum(r["correct5"] for r in records) / n if n and num_classes > 5 else None,
+        "n": n,
+        "skipped": skipped,
+    }
+    groups: dict[str, dict] = {}
+    for r in records:
+        if r.get("group"):
+            g = groups.setdefault(r["group"], {"n": 0, "correct": 0})
+            g["n"] += 1
+            g["correct"] += int(r["correct"])
+    for name in sorted(groups):
+        g = groups[name]
+        g["top1"] = 100.0 * g.pop("correct") / g["n"]
+        metrics[f"top1_{name}"] = g["top1"]
+    if groups:
+        metrics["worst_group"] = min(g["top1"] for g in groups.values())
+        metrics["mean_group"] = sum(g["top1"] for g in groups.values()) / len(groups)
+    return metrics, {k: groups[k] for k in sorted(groups)}
+
+
+def evaluate(
+    model,
+    dataset: RegionDataset,
+    output: Union[str, Path],
+    method: Union[str, Method] = "falip",
+    templates: Union[Templates, str, None] = None,
+    config: Optional[FovealConfig] = None,
+    mode: str = "exact",
+    run_config: Optional[dict] = None,
+    resume: bool = True,
+    workers: int = 4,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Classify every sample of ``dataset`` and write ``output`` (results JSON) and its predictions JSONL.
+
+    run_config: what identifies the run (model, templates, …) — stored with the results and
+    compared on resume; the method, mode, bias, dataset and classes are always added.
+    Returns the results dict (``metrics``: top1, top5, n, skipped, and per-group entries).
+    """
+    method = parse_method(method) if isinstance(method, str) else method
+    config = config or model.config
+    classnames = list(dataset.classnames)
+    class_index = {c: i for i, c in enumerate(classnames)}
+    run = dict(run_config or {})
+    run.update(
+        dataset=dataset.name,
+        split=dataset.split,
+        method=method.name,
+        mode=mode,
+        bias=config.to_dict(),
+        classes=hashlib.sha256(json.dumps(classnames).encode()).hexdigest()[:16],
+        num_classes=len(classnames),
+    )
+    rec = RunRecorder(output, task="classify", config=run, resume=resume)
+    for sample_id, reason, detail in dataset.problems:
+        if sample_id not in rec.done:
+            rec.skip(sample_id, reason, detail)
+
+    classifier = text_classifier(model, classnames, templates, method)  # (C, E), once per run
+    todo = [s for s in dataset.samples if s.id not in rec.done]
+    groups = group_by_image(todo)
+    bar = tqdm(total=len(dataset.samples), initial=len(dataset.samples) - len(todo), unit="region", disable=not progress,
+               desc=f"classify {dataset.name} {method.name}")
+    topk = min(5, len(classnames))
+    images: set[Path] = set()  # images encoded in this run
+    regions = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for group in prefetch(lambda g: load_group(g, class_index), groups, workers):
+            failed = list(group.failed)
+            if group.ready:
+                done, encode_failed = _encode_group(model, group, method, config, mode, batch_size)
+                failed += encode_failed
+                if done:
+                    logits = _logits(model, torch.stack([e for _, e in done]), classifier)  # (K, C)
+                    best = logits.topk(topk, dim=-1).indices.tolist()
+                    for (s, _), top in zip(done, best):
+                        truth = class_index[s.label]
+                        fields = dict(label=s.label, pred=classnames[top[0]], top5=[classnames[i] for i in top],
+                                      correct=top[0] == truth, correct5=truth in top)
+                        rec.add(s.id, **fields, **({"group": s.group} if s.group else {}))
+                    images.add(group.image_path)
+                    regions += len(done)
+            for s, err in failed:
+                rec.skip(s.id, err.reason, err.detail)
+            bar.update(len(group.samples))
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    current = [s.id for s in dataset.samples] + [p[0] for p in dataset.problems]
+    records = [rec.done[i] for i in current if i in rec.done]
+    ok = [r for r in records if "skipped" not in r]
+    metrics, group_table = classification_metrics(ok, len(classnames), skipped=len(records) - len(ok))
+    speed = dict(
+        images=len(images),
+        regions=regions,
+        seconds=round(seconds, 3),
+        images_per_s=round(len(images) / seconds, 2) if images and seconds > 0 else None,
+        regions_per_s=round(regions / seconds, 2) if regions and seconds > 0 else None,
+        resumed=rec.resumed,
+    )
+    extra = dict(dataset=dataset.name, split=dataset.split, method=method.name, speed=speed)
+    if group_table:
+        extra["groups"] = group_table
+    return rec.finish(metrics, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def rename_classes(dataset: RegionDataset, names: Sequence[str]) -> RegionDataset:
+    """The dataset with its class names replaced by ``names`` (same order and count)."""
+    if len(names) != len(dataset.classnames):
+        raise FalipError(f"--classnames lists {len(names)} names but {dataset.name} has {len(dataset.classnames)} classes")
+    mapping = dict(zip(dataset.classnames, names))
+    samples = [replace(s, label=mapping.get(s.label, s.label)) for s in dataset.samples]
+    return replace(dataset, classnames=list(names), samples=samples)
+
+
+def dataset_from_args(args: argparse.Namespace) -> RegionDataset:
+    """The dataset a ``falip classify`` command line names (``--dataset`` or ``--annotations``)."""
+    if (args.dataset is None) == (args.annotations is None):
+        raise FalipError("give either --dataset NAME --data-root DIR, or --annotations FILE.jsonl --classes FILE")
+    if args.annotations is not None:
+        if args.classes is None:
+            raise FalipError("--annotations needs --classes FILE (one class name per line)")
+        if args.classnames is not None:
+            raise FalipError("--classnames renames a dataset's classes; with --annotations put the names in --classes")
+        return load_generic(args.annotations, args.classes, args.image_root)
+    if args.data_root is None:
+        raise FalipError(f"--dataset {args.dataset} needs --data-root DIR")
+    dataset = load_dataset(args.dataset, args.data_root, split=args.split, region=args.region, cub_root=args.cub_root)
+    if args.classnames is not None:
+        dataset = rename_classes(dataset, read_classes(args.classnames))
+    return dataset
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    method = parse_method(args.method)
+    dataset = dataset_from_args(args)
+    if args.limit is not None:
+        dataset = replace(dataset, samples=dataset.samples[: args.limit])
+    templates = load_templates(args.templates)
+    config = config_from_args(args)
+    model = load_from_args(args, config)
+    run_config = dict(
+        model=args.model,
+        pretrained=args.pretrained,
+        preprocess=args.preprocess,
+        precision=args.precision,
+        templates=args.templates,
+        region=args.region,
+        source=str(args.annotations or args.data_root),
+    )
+    result = evaluate(model, dataset, args.output, method=method, templates=templates, config=config, mode=args.mode,
+                      run_config=run_config, resume=not args.no_resume, workers=args.workers, batch_size=args.batch_size)
+    m, speed = result["metrics"], result["speed"]
+    print(f"{dataset.name} {dataset.split} {method.name}: top1 {_fmt(m['top1'])}  top5 {_fmt(m['top5'])}  "
+          f"n {m['n']}  skipped {m['skipped']}")
+    if "worst_group" in m:
+        groups = "  ".join(f"{k} {_fmt(v['top1'])} (n {v['n']})" for k, v in result["groups"].items())
+        print(f"  groups: {groups}  worst {_fmt(m['worst_group'])}")
+    if speed["images_per_s"] is not None:
+        print(f"  {speed['images_per_s']:.2f} images/s, {speed['regions_per_s']:.2f} regions/s ({args.device})")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``falip classify`` to the CLI."""
+    p = sub.add_parser("classify", help="region-aware zero-shot classification (CUB, Dogs, ImageNet-S, Waterbirds, JSONL)")
+    g = p.add_argument_group("data (a dataset in its native layout, or a generic JSONL file)")
+    g.add_argument("--dataset", choices=DATASETS, default=None, help="a dataset in its native layout (see docs/classify.md)")
+    g.add_argument("--data-root", default=None, help="the dataset's folder")
+    g.add_argument("--cub-root", default=None, help="CUB_200_2011 folder (Waterbirds takes its bird boxes/masks from it)")
+    g.add_argument("--split", default=None, help="cub/dogs: test (default), train, all; waterbirds: test, val, train")
+    g.add_argument("--region", choices=REGIONS, default=None, help="box or mask (default: box; mask for imagenet-s)")
+    g.add_argument("--classnames", default=None, help="file with one readable name per dataset class, in class order")
+    g.add_argument("--annotations", default=None, help="generic JSONL: {image, label, box | mask} per line")
+    g.add_argument("--image-root", default=None, help="folder the JSONL's paths are relative to (default: its folder)")
+    g.add_argument("--classes", default=None, help="with --annotations: class names, one per line")
+    r = p.add_argument_group("run")
+    r.add_argument("--method", default="falip", help=f"{METHOD_HELP} (default: falip)")
+    r.add_argument("--templates", default="openai", help="openai (80 templates, default), simple, or a file")
+    r.add_argument("--output", required=True, help="results JSON; predictions go to <stem>.predictions.jsonl")
+    r.add_argument("--no-resume", action="store_true", help="recompute everything instead of resuming")
+    r.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    r.add_argument("--workers", type=int, default=4, help="threads reading images and masks ahead (default 4)")
+    r.add_argument("--batch-size", type=int, default=32, help="edited images per forward pass (default 32)")
+    add_model_args(p)
+    add_bias_args(p)
+    p.set_defaults(func=cmd_classify)
