@@ -53,20 +53,24 @@ class RunRecorder:
     >>> rec.finish(metrics={"acc": ...})
 
     ``done`` maps sample id → its record (including those loaded from a previous run).
+    ``predictions``: the JSONL path (default: ``<output stem>.predictions.jsonl`` next to ``output``).
     """
 
-    def __init__(self, output, task: str, config: dict, resume: bool = True):
+    def __init__(self, output, task: str, config: dict, resume: bool = True, predictions=None):
         self.output = Path(output)
         self.task = task
         self.config = json.loads(_canonical(config))
-        self.pred_path = predictions_path(self.output)
+        self.pred_path = Path(predictions) if predictions is not None else predictions_path(self.output)
         self.done: dict[str, dict] = {}
         self.resumed = 0  # how many records came from an earlier run
         self.started = time.time()
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.pred_path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.pred_path.is_file():
             self._load_previous()
             self._file = open(self.pred_path, "a", encoding="utf-8")
+            if self._file.tell() and not self.pred_path.read_bytes().endswith(b"\n"):
+                self._file.write("\n")  # end a line cut short by an interrupted run
         else:
             self._file = open(self.pred_path, "w", encoding="utf-8")
             self._write({"config": self.config, "task": task})
@@ -126,7 +130,7 @@ class RunRecorder:
             "config": self.config,
             "skipped": self.skipped_summary(),
             "n_predictions": len(self.records()),
-            "predictions": self.pred_path.name,
+            "predictions": self.pred_path.name if self.pred_path.parent == self.output.parent else str(self.pred_path),
             **extra,
             "falip_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -140,7 +144,8 @@ class RunRecorder:
 # ----------------------------------------------------------------------------------------------
 # Aggregation
 
-ROW_KEYS = ("task", "dataset", "split", "method", "model", "pretrained", "proposals")
+# What distinguishes runs: a column appears when any aggregated result has it (top level or config).
+ROW_KEYS = ("task", "dataset", "variant", "split", "method", "model", "pretrained", "proposals", "region", "views", "projection")
 
 
 def _describe(result: dict) -> dict:
@@ -164,7 +169,7 @@ def aggregate(paths: Iterable, fmt: str = "markdown") -> str:
             raise FalipError(f"{path} is not a falip results file (no 'metrics')")
         row = _describe(result)
         for name, value in result["metrics"].items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and name != "skipped":  # skipped has its own column
                 if name not in metric_names:
                     metric_names.append(name)
                 row[name] = value

@@ -1,0 +1,335 @@
+"""Referring-expression data (RefCOCO, RefCOCO+, RefCOCOg) in the formats users already have.
+
+Two annotation layouts give one :class:`RecDataset`:
+
+- the ``refer`` layout (Licheng Yu's ``refer`` toolkit): ``DATA_ROOT/<dataset>/refs(<split_by>).p``
+  (a pickled list of refs: ``ref_id``, ``ann_id``, ``image_id``, ``split``, ``sentences[{raw, ...}]``)
+  and ``DATA_ROOT/<dataset>/instances.json`` (COCO ``images``/``annotations``; bbox ``[x, y, w, h]``);
+- ReCLIP's JSONL: one object per line with ``file_name``, ``image_id``, ``anns[{id, bbox}]``,
+  ``ann_id`` (int, string or list) and ``sentences[{raw}]``.
+
+Every sentence is one :class:`RecSample`. Gold proposals are all annotated boxes of the image;
+detector proposals come from a ``{image_id: [[x, y, w, h], ...]}`` JSON file (ReCLIP's
+``<dataset>_dets_dict.json``). Problems with one sample (a ref pointing to an unknown annotation)
+are kept on the sample (``problem``) so that the evaluation counts it as skipped; problems with a
+whole file raise :class:`falip.FalipError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import FalipError
+
+DATASETS = ("refcoco", "refcoco+", "refcocog")
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # other folders: unc
+
+XYWH = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A candidate box ``[x, y, w, h]`` (COCO pixels); ``ann_id`` and ``segmentation`` for gold boxes."""
+
+    bbox: XYWH
+    ann_id: Optional[str] = None
+    segmentation: object = None  # COCO polygons or uncompressed RLE, when the data has them
+
+
+@dataclass(frozen=True)
+class RecSample:
+    """One referring expression: ``targets`` are the annotation ids it refers to (any one counts)."""
+
+    id: str
+    image_id: str
+    sentence: str
+    targets: tuple[str, ...]
+    ref_id: Optional[str] = None
+    problem: Optional[tuple[str, str]] = None  # (reason, detail) when the sample cannot be evaluated
+
+
+@dataclass
+class RecDataset:
+    """Samples of one split, with each image's file names and gold annotations.
+
+    ``images[image_id]`` → candidate file names (first existing one wins);
+    ``annotations[image_id]`` → gold :class:`Proposal` list; ``detections`` → detector boxes or None.
+    """
+
+    name: str
+    split: str
+    samples: list[RecSample]
+    images: dict[str, list[str]]
+    annotations: dict[str, list[Proposal]]
+    detections: Optional[dict[str, list[XYWH]]] = None
+    source: dict = field(default_factory=dict)
+
+    @property
+    def proposal_source(self) -> str:
+        return "detector" if self.detections is not None else "gold"
+
+    def proposals(self, image_id: str) -> list[Proposal]:
+        """The candidate boxes of an image: detector boxes if loaded, else every gold annotation."""
+        if self.detections is not None:
+            return [Proposal(tuple(b)) for b in self.detections.get(image_id, [])]
+        return list(self.annotations.get(image_id, []))
+
+    def target_boxes(self, sample: RecSample) -> list[XYWH]:
+        by_id = {p.ann_id: p.bbox for p in self.annotations.get(sample.image_id, [])}
+        return [by_id[t] for t in sample.targets if t in by_id]
+
+    def split_expressions(self) -> list[str]:
+        """Distinct sentences of the split, in file order (the pool for score subtraction)."""
+        return list(dict.fromkeys(s.sentence for s in self.samples))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading helpers
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads lists, dicts, strings and numbers only: a refs file never needs code to rebuild."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load the Python object {module}.{name}")
+
+
+def _read_pickle(path: Path):
+    for encoding in ("ASCII", "latin1"):  # the original refs files were written by Python 2
+        try:
+            with open(path, "rb") as f:
+                return _PlainUnpickler(f, encoding=encoding).load()
+        except UnicodeDecodeError:
+            continue
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise FalipError(f"{path} is not a refs pickle (a list of refs): {exc}") from exc
+    raise FalipError(f"{path}: cannot decode its strings")
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise FalipError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FalipError(f"{path} is not valid JSON ({what}): {exc}") from exc
+
+
+def _bbox(value, where: str) -> XYWH:
+    try:
+        box = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 4:
+        raise FalipError(f"{where}: a box must be [x, y, w, h], got {value!r}")
+    return box  # type: ignore[return-value]
+
+
+def _image_file_names(file_name: str) -> list[str]:
+    """``COCO_train2014_000000581857_16.jpg`` → the image file without the trailing annotation id first."""
+    stripped = re.sub(r"^(COCO_[A-Za-z]+\d*_\d+)_\d+(\.\w+)$", r"\1\2", file_name)
+    return [stripped, file_name] if stripped != file_name else [file_name]
+
+
+def _sentences(raw_sentences, where: str) -> list[str]:
+    if not isinstance(raw_sentences, list):
+        raise FalipError(f"{where}: 'sentences' must be a list of {{'raw': ...}}")
+    out = []
+    for s in raw_sentences:
+        text = s.get("raw", s.get("sent")) if isinstance(s, dict) else s
+        if not isinstance(text, str):
+            raise FalipError(f"{where}: a sentence has no 'raw' text: {s!r}")
+        out.append(text)
+    return out
+
+
+def _check_split(samples: list[RecSample], available: Sequence[str], split: str, source: str) -> None:
+    if not samples:
+        raise FalipError(f"split {split!r} does not exist in {source}; available splits: {', '.join(sorted(set(available))) or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders
+
+
+def load_refer(data_root, dataset: str, split: str, split_by: Optional[str] = None, detections=None) -> RecDataset:
+    """Load ``DATA_ROOT/<dataset>/refs(<split_by>).p`` + ``instances.json`` (split_by: unc, umd, google).
+
+    ``dataset`` is the folder name: ``refcoco``, ``refcoco+``, ``refcocog`` or any other folder in
+    the same layout (``split_by`` then defaults to ``unc``).
+    """
+    split_by = split_by or DEFAULT_SPLIT_BY.get(dataset, "unc")
+    folder = Path(data_root) / dataset
+    refs_path = folder / f"refs({split_by}).p"
+    if not refs_path.is_file():
+        if not folder.is_dir():
+            others = sorted(p.name for p in Path(data_root).iterdir() if p.is_dir()) if Path(data_root).is_dir() else []
+            raise FalipError(f"dataset folder not found: {folder}" + (f" (present: {', '.join(others)})" if others else ""))
+        present = sorted(p.name for p in folder.glob("refs(*).p"))
+        raise FalipError(f"refs file not found: {refs_path}" + (f" (present: {', '.join(present)})" if present else ""))
+    refs = _read_pickle(refs_path)
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise FalipError(f"{refs_path} must hold a list of refs (dicts), got {type(refs).__name__}")
+    instances_path = folder / "instances.json"
+    instances = _read_json(instances_path, "COCO instances file")
+    if not isinstance(instances, dict) or "annotations" not in instances:
+        raise FalipError(f"{instances_path} has no 'annotations' list (expected COCO instances JSON)")
+
+    images: dict[str, list[str]] = {}
+    for img in instances.get("images", []):
+        images[str(img["id"])] = [img["file_name"]]
+    annotations: dict[str, list[Proposal]] = {}
+    for i, ann in enumerate(instances["annotations"]):
+        try:
+            key, ann_id = str(ann["image_id"]), str(ann["id"])
+        except (KeyError, TypeError):
+            raise FalipError(f"{instances_path}: annotation {i} lacks 'id' or 'image_id'") from None
+        bbox = _bbox(ann.get("bbox"), f"{instances_path}: annotation {ann_id}")
+        annotations.setdefault(key, []).append(Proposal(bbox, ann_id, ann.get("segmentation") or None))
+
+    samples = []
+    for i, ref in enumerate(refs):
+        where = f"{refs_path}: ref {i}"
+        missing = [k for k in ("ref_id", "ann_id", "image_id", "split", "sentences") if k not in ref]
+        if missing:
+            raise FalipError(f"{where} lacks {', '.join(missing)}")
+        if ref["split"] != split:
+            continue
+        image_id, ann_id = str(ref["image_id"]), str(ref["ann_id"])
+        if image_id not in images and "file_name" in ref:
+            images[image_id] = _image_file_names(ref["file_name"])
+        known = any(p.ann_id == ann_id for p in annotations.get(image_id, []))
+        problem = None if known else ("unknown annotation", f"ref {ref['ref_id']} points to annotation {ann_id} of image {image_id}, which {instances_path.name} lacks")
+        raw = ref["sentences"]
+        for j, text in enumerate(_sentences(raw, where)):
+            sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
+            sid = str(sent_id) if sent_id is not None else f"{ref['ref_id']}:{j}"
+            samples.append(RecSample(sid, image_id, text, (ann_id,), str(ref["ref_id"]), problem))
+    _check_split(samples, [r.get("split", "") for r in refs], split, str(refs_path))
+    for s in samples:
+        images.setdefault(s.image_id, [])
+    source = dict(format="refer", refs=str(refs_path), instances=str(instances_path), split_by=split_by)
+    return _with_detections(RecDataset(dataset, split, samples, images, annotations, source=source), detections)
+
+
+def load_reclip(path, split: str = "", name: str = "", detections=None) -> RecDataset:
+    """Load ReCLIP's JSONL (one image-and-referent per line). ``split`` and ``name`` are labels only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FalipError(f"annotations file not found: {path}")
+    images: dict[str, list[str]] = {}
+    annotations: dict[str, list[Proposal]] = {}
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                datum = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FalipError(f"{where} is not valid JSON: {exc}") from exc
+            missing = [k for k in ("file_name", "image_id", "anns", "ann_id", "sentences") if k not in datum]
+            if missing:
+                raise FalipError(f"{where} lacks {', '.join(missing)} (expected ReCLIP JSONL)")
+            image_id = str(datum["image_id"])
+            images.setdefault(image_id, _image_file_names(datum["file_name"]))
+            known = {p.ann_id for p in annotations.get(image_id, [])}
+            for ann in datum["anns"]:
+                if not isinstance(ann, dict) or "id" not in ann:
+                    raise FalipError(f"{where}: every entry of 'anns' needs an 'id' and a 'bbox'")
+                if str(ann["id"]) not in known:
+                    known.add(str(ann["id"]))
+                    proposal = Proposal(_bbox(ann.get("bbox"), f"{where}: ann {ann['id']}"), str(ann["id"]), ann.get("segmentation") or None)
+                    annotations.setdefault(image_id, []).append(proposal)
+            targets = datum["ann_id"] if isinstance(datum["ann_id"], list) else [datum["ann_id"]]
+            targets = tuple(str(t) for t in targets)
+            unknown = [t for t in targets if t not in known]
+            problem = ("unknown annotation", f"{where}: ann_id {', '.join(unknown)} is not among the line's anns") if unknown or not targets else None
+            raw = datum["sentences"]
+            for j, text in enumerate(_sentences(raw, where)):
+                sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
+                sid = str(sent_id) if sent_id is not None else f"{lineno}:{j}"
+                samples.append(RecSample(sid, image_id, text, targets, None, problem))
+    if not samples:
+        raise FalipError(f"{path} holds no referring expressions")
+    source = dict(format="reclip", annotations=str(path))
+    return _with_detections(RecDataset(name or path.stem, split or path.stem, samples, images, annotations, source=source), detections)
+
+
+def load_detections(path) -> dict[str, list[XYWH]]:
+    """``{image_id: [[x, y, w, h], ...]}`` (entries may also be ``{"bbox": [...]}``)."""
+    path = Path(path)
+    data = _read_json(path, "detections file")
+    if not isinstance(data, dict):
+        raise FalipError(f"{path} must map image ids to lists of [x, y, w, h] boxes, got a {type(data).__name__}")
+    out = {}
+    for image_id, boxes in data.items():
+        if not isinstance(boxes, list):
+            raise FalipError(f"{path}: image {image_id} must map to a list of boxes, got {boxes!r}")
+        out[str(image_id)] = [_bbox(b.get("bbox", b.get("box")) if isinstance(b, dict) else b, f"{path}: image {image_id}") for b in boxes]
+    return out
+
+
+def _with_detections(data: RecDataset, detections) -> RecDataset:
+    if detections is not None:
+        data.detections = detections if isinstance(detections, dict) else load_detections(detections)
+        if not isinstance(detections, dict):
+            data.source["detections"] = str(detections)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry helpers
+
+
+def xywh_to_xyxy(box: XYWH) -> tuple[float, float, float, float]:
+    x, y, w, h = box
+    return (x, y, x + w, y + h)
+
+
+def iou(a: XYWH, b: XYWH) -> float:
+    """Intersection over union of two ``[x, y, w, h]`` boxes (continuous pixels, as ReCLIP)."""
+    ax0, ay0, ax1, ay1 = xywh_to_xyxy(a)
+    bx0, by0, bx1, by1 = xywh_to_xyxy(b)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def segmentation_mask(segmentation, size: tuple[int, int]) -> Optional[np.ndarray]:
+    """Rasterise COCO polygons or an uncompressed RLE into an ``(H, W)`` bool mask of ``size = (W, H)``.
+
+    Returns None for what it cannot read (compressed RLE strings, sizes that differ from the image).
+    """
+    W, H = size
+    if isinstance(segmentation, list) and segmentation:
+        canvas = Image.new("L", (W, H), 0)
+        draw = ImageDraw.Draw(canvas)
+        for poly in segmentation:
+            if isinstance(poly, list) and len(poly) >= 6:
+                draw.polygon([(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly) - 1, 2)], fill=1)
+        mask = np.asarray(canvas, dtype=bool)
+        return mask if mask.any() else None
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        h, w = segmentation.get("size", (None, None))
+        if (h, w) != (H, W):
+            return None
+        flat = np.zeros(H * W, dtype=bool)
+        pos = 0
+        for i, run in enumerate(segmentation["counts"]):  # runs alternate 0s and 1s, column-major
+            if i % 2:
+                flat[pos : pos + run] = True
+            pos += run
+        mask = flat.reshape(W, H).T
+        return mask if mask.any() else None
+    return None

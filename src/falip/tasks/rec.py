@@ -1,0 +1,512 @@
+"""Referring expression comprehension (REC): which proposal box does a sentence describe? (SPEC §3)
+
+Every proposal of an image is encoded by each method (FALIP bias, an image edit, or both) and
+each model; the sentence becomes ``"a photo of {sentence}"`` (plus the method's text suffix);
+a proposal's score is ``logit_scale · cosine``. Optional score subtraction "P" (Red Circle,
+Shtedritski et al. 2023) subtracts each proposal's mean score over captions of other expressions
+of the split; ensembles "E" combine methods (``sum`` or ``max``) and sum models' logits. The
+prediction is the best-scoring proposal; it is correct iff IoU with a target box > 0.5.
+
+Speed (issue #3 §5): a region's embedding depends on the image and the box, not on the sentence,
+so samples are grouped by image and each image's proposals are encoded **once** per (model,
+method) — one batched call — and scored against all of that image's sentences; text features
+are cached; each image is decoded once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..bias import FovealConfig
+from ..cli import add_bias_args, add_model_args, config_from_args, load_from_args
+from ..datasets.refer import DATASETS, Proposal, RecDataset, RecSample, iou, load_reclip, load_refer, segmentation_mask, xywh_to_xyxy
+from ..encode import MODES
+from ..errors import FalipError, ImageLoadError, InvalidRegionError
+from ..geometry import validate_boxes
+from ..images import load_image
+from ..methods import METHOD_HELP, Method, encode_with_method, parse_method
+from ..results import RunRecorder
+
+PROMPT = "a photo of {}"
+AGGREGATES = ("sum", "max")
+N_CAPTIONS = 500
+TEXT_BATCH = 256
+
+
+def parse_methods(spec: Union[str, Sequence[Union[str, Method]]]) -> list[Method]:
+    """``"crop,blur"`` or ``["crop", "falip+blur"]`` → Methods (a method ensemble when more than one)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    methods = [m if isinstance(m, Method) else parse_method(m) for m in items if not isinstance(m, str) or m.strip()]
+    if not methods:
+        raise ValueError(f"no method given: use {METHOD_HELP}")
+    if len({m.name for m in methods}) != len(methods):
+        raise ValueError(f"method {spec!r} lists a method twice")
+    return methods
+
+
+def draw_captions(expressions: Sequence[str], n: int = N_CAPTIONS, seed: int = 0) -> list[str]:
+    """``n + 1`` distinct expressions drawn at random (seeded): each sample uses ``n`` that differ from its own."""
+    pool = list(dict.fromkeys(expressions))
+    if len(pool) < 2:
+        raise FalipError("score subtraction needs at least 2 distinct expressions in the split")
+    if n < 1:
+        raise ValueError(f"the number of captions must be >= 1, got {n}")
+    return random.Random(seed).sample(pool, min(n + 1, len(pool)))
+
+
+class RegionScorer:
+    """Scores an image's proposals against sentences with one or more models and methods.
+
+    ``score = Σ_models agg_methods(logit_scale · r_k · (t − n̄))`` with ``r_k`` the region's
+    embedding, ``t`` the sentence's and ``n̄`` the mean embedding of the negative captions
+    (score subtraction; 0 without it). ``agg`` is ``sum`` or ``max`` over methods.
+    """
+
+    def __init__(
+        self,
+        models: Sequence,
+        methods: Union[str, Sequence[Union[str, Method]]] = "falip",
+        config: Optional[FovealConfig] = None,
+        mode: str = "exact",
+        aggregate: str = "sum",
+        template: str = PROMPT,
+        captions: Optional[Sequence[str]] = None,
+        n_captions: int = N_CAPTIONS,
+    ):
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if "{}" not in template:
+            raise ValueError(f"the prompt template needs a '{{}}' for the expression, got {template!r}")
+        if not models:
+            raise ValueError("give at least one model")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.models = list(models)
+        self.methods = parse_methods(methods)
+        self.config = config
+        self.mode = mode
+        self.aggregate = aggregate
+        self.template = template
+        self.captions = list(captions) if captions is not None else None
+        self.n_captions = n_captions
+        self._text: dict[tuple[int, str], torch.Tensor] = {}
+        self._negatives: dict[tuple[int, str], torch.Tensor] = {}
+
+    def describe(self) -> dict:
+        """Everything that determines the scores, JSON-able (stored with results, checked on resume)."""
+        config = self.config.to_dict() if self.config is not None else None
+        return dict(
+            models=[{k: v for k, v in m.info().items() if k != "device"} for m in self.models],
+            bias=config,
+            bias_layers=[list((self.config or m.config).resolve_layers(m.num_layers)) for m in self.models],
+            mode=self.mode,
+            methods=[m.name for m in self.methods],
+            aggregate=self.aggregate,
+            template=self.template,
+            subtract=dict(captions=self.n_captions, drawn=self.captions) if self.captions is not None else None,
+        )
+
+    def prompt(self, expression: str, method: Method) -> str:
+        return self.template.format(expression.lower()) + method.text_suffix
+
+    def text_features(self, model_index: int, texts: Sequence[str]) -> torch.Tensor:
+        """``(T, E)`` normalised text embeddings, each text encoded once per model."""
+        missing = list(dict.fromkeys(t for t in texts if (model_index, t) not in self._text))
+        for start in range(0, len(missing), TEXT_BATCH):
+            chunk = missing[start : start + TEXT_BATCH]
+            emb = self.models[model_index].encode_text(chunk).cpu()
+            self._text.update({(model_index, t): e for t, e in zip(chunk, emb)})
+        return torch.stack([self._text[(model_index, t)] for t in texts])
+
+    def negative_means(self, model_index: int, method: Method, expressions: Sequence[str]) -> torch.Tensor:
+        """``(T, E)``: per expression, the mean embedding of ``n_captions`` drawn captions other than itself."""
+        key = (model_index, method.text_suffix)
+        if key not in self._negatives:
+            self._negatives[key] = self.text_features(model_index, [self.prompt(c, method) for c in self.captions])
+        pool = self._negatives[key]
+        rows = []
+        for e in expressions:
+            idx = [j for j, c in enumerate(self.captions) if c != e][: self.n_captions]
+            rows.append(pool[idx].mean(0))
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def encode(self, image, boxes: np.ndarray, masks: Optional[list[np.ndarray]] = None) -> list[list[torch.Tensor]]:
+        """Region embeddings ``[model][method] → (K, E)`` of K boxes ``(K, 4)`` xyxy; masks feed ``reverse_blur`` only."""
+        return [
+            [
+                encode_with_method(
+                    model, image, method, boxes=boxes, masks=masks if method.edit == "reverse_blur" else None, config=self.config, mode=self.mode
+                ).cpu()
+                for method in self.methods
+            ]
+            for model in self.models
+        ]
+
+    @torch.no_grad()
+    def score(self, features: list[list[torch.Tensor]], expressions: Sequence[str]) -> torch.Tensor:
+        """Logits ``(T, K)`` of T expressions against the K regions encoded by :meth:`encode`."""
+        total = 0.0
+        for i, model in enumerate(self.models):
+            scale = float(model.runtime.logit_scale.detach())
+            per_method = []
+            for method, regions in zip(self.methods, features[i]):
+                text = self.text_features(i, [self.prompt(e, method) for e in expressions])
+                if self.captions is not None:
+                    text = text - self.negative_means(i, method, expressions)
+                per_method.append(scale * text @ regions.T)
+            stacked = torch.stack(per_method)
+            total = total + (stacked.sum(0) if self.aggregate == "sum" else stacked.max(0).values)
+        return total
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """``scores (K,)`` of every box, the ``index`` of the best one and that ``box`` (xyxy pixels)."""
+
+    scores: torch.Tensor
+    index: int
+    box: tuple[float, float, float, float]
+
+
+def ground(
+    model,
+    image,
+    boxes,
+    text: str,
+    method: Union[str, Sequence[str]] = "falip",
+    *,
+    masks: Optional[Sequence[np.ndarray]] = None,
+    config: Optional[FovealConfig] = None,
+    mode: str = "exact",
+    aggregate: str = "sum",
+    template: str = PROMPT,
+) -> Grounding:
+    """Which of K boxes ``(K, 4)`` (xyxy pixels) of ``image`` does ``text`` describe?
+
+    ``model``: a :class:`falip.FalipModel` or a list of them (logits summed); ``method``: ``falip``,
+    ``none``, an edit (``crop``, ``blur``, ``circle`` …), ``falip+<edit>``, or several separated by
+    commas (combined with ``aggregate``). ``masks`` (K of ``(H, W)``) are used by ``reverse_blur``.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"text must be a non-empty string, got {text!r}")
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    scorer = RegionScorer(models, method, config=config, mode=mode, aggregate=aggregate, template=template)
+    pil = load_image(image)
+    xyxy = validate_boxes(boxes, pil.size)
+    mask_list = list(masks) if masks is not None else None
+    scores = scorer.score(scorer.encode(pil, xyxy, mask_list), [text])[0]
+    best = int(scores.argmax())
+    return Grounding(scores, best, tuple(float(v) for v in xyxy[best]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset evaluation
+
+
+def _open_image(data: RecDataset, image_root, image_id: str):
+    """The image as RGB PIL, or ``(reason, detail)`` when it is missing or cannot be decoded."""
+    paths = [Path(image_root) / n for n in data.images.get(image_id) or []]
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        tried = " or ".join(str(p) for p in paths) or "no file name in the annotations"
+        return "missing image", f"image {image_id}: file not found: {tried}"
+    try:
+        return load_image(existing[0])
+    except ImageLoadError as exc:
+        return "unreadable image", str(exc)
+
+
+def _prepare_proposals(proposals: list[Proposal], size: tuple[int, int]) -> tuple[np.ndarray, list[int], int]:
+    """Proposals clamped to the image for encoding: ``(boxes (K', 4) xyxy, kept indices, number clamped)``.
+
+    Boxes with no area inside the image (or NaN) cannot be encoded and are dropped.
+    """
+    W, H = size
+    boxes, keep, clamped = [], [], 0
+    for k, p in enumerate(proposals):
+        x0, y0, x1, y1 = xywh_to_xyxy(p.bbox)
+        c = (max(x0, 0.0), max(y0, 0.0), min(x1, float(W)), min(y1, float(H)))
+        if not np.all(np.isfinite(c)) or c[2] <= c[0] or c[3] <= c[1]:
+            continue
+        clamped += c != (x0, y0, x1, y1)
+        boxes.append(c)
+        keep.append(k)
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), keep, clamped
+
+
+def _proposal_masks(proposals: list[Proposal], keep: list[int], boxes: np.ndarray, size) -> tuple[Optional[list[np.ndarray]], int]:
+    """Segmentation masks of the kept proposals (a box-shaped mask where one is missing), and how many were missing."""
+    if all(proposals[k].segmentation is None for k in keep):
+        return None, len(keep)
+    W, H = size
+    masks, missing = [], 0
+    for k, (x0, y0, x1, y1) in zip(keep, boxes):
+        mask = segmentation_mask(proposals[k].segmentation, size)
+        if mask is None:
+            missing += 1
+            mask = np.zeros((H, W), dtype=bool)
+            mask[int(y0) : max(int(np.ceil(y1)), int(y0) + 1), int(x0) : max(int(np.ceil(x1)), int(x0) + 1)] = True
+        masks.append(mask)
+    return masks, missing
+
+
+def method_label(methods: Sequence[Method], aggregate: str, subtract: bool) -> str:
+    """``falip``, ``crop,blur:max``, ``falip+P`` … — the method column of results tables."""
+    label = ",".join(m.name for m in methods)
+    if len(methods) > 1 and aggregate != "sum":
+        label += f":{aggregate}"
+    return label + ("+P" if subtract else "")
+
+
+def evaluate(
+    scorer: RegionScorer,
+    data: RecDataset,
+    image_root,
+    output,
+    *,
+    predictions=None,
+    run_config: Optional[dict] = None,
+    limit: Optional[int] = None,
+    resume: bool = True,
+    progress: bool = True,
+    **extra,
+) -> dict:
+    """Run REC over ``data`` and write the results JSON (and per-sample JSONL); returns the results dict.
+
+    ``run_config`` (default: :meth:`RegionScorer.describe`) is stored with the results and checked
+    on resume: a different config refuses to mix predictions. ``extra`` adds top-level fields.
+    Samples that cannot be evaluated are recorded as skipped with a reason; skipped samples are
+    retried when a run is resumed.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    samples = data.samples[:limit] if limit is not None else data.samples
+    config = run_config if run_config is not None else scorer.describe()
+    rec = RunRecorder(output, task="rec", config=config, resume=resume, predictions=predictions)
+    need_masks = any(m.edit == "reverse_blur" for m in scorer.methods)
+    counts = dict(images=0, expressions=0, clamped=0, dropped=0, masks_missing=0, correct=0, scored=0)
+
+    def pending(s: RecSample) -> bool:
+        return s.id not in rec.done or "skipped" in rec.done[s.id]
+
+    def skip(s: RecSample, reason: str, detail: str) -> None:
+        rec.add(s.id, skipped=reason, detail=detail, image_id=s.image_id, sentence=s.sentence)
+
+    def run_image(image_id: str, todo: list[RecSample]) -> None:
+        """Encode one image's proposals once per (model, method) and score all its pending sentences."""
+        ok = [s for s in todo if not s.problem]
+        for s in todo:
+            if s.problem:
+                skip(s, *s.problem)
+        if not ok:
+            return
+        image = _open_image(data, image_root, image_id)
+        if isinstance(image, tuple):
+            for s in ok:
+                skip(s, *image)
+            return
+        proposals = data.proposals(image_id)
+        boxes, keep, clamped = _prepare_proposals(proposals, image.size)
+        counts["clamped"] += clamped
+        counts["dropped"] += len(proposals) - len(keep)
+        if not keep:
+            detail = f"image {image_id} has no {data.proposal_source} proposals"
+            if proposals:
+                detail += f" ({len(proposals)} with no area inside the image)"
+            for s in ok:
+                skip(s, "no proposals", detail)
+            return
+        masks = None
+        if need_masks:
+            masks, missing = _proposal_masks(proposals, keep, boxes, image.size)
+            counts["masks_missing"] += missing
+        try:
+            features = scorer.encode(image, boxes, masks)
+        except InvalidRegionError as exc:
+            for s in ok:
+                skip(s, "invalid region", f"image {image_id}: {exc}")
+            return
+        counts["images"] += 1
+        logits = scorer.score(features, [s.sentence for s in ok])  # (T, K')
+        for s, row in zip(ok, logits):
+            k = keep[int(row.argmax())]
+            pred = proposals[k].bbox
+            targets = data.target_boxes(s)
+            overlap = max(iou(pred, t) for t in targets)
+            rec.add(
+                s.id,
+                image_id=image_id,
+                ref_id=s.ref_id,
+                sentence=s.sentence,
+                target_ann_ids=list(s.targets),
+                target_boxes=[list(t) for t in targets],
+                pred_index=k,
+                pred_box=list(pred),
+                pred_ann_id=proposals[k].ann_id,
+                iou=round(overlap, 4),
+                n_proposals=len(proposals),
+                scores=[round(float(v), 4) for v in row],
+                correct=overlap > 0.5,
+            )
+            counts["expressions"] += 1
+
+    groups: dict[str, list[RecSample]] = {}
+    for s in samples:
+        groups.setdefault(s.image_id, []).append(s)
+    def tally(records: list[dict]) -> None:
+        """Running accuracy on the progress bar (resumed sentences included)."""
+        scored = [r for r in records if "correct" in r]
+        counts["scored"] += len(scored)
+        counts["correct"] += sum(r["correct"] for r in scored)
+        if counts["scored"]:
+            bar.set_postfix(acc=f"{100.0 * counts['correct'] / counts['scored']:.2f}")
+
+    started = time.perf_counter()
+    bar = tqdm(total=len(samples), initial=sum(not pending(s) for s in samples), desc=f"rec {data.name} {data.split}", unit="expr", disable=not progress)
+    tally([rec.done[s.id] for s in samples if not pending(s)])
+    for image_id, group in groups.items():
+        todo = [s for s in group if pending(s)]
+        if todo:
+            run_image(image_id, todo)
+            bar.update(len(todo))
+            tally([rec.done[s.id] for s in todo])
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    records = [rec.done[s.id] for s in samples if "correct" in rec.done.get(s.id, {})]
+    n_skipped = sum(1 for s in samples if "skipped" in rec.done.get(s.id, {}))
+    n_correct = sum(bool(r["correct"]) for r in records)
+    metrics = {
+        "acc": 100.0 * n_correct / len(records) if records else None,
+        "n": len(records),
+        "skipped": n_skipped,
+        "acc_all": 100.0 * n_correct / (len(records) + n_skipped) if records or n_skipped else None,
+        "expr_per_s": counts["expressions"] / elapsed if counts["expressions"] else None,
+        "images_per_s": counts["images"] / elapsed if counts["images"] else None,
+    }
+    run = dict(
+        computed=counts["expressions"],
+        resumed=rec.resumed,
+        images_encoded=counts["images"],
+        proposals_clamped=counts["clamped"],
+        proposals_dropped=counts["dropped"],
+        masks_missing=counts["masks_missing"] if need_masks else None,
+        limit=limit,
+    )
+    fields = dict(
+        dataset=data.name,
+        split=data.split,
+        model=[m.name for m in scorer.models],
+        method=method_label(scorer.methods, scorer.aggregate, scorer.captions is not None),
+        proposals=data.proposal_source,
+    )
+    return rec.finish(metrics, **{**fields, **extra}, run=run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _load_data(args: argparse.Namespace) -> RecDataset:
+    if args.format == "reclip":
+        if not args.annotations:
+            raise FalipError("--format reclip needs --annotations FILE.jsonl")
+        return load_reclip(args.annotations, split=args.split or "", name=args.dataset or "", detections=args.detections)
+    if not args.data_root or not args.split:
+        raise FalipError("the refer layout needs --data-root DIR and --split (e.g. val, testA, testB, test)")
+    return load_refer(args.data_root, args.dataset or "refcoco", args.split, split_by=args.split_by, detections=args.detections)
+
+
+def _load_models(args: argparse.Namespace, config: FovealConfig) -> list:
+    names = args.model or ["ViT-B-16"]
+    tags = args.pretrained or [None]
+    if len(tags) == 1:
+        tags = tags * len(names)
+    if len(tags) != len(names):
+        raise FalipError(f"give one --pretrained for all models or one per --model: got {len(names)} models and {len(tags)} tags")
+    tags = [None if t in (None, "none", "") else t for t in tags]
+    return [load_from_args(argparse.Namespace(**{**vars(args), "model": n, "pretrained": t}), config) for n, t in zip(names, tags)]
+
+
+def cmd_rec(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    methods = parse_methods(args.method)
+    data = _load_data(args)
+    captions = draw_captions(data.split_expressions(), args.captions, args.seed) if args.subtract else None
+    models = _load_models(args, config)
+    scorer = RegionScorer(models, methods, config=config, mode=args.mode, aggregate=args.aggregate, template=args.template, captions=captions, n_captions=args.captions)
+    run_config = dict(
+        task="rec",
+        dataset=data.name,
+        split=data.split,
+        data=data.source,
+        proposals=data.proposal_source,
+        preprocess=args.preprocess,
+        precision=args.precision,
+        seed=args.seed if args.subtract else None,
+        **scorer.describe(),
+    )
+    result = evaluate(
+        scorer,
+        data,
+        args.image_root,
+        args.output,
+        predictions=args.predictions,
+        run_config=run_config,
+        limit=args.limit,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        pretrained=[m.pretrained for m in models] if any(m.pretrained for m in models) else None,
+        device=args.device,
+    )
+    m = result["metrics"]
+    acc = "n/a" if m["acc"] is None else f"{m['acc']:.2f}"
+    speed = "" if m["expr_per_s"] is None else f", {m['expr_per_s']:.2f} expressions/s"
+    print(f"{data.name} {data.split} [{result['method']}, {result['proposals']} proposals]: acc {acc} % on {m['n']} expressions, {m['skipped']} skipped{speed}")
+    if m["skipped"]:
+        print(f"  skipped: {result['skipped']['by_reason']}")
+    print(f"wrote {args.output} and {result['predictions']}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``falip rec`` to the CLI."""
+    p = sub.add_parser("rec", help="referring expression comprehension on RefCOCO/+/g", conflict_handler="resolve")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help=f"{', '.join(DATASETS)} (default refcoco) or another folder of --data-root; a label with --format reclip")
+    g.add_argument("--split", default=None, help="val, testA, testB (refcoco/+), val, test (refcocog umd)")
+    g.add_argument("--format", default="refer", choices=["refer", "reclip"], help="refer layout (default) or ReCLIP JSONL")
+    g.add_argument("--data-root", default=None, help="folder holding refcoco/, refcoco+/, refcocog/ (refer layout)")
+    g.add_argument("--split-by", default=None, help="refs file to read: unc, umd or google (default: unc for refcoco/+, umd for refcocog)")
+    g.add_argument("--annotations", default=None, help="ReCLIP JSONL file (with --format reclip)")
+    g.add_argument("--image-root", required=True, help="folder of COCO train2014 images")
+    g.add_argument("--detections", default=None, help="detector boxes {image_id: [[x, y, w, h], ...]}; default: gold boxes")
+    add_model_args(p)
+    p.add_argument("--model", action="append", default=None, help="model name or checkpoint file; repeat for a model ensemble (logits summed)")
+    p.add_argument("--pretrained", action="append", default=None, help="pretrained tag or weights file: once for all models, or once per --model ('none' for a checkpoint file)")
+    p.set_defaults(preprocess="squash")
+    add_bias_args(p)
+    g = p.add_argument_group("scoring")
+    g.add_argument("--method", default="falip", help=f"{METHOD_HELP}; several separated by commas form an ensemble")
+    g.add_argument("--aggregate", default="sum", choices=AGGREGATES, help="how a method ensemble combines logits (default sum)")
+    g.add_argument("--subtract", action="store_true", help="score subtraction P: minus the mean score of --captions other expressions of the split")
+    g.add_argument("--captions", type=int, default=N_CAPTIONS, help="captions for --subtract (default 500)")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing the --subtract captions")
+    g.add_argument("--template", default=PROMPT, help="text prompt; {} is the expression (default 'a photo of {}')")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", required=True, help="results JSON")
+    g.add_argument("--predictions", default=None, help="per-sample JSONL (default: <output>.predictions.jsonl); re-running with it resumes")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
+    g.add_argument("--no-resume", action="store_true", help="overwrite existing predictions instead of continuing them")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_rec)
