@@ -1,6 +1,6 @@
 """falip — foveal attention for CLIP ViTs (Zhuang et al., ECCV 2024), exact and fast."""
 
-from .bias import FovealConfig, bump, region_bias
+from .bias import FovealConfig, Unleash, bump, region_bias
 from .encode import MODES, BiasPlan, encode_biased
 from .errors import (
     FalipError,
@@ -13,7 +13,11 @@ from .errors import (
 from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
 from .images import load_image
 from .loading import normalize_model_name
+from .methods import encode_with_method, parse_method
 from .model import FalipModel, load
+from .tasks.classify import classify
+from .tasks.pointcloud import classify_points
+from .tasks.rec import Grounding, ground
 
 __version__ = "0.1.0"
 
@@ -27,6 +31,13 @@ def list_models() -> list[str]:
 
 __all__ = [
     "BiasPlan",
+    "Grounding",
+    "Unleash",
+    "classify",
+    "classify_points",
+    "encode_with_method",
+    "ground",
+    "parse_method",
     "FalipError",
     "FalipModel",
     "FovealConfig",
