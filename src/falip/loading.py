@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ import torch
 from .errors import ModelLoadError, UnsupportedModelError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHIPPED_MODELS = ("falip-toy",)  # weights in falip/assets/<name>.safetensors, card in <name>.json
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 OPENAI_HEAD_WIDTH = 64
 
@@ -176,6 +178,15 @@ def build_from_state_dict(state: dict, precision: str, device: str, quick_gelu: 
     return model, cfg
 
 
+def shipped_model(name: str) -> tuple[Path, dict]:
+    """(weights file, metadata) of a model that ships inside the package."""
+    assets = Path(__file__).parent / "assets"
+    weights, card = assets / f"{name}.safetensors", assets / f"{name}.json"
+    if not weights.is_file() or not card.is_file():
+        raise ModelLoadError(f"the shipped model {name!r} is missing from {assets}; reinstall falip")
+    return weights, json.loads(card.read_text(encoding="utf-8"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pretrained tags
 
@@ -271,12 +282,19 @@ def create_clip(
     precision: str,
     quick_gelu: Optional[bool],
 ):
-    """Build the open_clip model. Returns ``(model, info)``; info has name, pretrained, mean, std, tokenizer name."""
+    """Build the open_clip model. Returns ``(model, info)``: name, pretrained, mean, std, arch (inferred
+    architecture of a file, else None) and card (metadata of a shipped model, else None)."""
     import open_clip
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     name_or_path = str(name_or_path)
+    if name_or_path in SHIPPED_MODELS:
+        if pretrained is not None:
+            raise ValueError(f"{name_or_path} ships with its weights; do not pass pretrained=")
+        weights, card = shipped_model(name_or_path)
+        model, cfg = build_from_state_dict(read_checkpoint(weights), precision, device, card.get("quick_gelu", True), name_or_path)
+        return model, dict(name=name_or_path, pretrained="shipped", mean=None, std=None, arch=cfg, card=card)
     path = Path(name_or_path).expanduser()
     if path.is_file() or (looks_like_path(name_or_path) and not name_or_path.startswith("hf-hub:")):
         if pretrained is not None:
@@ -284,14 +302,14 @@ def create_clip(
         model, cfg = build_from_state_dict(
             read_checkpoint(path), precision, device, True if quick_gelu is None else quick_gelu, str(path)
         )
-        return model, dict(name=str(path), pretrained=None, mean=None, std=None, arch=cfg)
+        return model, dict(name=str(path), pretrained=None, mean=None, std=None, arch=cfg, card=None)
 
     if name_or_path.startswith("hf-hub:"):
         reason = "HF_HUB_OFFLINE is set" if _hub_offline() else _reachable("https://huggingface.co")
         if reason:
             raise ModelLoadError(f"cannot load {name_or_path}: {reason}. Download it and pass a local file.")
         model = open_clip.create_model(name_or_path, precision=precision, device=device)
-        return model, dict(name=name_or_path, pretrained=None, mean=None, std=None, arch=None)
+        return model, dict(name=name_or_path, pretrained=None, mean=None, std=None, arch=None, card=None)
 
     name = normalize_model_name(name_or_path)
     if name not in open_clip.list_models():
@@ -320,4 +338,4 @@ def create_clip(
         )
     except RuntimeError as exc:
         raise ModelLoadError(f"cannot load {name} with weights {weights}: {exc}") from exc
-    return model, dict(name=name, pretrained=pretrained, mean=mean, std=std, arch=None)
+    return model, dict(name=name, pretrained=pretrained, mean=mean, std=std, arch=None, card=None)

@@ -170,7 +170,8 @@ def load(
     """Load a CLIP ViT for FALIP.
 
     name_or_path: an open_clip name (``"ViT-B-16"``), an OpenAI name (``"ViT-B/16"``,
-        ``"ViT-L/14@336px"``), ``"hf-hub:org/repo"``, or a local OpenAI-layout checkpoint file.
+        ``"ViT-L/14@336px"``), ``"hf-hub:org/repo"``, a local OpenAI-layout checkpoint file, or
+        ``"falip-toy"`` (the small CLIP shipped with falip; its tuned FALIP settings are the default config).
     pretrained: an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"`` …) or a weights file;
         ``None`` gives random weights (with a warning) for a name.
     precision: ``fp32``, ``fp16`` or ``bf16``. preprocess: ``crop`` (CLIP default), ``squash``
@@ -180,6 +181,8 @@ def load(
     import open_clip
 
     clip, info = create_clip(name_or_path, pretrained, device, precision, quick_gelu)
+    if config is None and info["card"] and "falip" in info["card"]:
+        config = FovealConfig(**info["card"]["falip"])
     runtime = OpenClipRuntime(clip, mean=info["mean"], std=info["std"])
     if info["arch"] is not None:
         tokenizer = open_clip.SimpleTokenizer(context_length=info["arch"]["text_cfg"]["context_length"])

@@ -22,16 +22,14 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "diamond", "star")
+SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
     "blue": (45, 85, 225),
     "yellow": (235, 205, 35),
-    "purple": (140, 60, 180),
-    "orange": (240, 130, 30),
 }
-SIZES = {"small": (0.10, 0.16), "large": (0.22, 0.30)}  # object diameter as a fraction of the image side
+SIZES = {"small": (0.16, 0.22), "large": (0.28, 0.36)}  # object diameter as a fraction of the image side
 
 
 @dataclass
@@ -57,8 +55,6 @@ class Scene:
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":
         return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     points = []  # five-pointed star
     for k in range(10):
         a = math.pi / 2 + k * math.pi / 5
