@@ -184,7 +184,7 @@ def cmd_bias(args: argparse.Namespace) -> int:
 
 
 # Modules that add their own subcommands through ``register(subparsers)``.
-COMMAND_MODULES = ("falip.results", "falip.synthetic", "falip.tasks.rec", "falip.tasks.pointcloud", "falip.tasks.classify", "falip.tasks.heads")
+COMMAND_MODULES = ("falip.results", "falip.synthetic", "falip.demo", "falip.tasks.rec", "falip.tasks.pointcloud", "falip.tasks.classify", "falip.tasks.heads")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,195 @@
+"""``falip demo``: one self-contained HTML page (and a PNG) showing FALIP steer a CLIP model.
+
+Offline by default: the shipped ``falip-toy`` model on a generated scene, one expression per
+object. With ``--model/--pretrained --image --box --text`` the same page is made for real CLIP
+weights and a user's photo. For each expression the page shows every method's score for every
+box, the box each method picks and, for generated scenes, which box is right; below, the [CLS]
+attention maps without and with FALIP on each box (``falip.viz``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .bias import FovealConfig
+from .images import load_image
+from .methods import encode_with_method, parse_method
+
+DEFAULT_METHODS = ("none", "crop", "blur", "circle", "falip")
+BOX_COLOURS = ((255, 64, 64), (64, 160, 255), (255, 200, 0), (0, 200, 120), (200, 90, 255), (255, 140, 0))
+
+
+@dataclass
+class DemoResult:
+    image: Image.Image
+    boxes: list[tuple[float, float, float, float]]
+    texts: list[str]
+    targets: list[Optional[int]]  # the right box per text, when known
+    methods: list[str]
+    scores: dict[str, torch.Tensor]  # method -> (K, T) logits
+
+
+def run_demo(model, image, boxes, texts: Sequence[str], methods: Sequence[str] = DEFAULT_METHODS, targets=None, config=None) -> DemoResult:
+    """Score every box against every text with every method (REC prompt "a photo of {text}")."""
+    pil = load_image(image)
+    text_emb = model.encode_text([f"a photo of {t.lower()}" for t in texts])
+    scale = model.runtime.logit_scale.cpu()
+    scores = {}
+    for name in methods:
+        method = parse_method(name)
+        emb = encode_with_method(model, pil, method, boxes, config=config)
+        suffixed = model.encode_text([f"a photo of {t.lower()}{method.text_suffix}" for t in texts]) if method.text_suffix else text_emb
+        scores[method.name] = scale * emb.cpu() @ suffixed.cpu().T
+    return DemoResult(pil, [tuple(map(float, b)) for b in boxes], list(texts), list(targets or [None] * len(texts)), list(scores), scores)
+
+
+def draw_boxes(image: Image.Image, boxes, highlight: Optional[int] = None) -> Image.Image:
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    width = max(2, int(max(out.size) / 150))
+    for k, box in enumerate(boxes):
+        colour = BOX_COLOURS[k % len(BOX_COLOURS)]
+        draw.rectangle(box, outline=colour, width=width * (2 if k == highlight else 1))
+        draw.text((box[0] + width + 1, box[1] + width), str(k + 1), fill=colour)
+    return out
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _upscaled(image: Image.Image, min_side: int = 320) -> Image.Image:
+    factor = max(1, int(np.ceil(min_side / min(image.size))))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+def render_html(result: DemoResult, title: str, extra_figures: Sequence[tuple[str, Image.Image]] = ()) -> str:
+    """The page: the image with numbered boxes, then per expression a methods × boxes score table."""
+    scale = 320 / min(result.image.size) if min(result.image.size) < 320 else 1.0
+    boxes_scaled = [tuple(v * max(1, int(np.ceil(scale))) for v in b) for b in result.boxes]
+    picture = draw_boxes(_upscaled(result.image), boxes_scaled)
+    rows = []
+    for j, text in enumerate(result.texts):
+        target = result.targets[j]
+        head = "".join(f"<th>box {k + 1}</th>" for k in range(len(result.boxes)))
+        body = []
+        for name in result.methods:
+            s = result.scores[name][:, j]
+            best = int(s.argmax())
+            cells = "".join(
+                f'<td class="{"best" if k == best else ""}">{s[k].item():.2f}</td>' for k in range(len(result.boxes))
+            )
+            verdict = "" if target is None else (" ✓" if best == target else " ✗")
+            body.append(f"<tr><th>{html.escape(name)}</th>{cells}<td>box {best + 1}{verdict}</td></tr>")
+        truth = "" if target is None else f" — the right box is {target + 1}"
+        rows.append(
+            f"<h3>“{html.escape(text)}”{truth}</h3><table><tr><th>method</th>{head}<th>picks</th></tr>{''.join(body)}</table>"
+        )
+    figures = "".join(
+        f'<figure><img src="{_png_data_uri(img)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        for caption, img in extra_figures
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+td.best {{ background: #c8f0c8; font-weight: bold; }} figure {{ display: inline-block; margin: 0.5em; }}
+img {{ image-rendering: pixelated; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Scores are logit_scale · cosine between the region's embedding and "a photo of &lt;expression&gt;".
+<b>none</b> encodes the whole image (every box ties); <b>crop</b>, <b>blur</b>, <b>circle</b> edit the image per box;
+<b>falip</b> leaves the image alone and biases the [CLS] attention towards the box.</p>
+<img src="{_png_data_uri(picture)}">
+{''.join(rows)}
+{figures}
+</body></html>
+"""
+
+
+def summary_png(result: DemoResult) -> Image.Image:
+    """A compact PNG: the image with boxes, then one line per expression with each method's pick."""
+    picture = draw_boxes(_upscaled(result.image, 256), [tuple(v * max(1, int(np.ceil(256 / min(result.image.size)))) for v in b) for b in result.boxes])
+    line_h = 14
+    lines = []
+    for j, text in enumerate(result.texts):
+        picks = ", ".join(f"{m}: {int(result.scores[m][:, j].argmax()) + 1}" for m in result.methods)
+        truth = "" if result.targets[j] is None else f" (right: {result.targets[j] + 1})"
+        lines.append(f"'{text}'{truth} -> {picks}")
+    width = max(picture.width, 7 * max(len(line) for line in lines) + 10)
+    canvas = Image.new("RGB", (width, picture.height + line_h * len(lines) + 10), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(lines):
+        draw.text((5, picture.height + 5 + j * line_h), line, fill=(0, 0, 0))
+    return canvas
+
+
+def _cmd_demo(args) -> int:
+    import warnings
+
+    from .cli import config_from_args
+    from .model import load
+    from .synthetic import make_scene
+
+    user_input = args.image is not None
+    if user_input and (not args.box or not args.text):
+        raise ValueError("with --image give the regions (--box, repeatable) and the expressions (--text, repeatable)")
+    config = config_from_args(args)
+    if config == FovealConfig():
+        config = None  # no bias option given: the model's own default (falip-toy ships tuned settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if args.model == "falip-toy" else "default")
+        model = load(args.model, pretrained=args.pretrained, device=args.device, preprocess=args.preprocess, config=config)
+    if user_input:
+        image, boxes, texts, targets = args.image, args.box, args.text, None
+    else:
+        scene = make_scene(np.random.default_rng(args.seed), 3, 256)
+        image, boxes = scene.image, [tuple(round(v, 1) for v in o.box) for o in scene.objects]
+        texts = [exprs[1] for exprs in scene.expressions]
+        targets = list(range(len(boxes)))
+    result = run_demo(model, image, boxes, texts, args.methods.split(","), targets)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"FALIP demo — {model.name}" + (f" ({model.pretrained})" if model.pretrained else "")
+    from .viz import attention_maps, draw_attention
+
+    maps = draw_attention(attention_maps(model, image, boxes, config=config))
+    caption = "[CLS]→patch attention in the biased blocks, without the bias (top row) and with FALIP on each box"
+    (out / "index.html").write_text(render_html(result, title, [(caption, maps)]), encoding="utf-8")
+    maps.save(out / "attention.png")
+    summary_png(result).save(out / "demo.png")
+    print(f"wrote {out / 'index.html'} (open it in a browser), {out / 'demo.png'} and {out / 'attention.png'}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``falip demo`` to the CLI."""
+    from .cli import add_bias_args, parse_box
+    from .geometry import PREPROCESS_MODES
+
+    p = sub.add_parser("demo", help="write an HTML page showing FALIP and the baselines on one image (offline by default)")
+    p.add_argument("--output", default="falip-demo", help="folder for index.html and demo.png (default: falip-demo)")
+    p.add_argument("--model", default="falip-toy", help="default: the small CLIP shipped with falip (no network)")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preprocess", default="crop", choices=PREPROCESS_MODES)
+    p.add_argument("--image", default=None, help="your image (default: a generated scene)")
+    p.add_argument("--box", action="append", type=parse_box, default=[], help="x0,y0,x1,y1 (repeat)")
+    p.add_argument("--text", action="append", default=[], help="an expression (repeat)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated scene")
+    add_bias_args(p)
+    p.set_defaults(func=_cmd_demo)
