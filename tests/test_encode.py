@@ -259,3 +259,13 @@ def test_box_entirely_outside_the_centre_crop_raises(rng, b16_tiny):
         mask = np.zeros((200, 400), bool)
         mask[:, :50] = True
         model.encode_regions(img, masks=[mask])
+
+
+def test_default_chunk_size_bounds_the_mask_memory():
+    from types import SimpleNamespace
+
+    from falip.encode import default_chunk_size
+
+    assert default_chunk_size(SimpleNamespace(grid=(14, 14), num_heads=12)) == 32  # ViT-B/16
+    assert default_chunk_size(SimpleNamespace(grid=(24, 24), num_heads=16)) == 12  # ViT-L/14@336
+    assert default_chunk_size(SimpleNamespace(grid=(64, 64), num_heads=16)) == 1

@@ -46,13 +46,18 @@ def encode_biased(
     bias: torch.Tensor,
     plan: BiasPlan,
     mode: str = "exact",
-    chunk_size: int = 32,
+    chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Embeddings ``(K, E)`` (not normalised) of one image ``pixels (1, 3, S, S)`` under K biases ``(K, L)``."""
+    """Embeddings ``(K, E)`` (not normalised) of one image ``pixels (1, 3, S, S)`` under K biases ``(K, L)``.
+
+    ``chunk_size``: regions per batched pass (default: :func:`default_chunk_size`).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if pixels.shape[0] != 1:
         raise ValueError(f"encode_biased takes one image, got a batch of {pixels.shape[0]}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(runtime)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     bias = bias.to(runtime.device, torch.float32)
@@ -65,6 +70,16 @@ def encode_biased(
             raise ValueError(f"mode='approx' only exists for rows='cls' (the [CLS] query alone is biased), got rows={plan.rows!r}")
         return runtime.run(pixels, _approx_trunk(runtime, bias, plan, chunk_size))
     return runtime.run(pixels, _exact_trunk(runtime, bias, plan, chunk_size))
+
+
+MASK_BUDGET_BYTES = 256 * 2**20
+
+
+def default_chunk_size(runtime: VisionRuntime) -> int:
+    """Regions per chunk: at most 32, and few enough that one chunk's ``(k·H, L, L)`` fp32 mask
+    stays under 256 MiB (32 for ViT-B/16; 12 for ViT-L/14@336, whose mask is 21 MB per region)."""
+    L = 1 + runtime.grid[0] * runtime.grid[1]
+    return max(1, min(32, MASK_BUDGET_BYTES // (4 * runtime.num_heads * L * L)))
 
 
 def _block(runtime: VisionRuntime, plan: BiasPlan, i: int, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

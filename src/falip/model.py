@@ -133,13 +133,14 @@ class FalipModel:
         config: Optional[FovealConfig] = None,
         mode: str = "exact",
         preprocess: Optional[str] = None,
-        chunk_size: int = 32,
+        chunk_size: Optional[int] = None,
     ) -> torch.Tensor:
         """L2-normalised embeddings ``(K, E)`` of one image looking at each of K regions.
 
         image: path, PIL image or array. boxes: ``(K, 4)`` ``(x0, y0, x1, y1)`` in original pixels
         (list, numpy or tensor). masks: instead of boxes, K boolean ``(H, W)`` masks.
         mode: ``exact`` (default), ``naive`` (one pass per region) or ``approx`` (see README).
+        chunk_size: regions per batched pass (default: bounded by the mask's memory, at most 32).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
