@@ -43,6 +43,12 @@ class _TrunkModule(nn.Module):
         return self.trunk(x)
 
 
+def _residual_tail(blk: nn.Module, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of a pre-norm block after attention: ``x = q + ls_1(attn); x + ls_2(mlp(ln_2(x)))``."""
+    x = query + blk.ls_1(attended)
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
 class OpenClipRuntime:
     """Runs the vision tower of an open_clip ``CLIP`` model with attention biases."""
 
@@ -130,8 +136,7 @@ class OpenClipRuntime:
         attn = blk.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=attn_mask)
         if not self.batch_first:
             attn = attn.transpose(0, 1)
-        x = query + blk.ls_1(attn)
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return _residual_tail(blk, query, attn)
 
     def block_heads(
         self,
@@ -171,9 +176,7 @@ class OpenClipRuntime:
             out_b = out_w.new_zeros(D)
         attended = F.linear(heads.transpose(1, 2).reshape(B, Q, D), out_w, out_b)
         terms = torch.einsum("bhqd,ehd->bqhe", heads, out_w.view(D, H, dh)) if keep_terms else None
-        x = query + blk.ls_1(attended)
-        out = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-        return BlockHeads(out=out, probs=probs, terms=terms, out_bias=out_b)
+        return BlockHeads(out=_residual_tail(blk, query, attended), probs=probs, terms=terms, out_bias=out_b)
 
     def _heads_mask(self, mask: Optional[torch.Tensor], B: int, Q: int, Lk: int, dtype: torch.dtype):
         """An additive mask as ``(B or 1, H or 1, Q, Lk)`` (0 for None)."""
@@ -200,15 +203,9 @@ class OpenClipRuntime:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, L, self.width, generator=gen).to(self.device, self.dtype)
         mask = (0.5 * torch.randn(2 * self.num_heads, L, L, generator=gen)).to(self.device, self.dtype)
-        full = self.block(0, x, mask)[:, :1].float()
-        query = self.block_query(0, x[:, :1], x, mask[:, :1]).float()
-        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
-        err = (full - query).abs().max().item()
-        if not err <= tol * max(1.0, full.abs().max().item()):
-            raise UnsupportedModelError(
-                f"this open_clip version's ResidualAttentionBlock does not match falip's [CLS]-query "
-                f"evaluation (max |diff| {err:.3g}); falip is tested with open_clip_torch 3.x"
-            )
+        full = self.block(0, x, mask)[:, :1]
+        query = self.block_query(0, x[:, :1], x, mask[:, :1])
+        self._check_close("[CLS]-query evaluation", query, full)
 
     @torch.no_grad()
     def _check_heads_seam(self) -> None:
@@ -223,21 +220,23 @@ class OpenClipRuntime:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(2, L, self.width, generator=gen).to(self.device, self.dtype)
         mask = (0.5 * torch.randn(2 * self.num_heads, L, L, generator=gen)).to(self.device, self.dtype)
-        full = self.block(0, x, mask).float()
+        full = self.block(0, x, mask)
         heads = self._block_heads(0, x, x, mask, None, None, True)
         blk = self.blocks[0]
         q = blk.ln_1(x) if self.batch_first else blk.ln_1(x).transpose(0, 1)
         attended = blk.attention(q_x=q, attn_mask=mask)
         if not self.batch_first:
             attended = attended.transpose(0, 1)
+        self._check_close("per-head evaluation (block output)", heads.out, full)
+        self._check_close("per-head evaluation (attention output)", heads.terms.sum(2) + heads.out_bias, attended)
+
+    def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+        """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the block's own."""
+        ours, theirs = ours.float(), theirs.float()
         tol = 1e-4 if self.dtype == torch.float32 else 5e-2
-        for name, ours, theirs in (
-            ("block output", heads.out.float(), full),
-            ("attention output", (heads.terms.sum(2) + heads.out_bias).float(), attended.float()),
-        ):
-            err = (ours - theirs).abs().max().item()
-            if not err <= tol * max(1.0, theirs.abs().max().item()):
-                raise UnsupportedModelError(
-                    f"this open_clip version's ResidualAttentionBlock does not match falip's per-head "
-                    f"evaluation ({name}: max |diff| {err:.3g}); falip is tested with open_clip_torch 3.x"
-                )
+        err = (ours - theirs).abs().max().item()
+        if not err <= tol * max(1.0, theirs.abs().max().item()):
+            raise UnsupportedModelError(
+                f"this open_clip version's ResidualAttentionBlock does not match falip's {what} "
+                f"(max |diff| {err:.3g}); falip is tested with open_clip_torch 3.x"
+            )
