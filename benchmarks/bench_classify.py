@@ -62,12 +62,23 @@ def main() -> None:
         root = write_dataset(Path(tmp), args.images, classes=10)
         dataset = load_generic(root / "regions.jsonl", root / "classes.txt")
         for method in args.methods.split(","):
-            result = evaluate(model, dataset, root / f"{method}.json", method=method, templates="simple", mode=args.mode,
-                              resume=False, workers=args.workers, progress=False)
+            result = evaluate(
+                model,
+                dataset,
+                root / f"{method}.json",
+                method=method,
+                templates="simple",
+                mode=args.mode,
+                resume=False,
+                workers=args.workers,
+                progress=False,
+            )
             rows.append(dict(method=method, **result["speed"]))
-    print(f"{args.model} ({args.pretrained or 'random weights'}), {args.device} {args.precision}, mode {args.mode}, "
-          f"{args.images} images 640x480, 1 box each; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.machine()}")
+    print(
+        f"{args.model} ({args.pretrained or 'random weights'}), {args.device} {args.precision}, mode {args.mode}, "
+        f"{args.images} images 640x480, 1 box each; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()}"
+    )
     print("| method | images/s |\n|---|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['images_per_s']:.2f} |")

@@ -99,7 +99,7 @@ def speed_table(model, ks, modes, repeats, device, rng):
             seconds, extra = time_mode(model, image, boxes, mode, repeats, device)
             times[mode] = seconds
             rows.append(dict(k=k, mode=mode, seconds=seconds, regions_per_s=k / seconds, peak_extra_mb=extra / 2**20))
-        for row in rows[-len(modes):]:
+        for row in rows[-len(modes) :]:
             row["speedup_vs_naive"] = times["naive"] / row["seconds"] if "naive" in times else None
         print(
             f"K={k:3d}  " + "  ".join(f"{m}: {k / times[m]:7.1f} reg/s" for m in modes),
@@ -161,7 +161,9 @@ def main():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = falip.load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, preprocess="squash")
+        model = falip.load(
+            args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, preprocess="squash"
+        )
     machine = dict(
         platform=platform.platform(),
         processor=platform.processor() or platform.machine(),

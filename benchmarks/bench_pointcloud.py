@@ -66,7 +66,7 @@ def main() -> None:
     project(clouds[:2], 6, "sparse")  # warm-up
     for projection in ("sparse", "realistic"):
         for views in (6, 10):
-            t = best_time(lambda: project(clouds, views, projection), args.repeats, sync)
+            t = best_time(lambda v=views, p=projection: project(clouds, v, p), args.repeats, sync)
             rows.append(dict(stage="projection", projection=projection, views=views, method="", clouds_per_s=args.batch / t))
 
     with warnings.catch_warnings():
@@ -81,7 +81,7 @@ def main() -> None:
     best = [float("inf")] * len(settings)
     for _ in range(args.repeats):  # round-robin, so that a burst of load on the machine hits every setting alike
         for i, clf in enumerate(classifiers):
-            best[i] = min(best[i], best_time(lambda: clf.logits(small), 1, sync))
+            best[i] = min(best[i], best_time(lambda c=clf: c.logits(small), 1, sync))
     for (method, projection, views), t in zip(settings, best):
         rows.append(dict(stage="end-to-end", projection=projection, views=views, method=method, clouds_per_s=args.clouds / t))
 

@@ -50,8 +50,15 @@ def write_data(root: Path, n_images: int, n_boxes: int, n_sentences: int, seed: 
         anns = [{"id": i * 100 + k, "bbox": [float(x0[k]), float(y0[k]), float(w[k]), float(h[k])]} for k in range(n_boxes)]
         for j in range(n_sentences):
             target = anns[j % n_boxes]["id"]
-            lines.append(dict(file_name=f"COCO_train2014_{i:012d}_{target}.jpg", image_id=i, anns=anns, ann_id=target,
-                              sentences=[{"raw": f"object number {j} in picture {i}"}]))
+            lines.append(
+                dict(
+                    file_name=f"COCO_train2014_{i:012d}_{target}.jpg",
+                    image_id=i,
+                    anns=anns,
+                    ann_id=target,
+                    sentences=[{"raw": f"object number {j} in picture {i}"}],
+                )
+            )
     path = root / "bench.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
@@ -87,7 +94,9 @@ def main() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = falip.load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, preprocess="squash")
+        model = falip.load(
+            args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, preprocess="squash"
+        )
     specs = args.methods.split(",") + ([] if args.no_reference else ["reference"])
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -102,15 +111,21 @@ def main() -> None:
                 else:
                     name, _, mode = spec.partition("@")
                     scorer = RegionScorer([model], name, mode=mode or "exact")
-                    speed = evaluate(scorer, data, root, root / f"{spec}.json", resume=False, progress=False)["metrics"]["expr_per_s"]
+                    speed = evaluate(scorer, data, root, root / f"{spec}.json", resume=False, progress=False)["metrics"][
+                        "expr_per_s"
+                    ]
                 best[spec] = max(best.get(spec, 0.0), speed)
                 print(f"round {round_ + 1} {spec:>16}: {speed:.2f} expressions/s", flush=True)
     rows = []
     for spec in specs:
         name, _, mode = spec.partition("@")
-        rows.append(dict(method=name, mode="naive, per sentence" if spec == "reference" else mode or "exact", expr_per_s=best[spec]))
+        rows.append(
+            dict(method=name, mode="naive, per sentence" if spec == "reference" else mode or "exact", expr_per_s=best[spec])
+        )
     base = next(r["expr_per_s"] for r in rows if r["method"] == "falip" and r["mode"] == "exact")
-    print(f"\n{model.name}, {args.device} {args.precision}, {args.images} images × {args.boxes} boxes × {args.sentences} sentences")
+    print(
+        f"\n{model.name}, {args.device} {args.precision}, {args.images} images × {args.boxes} boxes × {args.sentences} sentences"
+    )
     print("| method | mode | expressions/s | × falip (exact) |\n|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['mode']} | {r['expr_per_s']:.2f} | {r['expr_per_s'] / base:.2f}× |")

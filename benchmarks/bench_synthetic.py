@@ -18,7 +18,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import falip
@@ -30,7 +29,19 @@ from falip.tasks.classify import evaluate as evaluate_classify
 from falip.tasks.rec import RegionScorer
 from falip.tasks.rec import evaluate as evaluate_rec
 
-REC_METHODS = ("none", "crop", "blur", "circle", "blur_circle", "box", "shade", "grayscale", "falip", "falip+blur", "falip+circle")
+REC_METHODS = (
+    "none",
+    "crop",
+    "blur",
+    "circle",
+    "blur_circle",
+    "box",
+    "shade",
+    "grayscale",
+    "falip",
+    "falip+blur",
+    "falip+circle",
+)
 CLS_METHODS = ("none", "crop", "blur", "circle", "grayscale", "falip", "falip+blur")
 
 
@@ -65,8 +76,10 @@ def main() -> None:
     paths = write_all(work / "data", seed=args.seed, n_images=args.images, n_objects=(3, 3), size=256)
     rec_data = load_refer(paths["data_root"], "synthetic", "val")
     cls_data = load_generic(paths["regions"], paths["classes"], paths["image_root"])
-    print(f"# {args.model} ({args.pretrained or 'shipped' if args.model == 'falip-toy' else args.pretrained}), "
-          f"{args.images} scenes × 3 objects, seed {args.seed}, bias {model.config.to_dict()}")
+    print(
+        f"# {args.model} ({args.pretrained or 'shipped' if args.model == 'falip-toy' else args.pretrained}), "
+        f"{args.images} scenes × 3 objects, seed {args.seed}, bias {model.config.to_dict()}"
+    )
 
     rec = {}
     for method in REC_METHODS:
@@ -76,7 +89,9 @@ def main() -> None:
         print(f"rec {method:>13}: {result['metrics']['acc']:.1f}% of {result['metrics']['n']}", flush=True)
     cls = {}
     for method in CLS_METHODS:
-        result = evaluate_classify(model, cls_data, work / f"cls_{method}.json", method=method, templates="simple", resume=False, progress=False)
+        result = evaluate_classify(
+            model, cls_data, work / f"cls_{method}.json", method=method, templates="simple", resume=False, progress=False
+        )
         cls[method] = result["metrics"]
         print(f"classify {method:>10}: top-1 {result['metrics']['top1']:.1f}% of {result['metrics']['n']}", flush=True)
     deviation = approx_deviation(model, args.seed + 1, 30)
@@ -91,7 +106,9 @@ def main() -> None:
         f"best box changed for {deviation['best_box_changed']}/{deviation['expressions']} expressions"
     )
     if args.output:
-        Path(args.output).write_text(json.dumps(dict(args=vars(args), rec=rec, classify=cls, approx_deviation=deviation), indent=2))
+        Path(args.output).write_text(
+            json.dumps(dict(args=vars(args), rec=rec, classify=cls, approx_deviation=deviation), indent=2)
+        )
 
 
 if __name__ == "__main__":

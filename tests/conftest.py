@@ -3,10 +3,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
 import numpy as np
+import open_clip
 import pytest
 import torch
-
-import open_clip
 
 from falip import FalipModel, FovealConfig
 from falip.runtimes import OpenClipRuntime

@@ -6,7 +6,6 @@ import torch
 
 from falip import FovealConfig, InvalidRegionError, RegionClampWarning, bump, region_bias
 from falip.bias import bias_from_weights, full_attention_mask, private_cls_mask, query_rows_mask
-
 from reference import spec_bias_row
 
 A = 0.2

@@ -10,14 +10,13 @@ import torch
 from PIL import Image
 
 import falip.tasks.classify as cls
+from conftest import random_image, tiny_clip, wrap
 from falip import FovealConfig
 from falip.cli import main
 from falip.datasets.classification import load_cub, load_dataset, load_dogs, load_imagenet_s, load_waterbirds
 from falip.datasets.generic import RegionDataset, RegionSample, load_generic, read_classes, read_regions_jsonl
 from falip.errors import FalipError, InvalidRegionError
 from falip.results import ResumeMismatchError, predictions_path
-
-from conftest import random_image, tiny_clip, wrap
 
 
 @pytest.fixture(autouse=True)
@@ -218,7 +217,10 @@ def test_waterbirds_layout_groups_and_cub_regions(tmp_path):
     ds = load_waterbirds(wb, cub)
     assert ds.classnames == ["landbird", "waterbird"] and [s.id for s in ds.samples] == ["1", "2", "3", "4"]
     assert [s.group for s in ds.samples] == ["waterbird_on_water", "waterbird_on_land", "landbird_on_land", "landbird_on_water"]
-    assert ds.samples[2].box == (3.0, 6.0, 33.5, 26.0) and ds.samples[2].image == wb / "002.Laysan_Albatross/Laysan_Albatross_0003.jpg"
+    assert (
+        ds.samples[2].box == (3.0, 6.0, 33.5, 26.0)
+        and ds.samples[2].image == wb / "002.Laysan_Albatross/Laysan_Albatross_0003.jpg"
+    )
     assert ds.problems == [("6", "missing annotation", f"999.Not_In_CUB/x.jpg is not a CUB-200-2011 image with a box in {cub}")]
     assert [s.id for s in load_waterbirds(wb, cub, split="val").samples] == ["5"]
     assert load_waterbirds(wb, cub, region="mask").samples[0].load_mask()[2:22, 1:31].all()
@@ -280,8 +282,13 @@ def test_top1_top5_and_groups_on_constructed_embeddings(tmp_path, monkeypatch):
     }
     names = {40 + k: name for k, name in enumerate(rankings)}  # images told apart by their width
     samples = [
-        RegionSample(name, save_image(tmp_path / f"{name}.png", w, 30), rankings[name][1], box=(1, 1, 20, 20),
-                     group="even" if w % 2 == 0 else "odd")
+        RegionSample(
+            name,
+            save_image(tmp_path / f"{name}.png", w, 30),
+            rankings[name][1],
+            box=(1, 1, 20, 20),
+            group="even" if w % 2 == 0 else "odd",
+        )
         for w, name in names.items()
     ]
 
@@ -303,9 +310,19 @@ def test_top1_top5_and_groups_on_constructed_embeddings(tmp_path, monkeypatch):
 
 
 def test_group_metrics_and_worst_group():
-    records = [dict(correct=c, correct5=True, group=g) for c, g in
-               [(1, "landbird_on_land"), (1, "landbird_on_land"), (0, "landbird_on_water"), (1, "landbird_on_water"),
-                (0, "waterbird_on_land"), (0, "waterbird_on_land"), (0, "waterbird_on_land"), (1, "waterbird_on_water")]]
+    records = [
+        dict(correct=c, correct5=True, group=g)
+        for c, g in [
+            (1, "landbird_on_land"),
+            (1, "landbird_on_land"),
+            (0, "landbird_on_water"),
+            (1, "landbird_on_water"),
+            (0, "waterbird_on_land"),
+            (0, "waterbird_on_land"),
+            (0, "waterbird_on_land"),
+            (1, "waterbird_on_water"),
+        ]
+    ]
     metrics, groups = cls.classification_metrics(records, num_classes=2, skipped=3)
     assert metrics["top1"] == 50.0 and metrics["top5"] is None and metrics["skipped"] == 3
     assert metrics["top1_landbird_on_water"] == 50.0 and metrics["top1_waterbird_on_land"] == 0.0
@@ -339,8 +356,14 @@ def test_classify_api_boxes_masks_and_methods(model):
 
 def test_shade_appends_its_text_suffix_to_every_prompt(model):
     with_suffix = cls.text_classifier(model, ["cat", "dog"], ["a {}.", "the {}"], "shade")
-    expected = cls.zero_shot_classifier(model, ["cat", "dog"], {"cat": ["a cat. is in red color.", "the cat is in red color."],
-                                                              "dog": ["a dog. is in red color.", "the dog is in red color."]})
+    expected = cls.zero_shot_classifier(
+        model,
+        ["cat", "dog"],
+        {
+            "cat": ["a cat. is in red color.", "the cat is in red color."],
+            "dog": ["a dog. is in red color.", "the dog is in red color."],
+        },
+    )
     assert torch.allclose(with_suffix, expected)
 
 
@@ -381,8 +404,14 @@ def test_bad_inputs_are_skipped_with_clear_reasons(model, generic_data, monkeypa
     result = cls.evaluate(model, ds, generic_data / "out/r.json", templates="simple", progress=False)
     m, skipped = result["metrics"], result["skipped"]
     assert m["n"] == 4 and m["skipped"] == 7 and m["top5"] is None and m["top1_g"] in (0.0, 100.0)
-    assert skipped["by_reason"] == {"unknown label": 1, "missing file": 2, "mask size mismatch": 1, "empty mask": 1,
-                                    "unreadable file": 1, "bad region": 1}
+    assert skipped["by_reason"] == {
+        "unknown label": 1,
+        "missing file": 2,
+        "mask size mismatch": 1,
+        "empty mask": 1,
+        "unreadable file": 1,
+        "bad region": 1,
+    }
     detail = {e["id"]: e["detail"] for e in skipped["examples"]}
     assert "'zebra' is not one of the 3 classes" in detail["unknown"]
     assert "missing.png" in detail["no-image"] and "m/nope.png" in detail["mask-missing"]
@@ -435,8 +464,23 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_generic_and_waterbirds_and_aggregate(checkpoint, generic_data, tmp_path, capsys):
     out = tmp_path / "g.json"
-    code = main(["classify", "--annotations", str(generic_data / "regions.jsonl"), "--classes", str(generic_data / "classes.txt"),
-                 "--model", str(checkpoint), "--templates", "simple", "--layers", "2-3", "--output", str(out)])
+    code = main(
+        [
+            "classify",
+            "--annotations",
+            str(generic_data / "regions.jsonl"),
+            "--classes",
+            str(generic_data / "classes.txt"),
+            "--model",
+            str(checkpoint),
+            "--templates",
+            "simple",
+            "--layers",
+            "2-3",
+            "--output",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "top1" in printed and "skipped 7" in printed and "images/s" in printed
     result = json.loads(out.read_text())
@@ -445,8 +489,27 @@ def test_cli_generic_and_waterbirds_and_aggregate(checkpoint, generic_data, tmp_
 
     cub = make_cub(tmp_path)
     wb = make_waterbirds(tmp_path / "wb", cub)
-    code = main(["classify", "--dataset", "waterbirds", "--data-root", str(wb), "--cub-root", str(cub), "--model", str(checkpoint),
-                 "--method", "falip+blur", "--templates", "simple", "--output", str(tmp_path / "wb.json"), "--workers", "0"])
+    code = main(
+        [
+            "classify",
+            "--dataset",
+            "waterbirds",
+            "--data-root",
+            str(wb),
+            "--cub-root",
+            str(cub),
+            "--model",
+            str(checkpoint),
+            "--method",
+            "falip+blur",
+            "--templates",
+            "simple",
+            "--output",
+            str(tmp_path / "wb.json"),
+            "--workers",
+            "0",
+        ]
+    )
     printed = capsys.readouterr().out
     wbr = json.loads((tmp_path / "wb.json").read_text())
     assert code == 0 and "worst" in printed and wbr["metrics"]["n"] == 4 and wbr["metrics"]["skipped"] == 1
@@ -459,8 +522,27 @@ def test_cli_generic_and_waterbirds_and_aggregate(checkpoint, generic_data, tmp_
 def test_cli_dataset_options_and_errors(checkpoint, tmp_path, capsys):
     cub = make_cub(tmp_path)
     write(tmp_path / "names.txt", "Black-footed Albatross\nLaysan Albatross\nSooty Albatross\n")
-    code = main(["classify", "--dataset", "cub", "--data-root", str(cub), "--region", "mask", "--classnames", str(tmp_path / "names.txt"),
-                 "--model", str(checkpoint), "--templates", "simple", "--limit", "2", "--output", str(tmp_path / "c.json")])
+    code = main(
+        [
+            "classify",
+            "--dataset",
+            "cub",
+            "--data-root",
+            str(cub),
+            "--region",
+            "mask",
+            "--classnames",
+            str(tmp_path / "names.txt"),
+            "--model",
+            str(checkpoint),
+            "--templates",
+            "simple",
+            "--limit",
+            "2",
+            "--output",
+            str(tmp_path / "c.json"),
+        ]
+    )
     result = json.loads((tmp_path / "c.json").read_text())
     assert code == 0 and result["metrics"]["n"] == 2 and result["config"]["region"] == "mask"
     first = json.loads(predictions_path(tmp_path / "c.json").read_text().splitlines()[1])
@@ -470,7 +552,10 @@ def test_cli_dataset_options_and_errors(checkpoint, tmp_path, capsys):
         ([], "either --dataset"),
         (["--annotations", "x.jsonl"], "needs --classes"),
         (["--dataset", "cub"], "needs --data-root"),
-        (["--dataset", "cub", "--data-root", str(cub), "--classnames", str(write(tmp_path / "one.txt", "x\n"))], "lists 1 names but cub has 3"),
+        (
+            ["--dataset", "cub", "--data-root", str(cub), "--classnames", str(write(tmp_path / "one.txt", "x\n"))],
+            "lists 1 names but cub has 3",
+        ),
         (["--dataset", "cub", "--data-root", str(cub), "--method", "sparkles"], "unknown method 'sparkles'"),
     ]:
         assert main(["classify", "--model", str(checkpoint), "--output", str(tmp_path / "e.json"), *args]) == 2

@@ -1,5 +1,6 @@
 """The command line, end to end on a random-weight checkpoint file."""
 
+import argparse
 import json
 
 import numpy as np
@@ -7,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from falip.cli import main, parse_index_list
-
 from conftest import random_image, tiny_clip
+from falip.cli import main, parse_index_list
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +24,46 @@ def files(tmp_path_factory):
 
 
 def test_score_prints_a_table_with_the_best_box(files, capsys):
-    code = main(["score", str(files / "photo.png"), "--box", "0,0,160,120", "--box", "160,120,320,240",
-                 "--text", "a dog", "--model", str(files / "tiny.pt")])
+    code = main(
+        [
+            "score",
+            str(files / "photo.png"),
+            "--box",
+            "0,0,160,120",
+            "--box",
+            "160,120,320,240",
+            "--text",
+            "a dog",
+            "--model",
+            str(files / "tiny.pt"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "'a dog'" in out and out.count("<- best") == 1
 
 
 def test_score_json_with_masks_and_bias_options(files, capsys):
-    code = main(["score", str(files / "photo.png"), "--mask", str(files / "mask.png"), "--text", "a", "--text", "b",
-                 "--model", str(files / "tiny.pt"), "--alpha", "0.5", "--layers", "3-5", "--mode", "naive", "--json"])
+    code = main(
+        [
+            "score",
+            str(files / "photo.png"),
+            "--mask",
+            str(files / "mask.png"),
+            "--text",
+            "a",
+            "--text",
+            "b",
+            "--model",
+            str(files / "tiny.pt"),
+            "--alpha",
+            "0.5",
+            "--layers",
+            "3-5",
+            "--mode",
+            "naive",
+            "--json",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and np.array(result["scores"]).shape == (1, 2)
     assert result["model"]["config"]["layers"] == [3, 4, 5] and result["mode"] == "naive"
@@ -60,5 +91,5 @@ def test_info_and_bias(files, capsys):
 def test_index_lists():
     assert parse_index_list("8-11") == (8, 9, 10, 11)
     assert parse_index_list("0,3,-1") == (0, 3, -1)
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected indices"):
         parse_index_list("a-b")

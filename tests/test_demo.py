@@ -6,10 +6,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conftest import random_image, tiny_clip, wrap
 from falip.cli import main
 from falip.demo import run_demo
-
-from conftest import random_image, tiny_clip, wrap
 
 
 def test_demo_on_a_generated_scene_writes_html_and_png(tmp_path, capsys):
@@ -28,8 +27,23 @@ def test_demo_on_a_user_image(tmp_path, capsys):
     ckpt = tmp_path / "tiny.pt"
     torch.save(tiny_clip(224, 32, layers=4).state_dict(), ckpt)
     Image.fromarray(random_image(np.random.default_rng(0), 200, 120)).save(tmp_path / "me.png")
-    args = ["demo", "--model", str(ckpt), "--image", str(tmp_path / "me.png"), "--box", "0,0,100,120", "--box", "100,0,200,120",
-            "--text", "a cat", "--output", str(tmp_path / "o"), "--alpha", "1.0"]
+    args = [
+        "demo",
+        "--model",
+        str(ckpt),
+        "--image",
+        str(tmp_path / "me.png"),
+        "--box",
+        "0,0,100,120",
+        "--box",
+        "100,0,200,120",
+        "--text",
+        "a cat",
+        "--output",
+        str(tmp_path / "o"),
+        "--alpha",
+        "1.0",
+    ]
     assert main(args) == 0
     page = (tmp_path / "o/index.html").read_text()
     assert "a cat" in page and "the right box" not in page

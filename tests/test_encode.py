@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import random_boxes, random_image, tiny_clip, wrap
 from falip import FovealConfig, InvalidRegionError, encode_biased
 from falip.encode import BiasPlan
-
-from conftest import random_boxes, random_image, tiny_clip, wrap
 from reference import spec_bias_row, squash_pixels, vit_encode
 
 ATOL = 1e-5

@@ -7,14 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import random_image, tiny_clip, wrap
 from falip import FovealConfig, InvalidRegionError, UnsupportedModelError
 from falip.bias import Unleash
 from falip.cli import build_parser, config_from_args, main, parse_head_spec, parse_unleash
 from falip.heads import head_delta, prompt_response, rank_heads, trace
 from falip.methods import encode_with_method
 from falip.viz import attention_figure_size, attention_maps, draw_attention, draw_head_heatmap, heatmap_size, rollout
-
-from conftest import random_image, tiny_clip, wrap
 
 BOXES = [(20, 30, 150, 140), (170, 90, 310, 230)]
 
@@ -121,7 +120,9 @@ def test_trace_reproduces_the_encoders(model, image):
     emb = torch.nn.functional.normalize(t.embedding, dim=-1)
     torch.testing.assert_close(emb, model.encode_regions(image, BOXES, mode="naive"), atol=1e-5, rtol=0)
     plain = trace(model, pixels, full_probs=True)
-    torch.testing.assert_close(torch.nn.functional.normalize(plain.embedding, dim=-1), model.encode_image(image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(plain.embedding, dim=-1), model.encode_image(image), atol=1e-5, rtol=0
+    )
     assert plain.probs.shape == (1, 6, 4, 50, 50)
     torch.testing.assert_close(plain.probs[:, :, :, 0], plain.cls_probs, atol=0, rtol=0)
     # unbiased blocks 0..3 are the same with and without the bias; biased blocks 4, 5 differ
@@ -314,27 +315,92 @@ def files(tmp_path_factory, clip, image):
 
 def test_cli_attention_writes_the_picture(files, capsys):
     out = files / "maps.png"
-    code = main(["attention", str(files / "img" / "a.png"), "--box", "20,30,150,140", "--box", "170,90,310,230",
-                 "--model", str(files / "tiny.pt"), "--layers", "3-5", "--alpha", "2", "--tile", "64", "--output", str(out)])
+    code = main(
+        [
+            "attention",
+            str(files / "img" / "a.png"),
+            "--box",
+            "20,30,150,140",
+            "--box",
+            "170,90,310,230",
+            "--model",
+            str(files / "tiny.pt"),
+            "--layers",
+            "3-5",
+            "--alpha",
+            "2",
+            "--tile",
+            "64",
+            "--output",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0 and "box 1 20,30,150,140: no bias" in text and "-> FALIP" in text
     with Image.open(out) as img:
         assert img.size == attention_figure_size(2, 3, 64)
-    code = main(["attention", str(files / "img" / "a.png"), "--box", "400,300,500,400", "--model", str(files / "tiny.pt"),
-                 "--output", str(out)])
+    code = main(
+        [
+            "attention",
+            str(files / "img" / "a.png"),
+            "--box",
+            "400,300,500,400",
+            "--model",
+            str(files / "tiny.pt"),
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 2 and "box 0" in capsys.readouterr().err
-    code = main(["attention", str(files / "img" / "a.png"), "--box", "1,1,50,50", "--model", str(files / "tiny.pt"),
-                 "--show-layers", "9", "--output", str(out)])
+    code = main(
+        [
+            "attention",
+            str(files / "img" / "a.png"),
+            "--box",
+            "1,1,50,50",
+            "--model",
+            str(files / "tiny.pt"),
+            "--show-layers",
+            "9",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 2 and "layer 9 is out of range" in capsys.readouterr().err
-    code = main(["attention", str(files / "img" / "a.png"), "--box", "1,1,50,50", "--model", str(files / "tiny.pt"),
-                 "--mode", "approx", "--output", str(out)])
+    code = main(
+        [
+            "attention",
+            str(files / "img" / "a.png"),
+            "--box",
+            "1,1,50,50",
+            "--model",
+            str(files / "tiny.pt"),
+            "--mode",
+            "approx",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 2 and "--mode does not apply" in capsys.readouterr().err
 
 
 def test_cli_heads_writes_response_ranking_and_heatmap(files, capsys):
     out = files / "run"
-    args = ["heads", "--annotations", str(files / "regions.jsonl"), "--image-root", str(files / "img"), "--prompt", "circle",
-            "--model", str(files / "tiny.pt"), "--output", str(out), "--top", "3"]
+    args = [
+        "heads",
+        "--annotations",
+        str(files / "regions.jsonl"),
+        "--image-root",
+        str(files / "img"),
+        "--prompt",
+        "circle",
+        "--model",
+        str(files / "tiny.pt"),
+        "--output",
+        str(out),
+        "--top",
+        "3",
+    ]
     with pytest.warns(UserWarning, match="missing.png"):
         assert main(args) == 0
     assert "top 3 heads" in capsys.readouterr().out
@@ -342,15 +408,34 @@ def test_cli_heads_writes_response_ranking_and_heatmap(files, capsys):
     assert result["task"] == "heads" and result["prompt"] == "circle" and result["statistic"] == "l2"
     assert np.array(result["response"]).shape == (6, 4) and result["metrics"]["n"] == 3
     assert result["skipped"]["count"] == 1 and result["model"]["num_heads"] == 4
-    assert len(result["ranking"]) == 24 and result["ranking"][0]["response"] == pytest.approx(np.max(result["response"]), rel=1e-5)
+    assert len(result["ranking"]) == 24 and result["ranking"][0]["response"] == pytest.approx(
+        np.max(result["response"]), rel=1e-5
+    )
     with Image.open(out / "heads.png") as img:
         assert img.size == heatmap_size(6, 4)
     assert main(args) == 0  # resumed: nothing recomputed, same numbers
     again = json.loads((out / "heads.json").read_text())
     assert again["response"] == result["response"] and again["metrics"]["n"] == 3
     capsys.readouterr()
-    code = main(["heads", "--annotations", str(files / "regions.jsonl"), "--image-root", str(files / "img"), "--prompt", "falip",
-                 "--model", str(files / "tiny.pt"), "--output", str(files / "run_falip"), "--limit", "2", "--unleash", "5:all"])
+    code = main(
+        [
+            "heads",
+            "--annotations",
+            str(files / "regions.jsonl"),
+            "--image-root",
+            str(files / "img"),
+            "--prompt",
+            "falip",
+            "--model",
+            str(files / "tiny.pt"),
+            "--output",
+            str(files / "run_falip"),
+            "--limit",
+            "2",
+            "--unleash",
+            "5:all",
+        ]
+    )
     result = json.loads((files / "run_falip" / "heads.json").read_text())
     assert code == 0 and result["metrics"]["n"] == 2 and result["config"]["falip"]["unleash"][0]["layers"] == [5]
     assert np.abs(np.array(result["response"])[:4]).max() < 1e-4  # blocks 0-3 carry no bias
@@ -371,8 +456,21 @@ def test_cli_heads_bad_input(files, capsys):
 
 
 def test_cli_score_records_unleashing(files, capsys):
-    base = ["score", str(files / "img" / "a.png"), "--box", "20,30,150,140", "--box", "170,90,310,230", "--text", "a",
-            "--model", str(files / "tiny.pt"), "--alpha", "1", "--json"]
+    base = [
+        "score",
+        str(files / "img" / "a.png"),
+        "--box",
+        "20,30,150,140",
+        "--box",
+        "170,90,310,230",
+        "--text",
+        "a",
+        "--model",
+        str(files / "tiny.pt"),
+        "--alpha",
+        "1",
+        "--json",
+    ]
     assert main(base) == 0
     plain = json.loads(capsys.readouterr().out)
     assert "unleash" not in plain["model"]["config"]

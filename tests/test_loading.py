@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import falip
-from falip import ImageLoadError, ModelLoadError, UnsupportedModelError, normalize_model_name
-
 from conftest import random_image, tiny_clip
+from falip import ImageLoadError, ModelLoadError, UnsupportedModelError, normalize_model_name
 
 
 @pytest.fixture(scope="module")

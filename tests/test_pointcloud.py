@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_clip, wrap
 from falip import FalipError, FovealConfig
 from falip.cli import main
 from falip.datasets.pointclouds import DatasetError, load_cloud, load_dataset, load_modelnet40, load_scanobjectnn, read_h5
@@ -24,8 +25,6 @@ from falip.pointcloud import (
     validate_points,
 )
 from falip.tasks.pointcloud import PointCloudClassifier, classify_points
-
-from conftest import tiny_clip, wrap
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +101,10 @@ def markers_match(depth_views, size=64) -> bool:
             r, c = pixel(u, v, size)
             expected[r, c] = min(expected[r, c], (w + 1) / 2)
         got = depth.numpy()
-        if not (np.array_equal(np.isfinite(got), np.isfinite(expected)) and np.allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], atol=1e-5)):
+        if not (
+            np.array_equal(np.isfinite(got), np.isfinite(expected))
+            and np.allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], atol=1e-5)
+        ):
             return False
     return True
 
@@ -215,7 +217,12 @@ def test_cylinder_is_a_tall_rectangle_from_the_side_and_a_disk_from_above(rng):
 
 def test_asymmetric_l_shape_keeps_its_orientation(rng):
     # An L in the xy plane: a post up the left (x < 0) and a foot along the bottom towards +x.
-    pts = np.concatenate([box_surface(rng, (-0.6, -0.8, -0.1), (-0.3, 0.8, 0.1), 20000), box_surface(rng, (-0.3, -0.8, -0.1), (0.6, -0.5, 0.1), 12000)])
+    pts = np.concatenate(
+        [
+            box_surface(rng, (-0.6, -0.8, -0.1), (-0.3, 0.8, 0.1), 20000),
+            box_surface(rng, (-0.3, -0.8, -0.1), (0.6, -0.5, 0.1), 12000),
+        ]
+    )
     front, right, back, left, top, bottom = (torch.isfinite(d).numpy() for d in project(pts, 6, "sparse", size=64))
     r0, r1, c0, c1 = bbox(front)
     mid_r, mid_c = (r0 + r1) // 2, (c0 + c1) // 2
@@ -339,7 +346,9 @@ def test_modelnet40_layout_from_the_parent_or_the_folder_itself(tmp_path, rng):
 def test_scanobjectnn_variants_pick_their_files(tmp_path, rng):
     base = tmp_path / "h5_files"
     for folder, suffix, n in (("main_split", "", 2), ("main_split_nobg", "", 3), ("main_split", "_augmentedrot_scale75", 5)):
-        write_h5(base / folder / f"test_objectdataset{suffix}.h5", rng.normal(size=(n, 32, 3)).astype(np.float32), np.arange(n) % 15)
+        write_h5(
+            base / folder / f"test_objectdataset{suffix}.h5", rng.normal(size=(n, 32, 3)).astype(np.float32), np.arange(n) % 15
+        )
     sizes = {v: len(load_scanobjectnn(tmp_path, v)) for v in ("obj_bg", "obj_only", "pb_t50_rs")}
     assert sizes == {"obj_bg": 2, "obj_only": 3, "pb_t50_rs": 5}
     ds = load_dataset("scanobjectnn", base, "pb_t50_rs")  # the h5_files folder itself
@@ -393,7 +402,11 @@ def test_single_file_readers(tmp_path, rng):
     # An OFF cube with ModelNet's glued header: points are sampled on its faces.
     corners = [(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]
     quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
-    text = "OFF8 6 0\n" + "".join(f"{x} {y} {z}\n" for x, y, z in corners) + "".join("4 " + " ".join(map(str, q)) + "\n" for q in quads)
+    text = (
+        "OFF8 6 0\n"
+        + "".join(f"{x} {y} {z}\n" for x, y, z in corners)
+        + "".join("4 " + " ".join(map(str, q)) + "\n" for q in quads)
+    )
     (tmp_path / "cube.off").write_text(text)
     cube = load_cloud(tmp_path / "cube.off", n_points=500)
     assert cube.shape == (500, 3) and np.allclose(np.abs(cube).max(axis=1), 1.0, atol=1e-6)
@@ -525,7 +538,23 @@ def test_render_depth_writes_a_picture(tmp_path, rng, capsys):
     np.save(tmp_path / "cyl.npy", cylinder_surface(rng, 2048))
     for views, projection in ((6, "sparse"), (10, "realistic")):
         out = tmp_path / f"v{views}.png"
-        assert main(["render-depth", str(tmp_path / "cyl.npy"), "--views", str(views), "--projection", projection, "--size", "64", "--output", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "render-depth",
+                    str(tmp_path / "cyl.npy"),
+                    "--views",
+                    str(views),
+                    "--projection",
+                    projection,
+                    "--size",
+                    "64",
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         from PIL import Image
 
         with Image.open(out) as im:
@@ -539,7 +568,11 @@ def test_render_depth_writes_a_picture(tmp_path, rng, capsys):
 
 def test_cli_scanobjectnn_with_prompt_file_and_view_weights(cli_files, tmp_path, capsys):
     rng = np.random.default_rng(2)
-    write_h5(tmp_path / "h5_files" / "main_split_nobg" / "test_objectdataset.h5", rng.normal(size=(3, 64, 3)).astype(np.float32), np.array([0, 4, 14]))
+    write_h5(
+        tmp_path / "h5_files" / "main_split_nobg" / "test_objectdataset.h5",
+        rng.normal(size=(3, 64, 3)).astype(np.float32),
+        np.array([0, 4, 14]),
+    )
     (tmp_path / "prompts.txt").write_text("a depth map of a {}.\na rendering of a {}.\n")
     out = tmp_path / "sonn.json"
     args = ["pointcloud", "--dataset", "scanobjectnn", "--variant", "obj_only", "--data-root", str(tmp_path), "--views", "10",
@@ -551,5 +584,8 @@ def test_cli_scanobjectnn_with_prompt_file_and_view_weights(cli_files, tmp_path,
     assert result["config"]["view_weights"] == pytest.approx([1 / 14] * 6 + [2 / 14] * 4)
     lines = [json.loads(x) for x in (tmp_path / "sonn.predictions.jsonl").read_text().splitlines()[1:]]
     assert [r["label_name"] for r in lines] == ["bag", "chair", "toilet"]
-    assert main(args[:-8] + ["--view-weights", "1,2", "--model", str(cli_files / "tiny.pt"), "--output", str(out), "--no-resume"]) == 2
+    assert (
+        main(args[:-8] + ["--view-weights", "1,2", "--model", str(cli_files / "tiny.pt"), "--output", str(out), "--no-resume"])
+        == 2
+    )
     assert "view weights must be 10" in capsys.readouterr().err

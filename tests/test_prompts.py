@@ -5,11 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import random_image, tiny_clip, wrap
 from falip import FovealConfig, InvalidRegionError
 from falip.methods import encode_with_method, parse_method
 from falip.prompts import EDITS, apply_edit
-
-from conftest import random_image, tiny_clip, wrap
 
 BOX = (40, 30, 120, 90)
 
@@ -78,7 +77,13 @@ def test_bad_edit_input(image):
 
 @pytest.mark.parametrize(
     "name, edit, foveal",
-    [("falip", None, True), ("none", None, False), ("crop", "crop", False), ("falip+blur", "blur", True), ("Circle+FALIP", "circle", True)],
+    [
+        ("falip", None, True),
+        ("none", None, False),
+        ("crop", "crop", False),
+        ("falip+blur", "blur", True),
+        ("Circle+FALIP", "circle", True),
+    ],
 )
 def test_parse_method(name, edit, foveal):
     m = parse_method(name)
@@ -94,7 +99,10 @@ def test_parse_method_rejects(name):
 def test_methods_encode_what_they_name(image):
     model = wrap(tiny_clip(224, 32, layers=4), config=FovealConfig(alpha=1.0))
     boxes = [BOX, (100, 20, 190, 140)]
-    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+    def close(a, b):
+        return torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
     close(encode_with_method(model, image, "none", boxes), model.encode_image(image).expand(2, -1))
     close(encode_with_method(model, image, "falip", boxes), model.encode_regions(image, boxes))
     crops = [apply_edit(image, "crop", b).image for b in boxes]

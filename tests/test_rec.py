@@ -12,15 +12,14 @@ import torch
 from PIL import Image, ImageDraw
 
 import falip.tasks.rec as rec_module
+from conftest import tiny_clip, wrap
 from falip import FalipError, FovealConfig
 from falip.cli import main
 from falip.datasets.refer import iou, load_detections, load_reclip, load_refer, segmentation_mask
 from falip.methods import encode_with_method, parse_method
 from falip.prompts import EDITS
-from falip.results import ResumeMismatchError, aggregate
+from falip.results import ResumeMismatchError
 from falip.tasks.rec import RegionScorer, draw_captions, evaluate, ground, method_label, parse_methods
-
-from conftest import tiny_clip, wrap
 
 # image id -> (W, H, {ann id: bbox xywh})
 IMAGES = {
@@ -87,7 +86,7 @@ def data(tmp_path_factory):
         draw_image(image_id).save(images / file_name(image_id))
     (images / file_name(4)).write_bytes(b"this is not a jpeg")
     annotations = []
-    for image_id, (W, H, anns) in IMAGES.items():
+    for image_id, (_W, _H, anns) in IMAGES.items():
         for ann_id, bbox in anns.items():
             seg = POLYGON_11 if ann_id == 11 else rle_of(blob_mask()) if ann_id == 12 else []
             annotations.append({"id": ann_id, "image_id": image_id, "bbox": bbox, "segmentation": seg, "category_id": 1})
@@ -102,8 +101,17 @@ def data(tmp_path_factory):
         for s in sentences:
             sents.append({"raw": s, "sent": s.lower(), "tokens": s.lower().split(), "sent_id": sent_id})
             sent_id += 1
-        refs.append(dict(ref_id=ref_id, ann_id=ann_id, image_id=image_id, split=split, sentences=sents,
-                         file_name=file_name(image_id, ann_id), category_id=1))
+        refs.append(
+            dict(
+                ref_id=ref_id,
+                ann_id=ann_id,
+                image_id=image_id,
+                split=split,
+                sentences=sents,
+                file_name=file_name(image_id, ann_id),
+                category_id=1,
+            )
+        )
     for name in ("refcoco", "refcocog"):
         (root / "refer" / name).mkdir(parents=True)
         (root / "refer" / name / "instances.json").write_text(json.dumps(instances))
@@ -117,8 +125,13 @@ def data(tmp_path_factory):
                 if s_split != split:
                     continue
                 anns = [a for a in annotations if a["image_id"] == image_id]
-                line = dict(file_name=file_name(image_id, ann_id), image_id=str(image_id), anns=anns,
-                            ann_id=str(ann_id) if ref_id == 101 else ann_id, sentences=[{"raw": s} for s in sentences])
+                line = dict(
+                    file_name=file_name(image_id, ann_id),
+                    image_id=str(image_id),
+                    anns=anns,
+                    ann_id=str(ann_id) if ref_id == 101 else ann_id,
+                    sentences=[{"raw": s} for s in sentences],
+                )
                 f.write(json.dumps(line) + "\n")
     (root / "dets.json").write_text(json.dumps(DETECTIONS))
     return root
@@ -160,7 +173,10 @@ def lines(path):
 def test_refer_and_reclip_load_the_same_samples(data):
     a = refer(data)
     b = load_reclip(data / "refcoco_testA.jsonl", split="testA", name="refcoco")
-    key = lambda d: sorted((s.image_id, s.sentence, s.targets, s.problem is None) for s in d.samples)
+
+    def key(d):
+        return sorted((s.image_id, s.sentence, s.targets, s.problem is None) for s in d.samples)
+
     assert key(a) == key(b) and len(a.samples) == 7
     assert [s.id for s in a.samples][:3] == ["1000", "1001", "1002"] and b.samples[0].id == "1:0"
     for image_id in ("1", "2"):
@@ -224,7 +240,9 @@ def test_malformed_files_are_named(data, tmp_path):
     jl.write_text('\n{"file_name": "a.jpg", \n')
     with pytest.raises(FalipError, match=r"x.jsonl:2 is not valid JSON"):
         load_reclip(jl)
-    jl.write_text(json.dumps(dict(file_name="a.jpg", image_id=1, anns=[{"id": 1, "bbox": [1, 2]}], ann_id=1, sentences=[])) + "\n")
+    jl.write_text(
+        json.dumps(dict(file_name="a.jpg", image_id=1, anns=[{"id": 1, "bbox": [1, 2]}], ann_id=1, sentences=[])) + "\n"
+    )
     with pytest.raises(FalipError, match=r"a box must be \[x, y, w, h\]"):
         load_reclip(jl)
     with pytest.raises(FalipError, match="annotations file not found"):
@@ -299,7 +317,9 @@ def test_method_and_model_ensembles(model, other_model, data):
     best = RegionScorer([model], ["crop", "blur"], aggregate="max")
     torch.testing.assert_close(best.score(best.encode(image, boxes), texts), torch.maximum(crop, blur))
     pair = RegionScorer([model, other_model], "falip")
-    torch.testing.assert_close(pair.score(pair.encode(image, boxes), texts), single(model, "falip") + single(other_model, "falip"))
+    torch.testing.assert_close(
+        pair.score(pair.encode(image, boxes), texts), single(model, "falip") + single(other_model, "falip")
+    )
     g = ground([model, other_model], image, boxes, "top left", method="falip")
     torch.testing.assert_close(g.scores, (single(model, "falip") + single(other_model, "falip"))[0])
     assert method_label(parse_methods("crop,blur"), "max", True) == "crop,blur:max+P"
@@ -342,7 +362,9 @@ def test_score_subtraction_is_seeded_and_excludes_the_own_expression(model, data
 def test_each_image_is_encoded_once_per_method_and_model(model, other_model, data, tmp_path, monkeypatch):
     calls, texts = [], []
     real = rec_module.encode_with_method
-    monkeypatch.setattr(rec_module, "encode_with_method", lambda m, image, method, **kw: calls.append(method.name) or real(m, image, method, **kw))
+    monkeypatch.setattr(
+        rec_module, "encode_with_method", lambda m, image, method, **kw: calls.append(method.name) or real(m, image, method, **kw)
+    )
     real_text = model.encode_text
     monkeypatch.setattr(model, "encode_text", lambda t: texts.extend(t) or real_text(t))
     scorer = RegionScorer([model, other_model], "falip,blur")
@@ -357,7 +379,9 @@ def test_each_image_is_encoded_once_per_method_and_model(model, other_model, dat
 
 
 def test_gold_run_records_everything_and_counts_skips(model, data, tmp_path):
-    result = run(RegionScorer([model], "falip"), refer(data), data, tmp_path / "r.json", dataset="refcoco", split="testA", method="falip")
+    result = run(
+        RegionScorer([model], "falip"), refer(data), data, tmp_path / "r.json", dataset="refcoco", split="testA", method="falip"
+    )
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved == result and result["proposals"] == "gold" and result["task"] == "rec"
     m = result["metrics"]
@@ -381,7 +405,12 @@ def test_detector_run_clamps_drops_and_skips_empty_proposals(model, data, tmp_pa
     d = load_reclip(data / "refcoco_testA.jsonl", split="testA", name="refcoco", detections=data / "dets.json")
     result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json")
     assert result["proposals"] == "detector"
-    assert result["skipped"]["by_reason"] == {"unknown annotation": 1, "missing image": 1, "unreadable image": 1, "no proposals": 1}
+    assert result["skipped"]["by_reason"] == {
+        "unknown annotation": 1,
+        "missing image": 1,
+        "unreadable image": 1,
+        "no proposals": 1,
+    }
     assert result["run"]["proposals_clamped"] == 1 and result["run"]["proposals_dropped"] == 1
     for r in lines(tmp_path / "r.predictions.jsonl"):
         if "skipped" not in r:
@@ -403,19 +432,26 @@ def test_reverse_blur_run_uses_the_segmentations(model, data, tmp_path):
     expected = scorer.score(scorer.encode(image, boxes, masks), ["The red box"])[0]
     (record,) = [r for r in lines(tmp_path / "r.predictions.jsonl") if r["id"] == "1000"]
     np.testing.assert_allclose(record["scores"], expected.numpy(), atol=1e-3)
-    assert result["config"]["methods"] == ["reverse_blur"] and result["method"] == "reverse_blur" and result["dataset"] == "refcoco"
+    assert (
+        result["config"]["methods"] == ["reverse_blur"] and result["method"] == "reverse_blur" and result["dataset"] == "refcoco"
+    )
     assert run(RegionScorer([model], "blur"), refer(data), data, tmp_path / "b.json")["run"]["masks_missing"] is None
 
 
-@pytest.mark.parametrize("box, ann_ids, correct", [
-    ([0, 0, 10, 10], 1, False),      # IoU exactly 0.5: not correct (strictly greater)
-    ([0, 0, 10.5, 10], 1, True),     # IoU 0.525
-    ([0, 0, 10, 10], [1, 2], True),  # any of several targets counts: IoU 1 with annotation 2
-])
+@pytest.mark.parametrize(
+    "box, ann_ids, correct",
+    [
+        ([0, 0, 10, 10], 1, False),  # IoU exactly 0.5: not correct (strictly greater)
+        ([0, 0, 10.5, 10], 1, True),  # IoU 0.525
+        ([0, 0, 10, 10], [1, 2], True),  # any of several targets counts: IoU 1 with annotation 2
+    ],
+)
 def test_correct_iff_iou_strictly_above_half(model, tmp_path, box, ann_ids, correct):
     Image.new("RGB", (40, 20), (10, 200, 10)).save(tmp_path / "COCO_train2014_000000000005.jpg")
     anns = [{"id": 1, "bbox": [0, 0, 20, 10]}, {"id": 2, "bbox": [0, 0, 10, 10]}]
-    line = dict(file_name="COCO_train2014_000000000005_1.jpg", image_id=5, anns=anns, ann_id=ann_ids, sentences=[{"raw": "green"}])
+    line = dict(
+        file_name="COCO_train2014_000000000005_1.jpg", image_id=5, anns=anns, ann_id=ann_ids, sentences=[{"raw": "green"}]
+    )
     (tmp_path / "a.jsonl").write_text(json.dumps(line) + "\n")
     d = load_reclip(tmp_path / "a.jsonl", detections={"5": [tuple(box)]})
     result = evaluate(RegionScorer([model], "falip"), d, tmp_path, tmp_path / "r.json", progress=False)
@@ -447,7 +483,10 @@ def test_resume_continues_and_retries_skips(model, data, tmp_path):
     assert second["run"]["resumed"] == 3 and second["run"]["computed"] == 2  # 1003 and the retried 1005
     assert second["metrics"]["n"] == 5 and second["metrics"]["skipped"] == 2
     full = run(scorer, d, data, tmp_path / "fresh.json", run_config=cfg)
-    scores = lambda p: {r["id"]: r.get("scores") for r in lines(p)}
+
+    def scores(p):
+        return {r["id"]: r.get("scores") for r in lines(p)}
+
     fresh, resumed = scores(tmp_path / "fresh.predictions.jsonl"), scores(tmp_path / "p" / "preds.jsonl")
     assert all(fresh[k] == resumed[k] for k in ("1000", "1001", "1002", "1003"))
     assert full["metrics"]["n"] == 4
@@ -468,45 +507,135 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_both_formats_options_and_aggregate(data, checkpoint, tmp_path, capsys):
     common = ["--image-root", str(data / "train2014"), "--model", str(checkpoint), "--quiet"]
-    assert main(["rec", "--dataset", "refcoco", "--split", "testA", "--data-root", str(data / "refer"), *common,
-                 "--output", str(tmp_path / "a.json"), "--predictions", str(tmp_path / "a.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "rec",
+                "--dataset",
+                "refcoco",
+                "--split",
+                "testA",
+                "--data-root",
+                str(data / "refer"),
+                *common,
+                "--output",
+                str(tmp_path / "a.json"),
+                "--predictions",
+                str(tmp_path / "a.jsonl"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "refcoco testA [falip, gold proposals]: acc" in out and "'missing image': 1" in out
-    assert main(["rec", "--format", "reclip", "--annotations", str(data / "refcoco_testA.jsonl"), "--dataset", "refcoco", "--split", "testA",
-                 "--detections", str(data / "dets.json"), *common, "--model", str(checkpoint), "--pretrained", "none",
-                 "--method", "crop,falip+blur", "--aggregate", "max", "--subtract", "--captions", "3", "--seed", "1",
-                 "--alpha", "0.5", "--layers", "1-2", "--mode", "naive", "--output", str(tmp_path / "b.json")]) == 0
+    assert (
+        main(
+            [
+                "rec",
+                "--format",
+                "reclip",
+                "--annotations",
+                str(data / "refcoco_testA.jsonl"),
+                "--dataset",
+                "refcoco",
+                "--split",
+                "testA",
+                "--detections",
+                str(data / "dets.json"),
+                *common,
+                "--model",
+                str(checkpoint),
+                "--pretrained",
+                "none",
+                "--method",
+                "crop,falip+blur",
+                "--aggregate",
+                "max",
+                "--subtract",
+                "--captions",
+                "3",
+                "--seed",
+                "1",
+                "--alpha",
+                "0.5",
+                "--layers",
+                "1-2",
+                "--mode",
+                "naive",
+                "--output",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a["dataset"] == "refcoco" and a["split"] == "testA" and a["proposals"] == "gold" and a["method"] == "falip"
     assert a["model"] == [str(checkpoint)] or a["model"][0].endswith("tiny.pt")
-    assert a["config"]["bias"]["alpha"] == 0.2 and a["config"]["preprocess"] == "squash" and a["config"]["data"]["split_by"] == "unc"
+    assert (
+        a["config"]["bias"]["alpha"] == 0.2 and a["config"]["preprocess"] == "squash" and a["config"]["data"]["split_by"] == "unc"
+    )
     assert a["predictions"] == "a.jsonl" and {"acc", "n", "skipped", "expr_per_s"} <= set(a["metrics"])
     assert b["method"] == "crop,falip+blur:max+P" and b["proposals"] == "detector" and len(b["model"]) == 2
-    assert b["config"]["bias"]["alpha"] == 0.5 and b["config"]["bias_layers"] == [[1, 2], [1, 2]] and b["config"]["mode"] == "naive"
+    assert (
+        b["config"]["bias"]["alpha"] == 0.5 and b["config"]["bias_layers"] == [[1, 2], [1, 2]] and b["config"]["mode"] == "naive"
+    )
     assert b["config"]["subtract"]["captions"] == 3 and len(b["config"]["subtract"]["drawn"]) == 4 and b["config"]["seed"] == 1
     assert (tmp_path / "b.predictions.jsonl").is_file()
     capsys.readouterr()
     assert main(["aggregate", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| task | dataset | split | method | model | proposals | acc | n | acc_all | expr_per_s | images_per_s | skipped | file |")
+    assert table[0].startswith(
+        "| task | dataset | split | method | model | proposals | acc | n | acc_all | expr_per_s | images_per_s | skipped | file |"
+    )
     assert "| rec | refcoco | testA | crop,falip+blur:max+P |" in table[3] and "| detector |" in table[3]
     # the same command again resumes: nothing is recomputed
-    assert main(["rec", "--dataset", "refcoco", "--split", "testA", "--data-root", str(data / "refer"), *common,
-                 "--output", str(tmp_path / "a.json"), "--predictions", str(tmp_path / "a.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "rec",
+                "--dataset",
+                "refcoco",
+                "--split",
+                "testA",
+                "--data-root",
+                str(data / "refer"),
+                *common,
+                "--output",
+                str(tmp_path / "a.json"),
+                "--predictions",
+                str(tmp_path / "a.jsonl"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "a.json").read_text())
     assert again["run"]["resumed"] == 7 and again["run"]["computed"] == 0 and again["metrics"]["n"] == a["metrics"]["n"]
 
 
 def test_cli_bad_input_is_one_clear_line(data, checkpoint, tmp_path, capsys):
-    common = ["--image-root", str(data / "train2014"), "--model", str(checkpoint), "--output", str(tmp_path / "r.json"), "--quiet"]
+    common = [
+        "--image-root",
+        str(data / "train2014"),
+        "--model",
+        str(checkpoint),
+        "--output",
+        str(tmp_path / "r.json"),
+        "--quiet",
+    ]
     cases = [
         (["--format", "reclip"], "needs --annotations"),
         (["--data-root", str(data / "refer")], "needs --data-root DIR and --split"),
         (["--data-root", str(data / "refer"), "--split", "test"], "split 'test' does not exist"),
         (["--format", "reclip", "--annotations", str(data / "nope.jsonl")], "annotations file not found"),
-        (["--data-root", str(data / "refer"), "--split", "val", "--detections", str(data / "nope.json")], "detections file not found"),
+        (
+            ["--data-root", str(data / "refer"), "--split", "val", "--detections", str(data / "nope.json")],
+            "detections file not found",
+        ),
         (["--data-root", str(data / "refer"), "--split", "val", "--method", "sparkles"], "unknown method"),
-        (["--data-root", str(data / "refer"), "--split", "val", "--pretrained", "a", "--pretrained", "b"], "one --pretrained for all models"),
+        (
+            ["--data-root", str(data / "refer"), "--split", "val", "--pretrained", "a", "--pretrained", "b"],
+            "one --pretrained for all models",
+        ),
         (["--data-root", str(data / "refer"), "--split", "val", "--limit", "0"], "--limit must be >= 1"),
     ]
     for extra, message in cases:

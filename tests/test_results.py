@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_clip, wrap
 from falip.cli import main
 from falip.errors import FalipError
 from falip.results import ResumeMismatchError, RunRecorder, aggregate, predictions_path
 from falip.zeroshot import class_prompts, load_templates, zero_shot_classifier
-
-from conftest import tiny_clip, wrap
 
 
 def run(path, config, ids, fail=()):

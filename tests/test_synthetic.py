@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 
 from falip.cli import main
-from falip.synthetic import COLOURS, generate, make_scene, mirror, scene_caption, write_all
+from falip.synthetic import COLOURS, generate, make_scene, mirror, scene_caption
 
 
 def test_scenes_are_reproducible_and_unambiguous():
@@ -33,7 +33,9 @@ def test_boxes_are_tight_around_the_drawn_object():
 
 def test_mirror_flips_boxes_and_left_right():
     rng = np.random.default_rng(11)
-    scene = next(s for s in (make_scene(rng, 3, 128) for _ in range(50)) if any("left of" in e for ex in s.expressions for e in ex))
+    scene = next(
+        s for s in (make_scene(rng, 3, 128) for _ in range(50)) if any("left of" in e for ex in s.expressions for e in ex)
+    )
     flipped = mirror(scene)
     assert np.array_equal(np.asarray(flipped.image), np.asarray(scene.image)[:, ::-1])
     for o, f in zip(scene.objects, flipped.objects):

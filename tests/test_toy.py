@@ -73,6 +73,7 @@ def test_rec_on_three_object_scenes(toy, scenes):
 
 def test_swapped_coordinates_break_falip(toy, scenes):
     """The same boxes with x and y exchanged must do clearly worse: the pipeline reads boxes right."""
+
     def swapped_accuracy():
         hits = []
         for s in scenes:

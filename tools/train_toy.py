@@ -129,10 +129,16 @@ def main() -> None:
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup)))
+        opt,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup))),
     )
     log, start = [], time.time()
     for step in range(1, args.steps + 1):
@@ -146,9 +152,17 @@ def main() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 25 == 0:
-            print(f"step {step:5d}  loss {loss.item():.3f}  scale {model.logit_scale.exp().item():.1f}  {time.time() - start:6.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.3f}  scale {model.logit_scale.exp().item():.1f}  {time.time() - start:6.0f}s",
+                flush=True,
+            )
         if step % args.eval_every == 0 or step == args.steps:
-            entry = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1), **evaluate(model, tokenizer, seed=10_000)}
+            entry = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "seconds": round(time.time() - start, 1),
+                **evaluate(model, tokenizer, seed=10_000),
+            }
             log.append(entry)
             print(entry, flush=True)
     out = Path(args.output)
@@ -156,7 +170,9 @@ def main() -> None:
     from safetensors.torch import save_file
 
     model.eval()
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(out / "falip-toy.safetensors"))
+    save_file(
+        {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(out / "falip-toy.safetensors")
+    )
     meta = dict(
         name="falip-toy",
         architecture=ARCH,

@@ -12,8 +12,9 @@ over the tokens ([CLS] first, then patches row-major). ``rows`` says which queri
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class FovealConfig:
             object.__setattr__(self, "unleash", entries or None)
 
     @classmethod
-    def official(cls) -> "FovealConfig":
+    def official(cls) -> FovealConfig:
         """The reference code's settings: α 0.2, σ 100, [CLS] row, blocks ≥ 8 of 12, all heads."""
         return cls(alpha=0.2, sigma=100.0, shape="gaussian", rows="cls", layers=(8, 9, 10, 11))
 
@@ -243,16 +244,12 @@ def region_biases(
         for i, m in enumerate(validate_masks(masks, transform.image_size)):
             w = mask_token_weights(transform.map_mask(m), patch_size, grid)
             if not w.any():
-                raise InvalidRegionError(
-                    f"mask {i} lies entirely outside the centre crop (preprocess={transform.mode!r})"
-                )
+                raise InvalidRegionError(f"mask {i} lies entirely outside the centre crop (preprocess={transform.mode!r})")
             weights.append(w)
     return torch.stack([bias_from_weights(w, config) for w in weights])
 
 
-def full_attention_mask(
-    bias: torch.Tensor, rows: str, num_heads: int, head_scales: Optional[torch.Tensor]
-) -> torch.Tensor:
+def full_attention_mask(bias: torch.Tensor, rows: str, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
     """Additive attention mask ``(K·H, L, L)`` from bias vectors ``(K, L)``."""
     K, L = bias.shape
     mask = bias.new_zeros(K, L, L)

@@ -10,7 +10,8 @@ import importlib
 import json
 import re
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -86,11 +87,17 @@ def parse_pair(text: str) -> tuple[int, int]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip name, OpenAI name (ViT-B/16) or checkpoint file (default: ViT-B-16)")
-    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or weights file; omit for a checkpoint file")
+    g.add_argument(
+        "--model", default="ViT-B-16", help="open_clip name, OpenAI name (ViT-B/16) or checkpoint file (default: ViT-B-16)"
+    )
+    g.add_argument(
+        "--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or weights file; omit for a checkpoint file"
+    )
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--preprocess", default="crop", choices=PREPROCESS_MODES, help="crop (CLIP default), squash (FALIP reference) or pad")
+    g.add_argument(
+        "--preprocess", default="crop", choices=PREPROCESS_MODES, help="crop (CLIP default), squash (FALIP reference) or pad"
+    )
 
 
 def add_bias_args(parser: argparse.ArgumentParser) -> None:
@@ -100,22 +107,44 @@ def add_bias_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shape", default="gaussian", choices=SHAPES)
     g.add_argument("--rows", default="cls", choices=ROWS, help="queries that get the bias (default: cls)")
     g.add_argument("--layers", type=parse_index_list, default=None, help="biased blocks, e.g. 8-11 (default: last third)")
-    g.add_argument("--heads", type=parse_head_spec, default=None, help="biased heads, e.g. 0,3, or per-head scales 0:2,3:0.5 (default: all)")
-    g.add_argument("--unleash", type=parse_unleash, action="append", default=None, metavar="LAYERS:HEADS[:λ]",
-                   help="amplify the bias's effect on heads of biased blocks, e.g. 8-11:all (λ=1 doubles it) or 10:3,5:2 (repeat)")
+    g.add_argument(
+        "--heads", type=parse_head_spec, default=None, help="biased heads, e.g. 0,3, or per-head scales 0:2,3:0.5 (default: all)"
+    )
+    g.add_argument(
+        "--unleash",
+        type=parse_unleash,
+        action="append",
+        default=None,
+        metavar="LAYERS:HEADS[:λ]",
+        help="amplify the bias's effect on heads of biased blocks, e.g. 8-11:all (λ=1 doubles it) or 10:3,5:2 (repeat)",
+    )
     g.add_argument("--mode", default="exact", choices=MODES, help="execution: exact (default), naive, approx")
 
 
 def config_from_args(args: argparse.Namespace) -> FovealConfig:
     unleash = getattr(args, "unleash", None)
-    return FovealConfig(alpha=args.alpha, sigma=args.sigma, shape=args.shape, rows=args.rows, layers=args.layers, heads=args.heads,
-                        unleash=tuple(unleash) if unleash else None)
+    return FovealConfig(
+        alpha=args.alpha,
+        sigma=args.sigma,
+        shape=args.shape,
+        rows=args.rows,
+        layers=args.layers,
+        heads=args.heads,
+        unleash=tuple(unleash) if unleash else None,
+    )
 
 
 def load_from_args(args: argparse.Namespace, config: Optional[FovealConfig] = None):
     from .model import load
 
-    return load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, preprocess=args.preprocess, config=config)
+    return load(
+        args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        preprocess=args.preprocess,
+        config=config,
+    )
 
 
 def read_mask(path: str) -> np.ndarray:
@@ -175,7 +204,9 @@ def cmd_bias(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     S = args.grid * args.patch
-    vec = region_bias(args.box, tuple(args.image_size), (args.grid, args.grid), config, preprocess=args.preprocess, patch_size=args.patch)
+    vec = region_bias(
+        args.box, tuple(args.image_size), (args.grid, args.grid), config, preprocess=args.preprocess, patch_size=args.patch
+    )
     grid = vec[1:].view(args.grid, args.grid).numpy()
     print(f"bias over the {args.grid}x{args.grid} patch grid ({S}px input, {args.preprocess}); [CLS] column = {vec[0].item():g}")
     for row in grid:
@@ -184,7 +215,15 @@ def cmd_bias(args: argparse.Namespace) -> int:
 
 
 # Modules that add their own subcommands through ``register(subparsers)``.
-COMMAND_MODULES = ("falip.results", "falip.synthetic", "falip.demo", "falip.tasks.rec", "falip.tasks.pointcloud", "falip.tasks.classify", "falip.tasks.heads")
+COMMAND_MODULES = (
+    "falip.results",
+    "falip.synthetic",
+    "falip.demo",
+    "falip.tasks.rec",
+    "falip.tasks.pointcloud",
+    "falip.tasks.classify",
+    "falip.tasks.heads",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

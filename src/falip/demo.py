@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +39,9 @@ class DemoResult:
     scores: dict[str, torch.Tensor]  # method -> (K, T) logits
 
 
-def run_demo(model, image, boxes, texts: Sequence[str], methods: Sequence[str] = DEFAULT_METHODS, targets=None, config=None) -> DemoResult:
+def run_demo(
+    model, image, boxes, texts: Sequence[str], methods: Sequence[str] = DEFAULT_METHODS, targets=None, config=None
+) -> DemoResult:
     """Score every box against every text with every method (REC prompt "a photo of {text}")."""
     pil = load_image(image)
     text_emb = model.encode_text([f"a photo of {t.lower()}" for t in texts])
@@ -47,9 +50,13 @@ def run_demo(model, image, boxes, texts: Sequence[str], methods: Sequence[str] =
     for name in methods:
         method = parse_method(name)
         emb = encode_with_method(model, pil, method, boxes, config=config)
-        suffixed = model.encode_text([f"a photo of {t.lower()}{method.text_suffix}" for t in texts]) if method.text_suffix else text_emb
+        suffixed = (
+            model.encode_text([f"a photo of {t.lower()}{method.text_suffix}" for t in texts]) if method.text_suffix else text_emb
+        )
         scores[method.name] = scale * emb.cpu() @ suffixed.cpu().T
-    return DemoResult(pil, [tuple(map(float, b)) for b in boxes], list(texts), list(targets or [None] * len(texts)), list(scores), scores)
+    return DemoResult(
+        pil, [tuple(map(float, b)) for b in boxes], list(texts), list(targets or [None] * len(texts)), list(scores), scores
+    )
 
 
 def draw_boxes(image: Image.Image, boxes, highlight: Optional[int] = None) -> Image.Image:
@@ -87,9 +94,7 @@ def render_html(result: DemoResult, title: str, extra_figures: Sequence[tuple[st
         for name in result.methods:
             s = result.scores[name][:, j]
             best = int(s.argmax())
-            cells = "".join(
-                f'<td class="{"best" if k == best else ""}">{s[k].item():.2f}</td>' for k in range(len(result.boxes))
-            )
+            cells = "".join(f'<td class="{"best" if k == best else ""}">{s[k].item():.2f}</td>' for k in range(len(result.boxes)))
             verdict = "" if target is None else (" ✓" if best == target else " ✗")
             body.append(f"<tr><th>{html.escape(name)}</th>{cells}<td>box {best + 1}{verdict}</td></tr>")
         truth = "" if target is None else f" — the right box is {target + 1}"
@@ -113,7 +118,7 @@ img {{ image-rendering: pixelated; }}
 <b>none</b> encodes the whole image (every box ties); <b>crop</b>, <b>blur</b>, <b>circle</b> edit the image per box;
 <b>falip</b> leaves the image alone and biases the [CLS] attention towards the box.</p>
 <img src="{_png_data_uri(picture)}">
-{''.join(rows)}
+{"".join(rows)}
 {figures}
 </body></html>
 """
@@ -121,7 +126,10 @@ img {{ image-rendering: pixelated; }}
 
 def summary_png(result: DemoResult) -> Image.Image:
     """A compact PNG: the image with boxes, then one line per expression with each method's pick."""
-    picture = draw_boxes(_upscaled(result.image, 256), [tuple(v * max(1, int(np.ceil(256 / min(result.image.size)))) for v in b) for b in result.boxes])
+    picture = draw_boxes(
+        _upscaled(result.image, 256),
+        [tuple(v * max(1, int(np.ceil(256 / min(result.image.size)))) for v in b) for b in result.boxes],
+    )
     line_h = 14
     lines = []
     for j, text in enumerate(result.texts):

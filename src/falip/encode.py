@@ -18,8 +18,9 @@ run exactly as without it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 
@@ -67,7 +68,9 @@ def encode_biased(
         return torch.cat([runtime.run(pixels, _naive_trunk(runtime, bias[k : k + 1], plan)) for k in range(bias.shape[0])])
     if mode == "approx":
         if plan.rows != "cls":
-            raise ValueError(f"mode='approx' only exists for rows='cls' (the [CLS] query alone is biased), got rows={plan.rows!r}")
+            raise ValueError(
+                f"mode='approx' only exists for rows='cls' (the [CLS] query alone is biased), got rows={plan.rows!r}"
+            )
         return runtime.run(pixels, _approx_trunk(runtime, bias, plan, chunk_size))
     return runtime.run(pixels, _exact_trunk(runtime, bias, plan, chunk_size))
 

@@ -16,9 +16,10 @@ Unleashing (amplifying the bias-induced change of chosen heads) is a field of th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch

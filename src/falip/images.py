@@ -53,8 +53,7 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
             raise ImageLoadError("image array contains NaN or infinite values")
         if arr.min() < 0.0 or arr.max() > 1.0:
             raise ImageLoadError(
-                f"float image arrays must lie in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]; "
-                "pass uint8 for 0-255 data"
+                f"float image arrays must lie in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]; pass uint8 for 0-255 data"
             )
         out = np.round(arr * 255.0).astype(np.uint8)
     else:

@@ -121,9 +121,7 @@ def infer_openai_config(state: dict[str, torch.Tensor], source: str = "checkpoin
         raise UnsupportedModelError(f"{source} is a ResNet CLIP; FALIP needs a vision transformer (ViT)")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise UnsupportedModelError(
-            f"{source} is not an OpenAI-layout CLIP ViT checkpoint: missing keys {missing}"
-        )
+        raise UnsupportedModelError(f"{source} is not an OpenAI-layout CLIP ViT checkpoint: missing keys {missing}")
     conv = state["visual.conv1.weight"]
     width, patch = conv.shape[0], conv.shape[-1]
     n_pos = state["visual.positional_embedding"].shape[0]
@@ -293,7 +291,9 @@ def create_clip(
         if pretrained is not None:
             raise ValueError(f"{name_or_path} ships with its weights; do not pass pretrained=")
         weights, card = shipped_model(name_or_path)
-        model, cfg = build_from_state_dict(read_checkpoint(weights), precision, device, card.get("quick_gelu", True), name_or_path)
+        model, cfg = build_from_state_dict(
+            read_checkpoint(weights), precision, device, card.get("quick_gelu", True), name_or_path
+        )
         return model, dict(name=name_or_path, pretrained="shipped", mean=None, std=None, arch=cfg, card=card)
     path = Path(name_or_path).expanduser()
     if path.is_file() or (looks_like_path(name_or_path) and not name_or_path.startswith("hf-hub:")):

@@ -30,8 +30,9 @@ Two projections, after PointCLIP (Zhang et al., CVPR 2022) and PointCLIP V2 (Zhu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -200,7 +201,9 @@ def project(
 
 def _realistic(points: torch.Tensor, views: Sequence[View], size: int, grid: int, densify: int, smooth: float) -> torch.Tensor:
     if grid < 4 or densify < 1 or densify % 2 == 0 or smooth < 0:
-        raise PointCloudError(f"realistic projection needs grid >= 4, an odd densify >= 1 and smooth >= 0; got {grid}, {densify}, {smooth}")
+        raise PointCloudError(
+            f"realistic projection needs grid >= 4, an odd densify >= 1 and smooth >= 0; got {grid}, {densify}, {smooth}"
+        )
     B, V = points.shape[0], len(views)
     coarse = _scatter_depth(points, views, grid).view(B * V, 1, grid, grid)
     # Densify: every cell takes the nearest depth of its densify×densify neighbourhood (min-pool) ...

@@ -20,9 +20,9 @@ import io
 import json
 import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
 
 from .errors import FalipError
 

@@ -199,22 +199,37 @@ def _refs(scenes: list[Scene], split: str):
     images, annotations, refs = [], [], []
     ann_id = sent_id = 0
     for image_id, scene in enumerate(scenes, start=1):
-        images.append({"id": image_id, "file_name": image_file_name(image_id), "width": scene.image.width, "height": scene.image.height})
+        images.append(
+            {"id": image_id, "file_name": image_file_name(image_id), "width": scene.image.width, "height": scene.image.height}
+        )
         for obj, exprs in zip(scene.objects, scene.expressions):
             ann_id += 1
             x, y, w, h = _xywh(obj.box)
             annotations.append(
-                {"id": ann_id, "image_id": image_id, "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
-                 "category_id": SHAPES.index(obj.shape) + 1}
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "bbox": [x, y, w, h],
+                    "area": round(w * h, 2),
+                    "iscrowd": 0,
+                    "category_id": SHAPES.index(obj.shape) + 1,
+                }
             )
             sentences = []
             for raw in exprs:
                 sent_id += 1
                 sentences.append({"raw": raw, "sent": raw.lower(), "tokens": raw.lower().split(), "sent_id": sent_id})
             refs.append(
-                {"ref_id": ann_id, "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": SHAPES.index(obj.shape) + 1,
-                 "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg", "sent_ids": [s["sent_id"] for s in sentences],
-                 "sentences": sentences}
+                {
+                    "ref_id": ann_id,
+                    "ann_id": ann_id,
+                    "image_id": image_id,
+                    "split": split,
+                    "category_id": SHAPES.index(obj.shape) + 1,
+                    "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                    "sent_ids": [s["sent_id"] for s in sentences],
+                    "sentences": sentences,
+                }
             )
     return refs, {"images": images, "annotations": annotations, "categories": categories}
 
@@ -242,8 +257,13 @@ def write_reclip(scenes: list[Scene], path, dets_path=None) -> None:
         anns_by_image.setdefault(ann["image_id"], []).append({"id": ann["id"], "bbox": ann["bbox"]})
     with open(path, "w", encoding="utf-8") as f:
         for ref in refs:
-            line = {"file_name": ref["file_name"], "image_id": ref["image_id"], "anns": anns_by_image[ref["image_id"]],
-                    "ann_id": ref["ann_id"], "sentences": [{"raw": s["raw"]} for s in ref["sentences"]]}
+            line = {
+                "file_name": ref["file_name"],
+                "image_id": ref["image_id"],
+                "anns": anns_by_image[ref["image_id"]],
+                "ann_id": ref["ann_id"],
+                "sentences": [{"raw": s["raw"]} for s in ref["sentences"]],
+            }
             f.write(json.dumps(line) + "\n")
     if dets_path is not None:
         dets = {str(i): [a["bbox"] for a in anns] for i, anns in anns_by_image.items()}
@@ -296,7 +316,9 @@ def _cmd_synth(args) -> int:
 def register(sub) -> None:
     """Add ``falip synth`` to the CLI."""
     p = sub.add_parser("synth", help="generate a synthetic shapes data set in the REC and classification formats")
-    p.add_argument("--output", required=True, help="folder to write images/, refer/synthetic/, reclip_val.jsonl, regions.jsonl, ...")
+    p.add_argument(
+        "--output", required=True, help="folder to write images/, refer/synthetic/, reclip_val.jsonl, regions.jsonl, ..."
+    )
     p.add_argument("--images", type=int, default=100, help="number of images (default 100)")
     p.add_argument("--objects", default="3", help="objects per image, e.g. 3 or 2-4 (default 3)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")

@@ -7,8 +7,9 @@ crop/squash/pad preprocessing), one patch per heat cell, so what you see is what
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

@@ -151,7 +151,9 @@ def read_regions_jsonl(path: Union[str, Path], image_root: Union[str, Path, None
     return samples
 
 
-def load_generic(annotations: Union[str, Path], classes: Union[str, Path], image_root: Union[str, Path, None] = None) -> RegionDataset:
+def load_generic(
+    annotations: Union[str, Path], classes: Union[str, Path], image_root: Union[str, Path, None] = None
+) -> RegionDataset:
     """A :class:`RegionDataset` from a generic JSONL file and a class file (one name per line)."""
     return RegionDataset(
         name="generic",

@@ -12,9 +12,10 @@ Only the first three columns (xyz) are used.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -170,7 +171,9 @@ def load_cloud(path, n_points: int = 2048, seed: int = 0) -> np.ndarray:
         raise PointCloudError(f"point cloud file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in CLOUD_SUFFIXES:
-        raise PointCloudError(f"{path}: unsupported point cloud format {suffix or '(no suffix)'!r}; use {', '.join(CLOUD_SUFFIXES)}")
+        raise PointCloudError(
+            f"{path}: unsupported point cloud format {suffix or '(no suffix)'!r}; use {', '.join(CLOUD_SUFFIXES)}"
+        )
     try:
         if suffix == ".npy":
             points = np.load(path, allow_pickle=False)

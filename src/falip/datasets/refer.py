@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -154,7 +155,9 @@ def _sentences(raw_sentences, where: str) -> list[str]:
 
 def _check_split(samples: list[RecSample], available: Sequence[str], split: str, source: str) -> None:
     if not samples:
-        raise FalipError(f"split {split!r} does not exist in {source}; available splits: {', '.join(sorted(set(available))) or 'none'}")
+        raise FalipError(
+            f"split {split!r} does not exist in {source}; available splits: {', '.join(sorted(set(available))) or 'none'}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +211,14 @@ def load_refer(data_root, dataset: str, split: str, split_by: Optional[str] = No
         if image_id not in images and "file_name" in ref:
             images[image_id] = _image_file_names(ref["file_name"])
         known = any(p.ann_id == ann_id for p in annotations.get(image_id, []))
-        problem = None if known else ("unknown annotation", f"ref {ref['ref_id']} points to annotation {ann_id} of image {image_id}, which {instances_path.name} lacks")
+        problem = (
+            None
+            if known
+            else (
+                "unknown annotation",
+                f"ref {ref['ref_id']} points to annotation {ann_id} of image {image_id}, which {instances_path.name} lacks",
+            )
+        )
         raw = ref["sentences"]
         for j, text in enumerate(_sentences(raw, where)):
             sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
@@ -249,12 +259,18 @@ def load_reclip(path, split: str = "", name: str = "", detections=None) -> RecDa
                     raise FalipError(f"{where}: every entry of 'anns' needs an 'id' and a 'bbox'")
                 if str(ann["id"]) not in known:
                     known.add(str(ann["id"]))
-                    proposal = Proposal(_bbox(ann.get("bbox"), f"{where}: ann {ann['id']}"), str(ann["id"]), ann.get("segmentation") or None)
+                    proposal = Proposal(
+                        _bbox(ann.get("bbox"), f"{where}: ann {ann['id']}"), str(ann["id"]), ann.get("segmentation") or None
+                    )
                     annotations.setdefault(image_id, []).append(proposal)
             targets = datum["ann_id"] if isinstance(datum["ann_id"], list) else [datum["ann_id"]]
             targets = tuple(str(t) for t in targets)
             unknown = [t for t in targets if t not in known]
-            problem = ("unknown annotation", f"{where}: ann_id {', '.join(unknown)} is not among the line's anns") if unknown or not targets else None
+            problem = (
+                ("unknown annotation", f"{where}: ann_id {', '.join(unknown)} is not among the line's anns")
+                if unknown or not targets
+                else None
+            )
             raw = datum["sentences"]
             for j, text in enumerate(_sentences(raw, where)):
                 sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
@@ -263,7 +279,9 @@ def load_reclip(path, split: str = "", name: str = "", detections=None) -> RecDa
     if not samples:
         raise FalipError(f"{path} holds no referring expressions")
     source = dict(format="reclip", annotations=str(path))
-    return _with_detections(RecDataset(name or path.stem, split or path.stem, samples, images, annotations, source=source), detections)
+    return _with_detections(
+        RecDataset(name or path.stem, split or path.stem, samples, images, annotations, source=source), detections
+    )
 
 
 def load_detections(path) -> dict[str, list[XYWH]]:
@@ -276,7 +294,9 @@ def load_detections(path) -> dict[str, list[XYWH]]:
     for image_id, boxes in data.items():
         if not isinstance(boxes, list):
             raise FalipError(f"{path}: image {image_id} must map to a list of boxes, got {boxes!r}")
-        out[str(image_id)] = [_bbox(b.get("bbox", b.get("box")) if isinstance(b, dict) else b, f"{path}: image {image_id}") for b in boxes]
+        out[str(image_id)] = [
+            _bbox(b.get("bbox", b.get("box")) if isinstance(b, dict) else b, f"{path}: image {image_id}") for b in boxes
+        ]
     return out
 
 

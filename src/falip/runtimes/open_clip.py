@@ -19,7 +19,8 @@ block's own forward the first time it is used.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,9 @@ class OpenClipRuntime:
         h, w = visual.image_size
         ph, pw = visual.patch_size
         if h != w or ph != pw:
-            raise UnsupportedModelError(f"only square inputs and patches are supported, got {visual.image_size}/{visual.patch_size}")
+            raise UnsupportedModelError(
+                f"only square inputs and patches are supported, got {visual.image_size}/{visual.patch_size}"
+            )
         self.image_size = int(h)
         self.patch_size = int(ph)
         self.grid = tuple(int(g) for g in visual.grid_size)

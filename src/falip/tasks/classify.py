@@ -18,10 +18,11 @@ import hashlib
 import json
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -300,8 +301,13 @@ def evaluate(
     classifier = text_classifier(model, classnames, templates, method)  # (C, E), once per run
     todo = [s for s in dataset.samples if s.id not in rec.done]
     groups = group_by_image(todo)
-    bar = tqdm(total=len(dataset.samples), initial=len(dataset.samples) - len(todo), unit="region", disable=not progress,
-               desc=f"classify {dataset.name} {method.name}")
+    bar = tqdm(
+        total=len(dataset.samples),
+        initial=len(dataset.samples) - len(todo),
+        unit="region",
+        disable=not progress,
+        desc=f"classify {dataset.name} {method.name}",
+    )
     topk = min(5, len(classnames))
     images: set[Path] = set()  # images encoded in this run
     regions = 0
@@ -317,8 +323,13 @@ def evaluate(
                     best = logits.topk(topk, dim=-1).indices.tolist()
                     for (s, _), top in zip(done, best):
                         truth = class_index[s.label]
-                        fields = dict(label=s.label, pred=classnames[top[0]], top5=[classnames[i] for i in top],
-                                      correct=top[0] == truth, correct5=truth in top)
+                        fields = dict(
+                            label=s.label,
+                            pred=classnames[top[0]],
+                            top5=[classnames[i] for i in top],
+                            correct=top[0] == truth,
+                            correct5=truth in top,
+                        )
                         rec.add(s.id, **fields, **({"group": s.group} if s.group else {}))
                     images.add(group.image_path)
                     regions += len(done)
@@ -398,11 +409,24 @@ def cmd_classify(args: argparse.Namespace) -> int:
         region=args.region,
         source=str(args.annotations or args.data_root),
     )
-    result = evaluate(model, dataset, args.output, method=method, templates=templates, config=config, mode=args.mode,
-                      run_config=run_config, resume=not args.no_resume, workers=args.workers, batch_size=args.batch_size)
+    result = evaluate(
+        model,
+        dataset,
+        args.output,
+        method=method,
+        templates=templates,
+        config=config,
+        mode=args.mode,
+        run_config=run_config,
+        resume=not args.no_resume,
+        workers=args.workers,
+        batch_size=args.batch_size,
+    )
     m, speed = result["metrics"], result["speed"]
-    print(f"{dataset.name} {dataset.split} {method.name}: top1 {_fmt(m['top1'])}  top5 {_fmt(m['top5'])}  "
-          f"n {m['n']}  skipped {m['skipped']}")
+    print(
+        f"{dataset.name} {dataset.split} {method.name}: top1 {_fmt(m['top1'])}  top5 {_fmt(m['top5'])}  "
+        f"n {m['n']}  skipped {m['skipped']}"
+    )
     if "worst_group" in m:
         groups = "  ".join(f"{k} {_fmt(v['top1'])} (n {v['n']})" for k, v in result["groups"].items())
         print(f"  groups: {groups}  worst {_fmt(m['worst_group'])}")

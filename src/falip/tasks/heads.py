@@ -85,7 +85,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
         ranking=ranking,
         heatmap=heatmap.name,
     )
-    print(f"{result.n} regions ({len(result.skipped)} skipped); top {args.top} heads by {args.statistic} response to {method.name}:")
+    print(
+        f"{result.n} regions ({len(result.skipped)} skipped); top {args.top} heads by {args.statistic} response to {method.name}:"
+    )
     for entry in ranking[: args.top]:
         print(f"  block {entry['layer']:>2}  head {entry['head']:>2}  {entry['response']:.4g}")
     print(f"wrote {out / 'heads.json'} and {heatmap}")
@@ -98,15 +100,21 @@ def register(sub) -> None:
     p.add_argument("image", help="image file")
     p.add_argument("--box", action="append", type=parse_box, default=[], help="x0,y0,x1,y1 in pixels (repeat)")
     p.add_argument("--output", required=True, help="PNG file to write")
-    p.add_argument("--show-layers", type=parse_index_list, default=None,
-                   help="blocks whose maps are drawn, e.g. 6-11 (default: the biased blocks, see --layers)")
+    p.add_argument(
+        "--show-layers",
+        type=parse_index_list,
+        default=None,
+        help="blocks whose maps are drawn, e.g. 6-11 (default: the biased blocks, see --layers)",
+    )
     p.add_argument("--tile", type=int, default=160, help="size of one map in pixels (default 160)")
     add_model_args(p)
     add_bias_args(p)
     p.set_defaults(func=cmd_attention, mode=None)
 
     p = sub.add_parser("heads", help="which attention heads respond to a visual prompt: response matrix, ranking, heatmap")
-    p.add_argument("--annotations", required=True, help='regions JSONL: {"image": ..., "box": [x0,y0,x1,y1]} or {"mask": ...} per line')
+    p.add_argument(
+        "--annotations", required=True, help='regions JSONL: {"image": ..., "box": [x0,y0,x1,y1]} or {"mask": ...} per line'
+    )
     p.add_argument("--image-root", required=True, help="folder that image (and mask) paths are relative to")
     p.add_argument("--prompt", required=True, help=f"the visual prompt: {METHOD_HELP}")
     p.add_argument("--output", required=True, help="folder for heads.json, heads.predictions.jsonl and heads.png")

@@ -11,8 +11,9 @@ CLI: ``falip pointcloud`` (evaluate on ModelNet40 / ScanObjectNN) and ``falip re
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -80,9 +81,13 @@ class PointCloudClassifier:
         self.model = model
         self.views = get_views(views)
         self.projection, self.method, self.config, self.mode, self.up = projection, method, config, mode, up
-        weights = torch.ones(len(self.views)) if view_weights is None else torch.as_tensor(list(view_weights), dtype=torch.float32)
+        weights = (
+            torch.ones(len(self.views)) if view_weights is None else torch.as_tensor(list(view_weights), dtype=torch.float32)
+        )
         if weights.shape != (len(self.views),) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-            raise FalipError(f"view weights must be {len(self.views)} non-negative numbers, not all 0; got {list(view_weights or [])}")
+            raise FalipError(
+                f"view weights must be {len(self.views)} non-negative numbers, not all 0; got {list(view_weights or [])}"
+            )
         self.view_weights = weights / weights.sum()
         if mask_dilation is None:
             mask_dilation = model.patch_size // 4 if projection == "sparse" else 0
@@ -181,7 +186,9 @@ def evaluate(
                 rec.add(sample_id, label=label, pred=p, correct=bool(p == label), label_name=names[label], pred_name=names[p])
         batch.clear()
 
-    for index, (sample_id, points, label) in enumerate(tqdm(dataset, total=total, desc=f"{dataset.name} {dataset.split}", disable=not progress)):
+    for index, (sample_id, points, label) in enumerate(
+        tqdm(dataset, total=total, desc=f"{dataset.name} {dataset.split}", disable=not progress)
+    ):
         if index >= total:
             break
         if sample_id in rec.done:
@@ -257,12 +264,16 @@ def register(sub) -> None:
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--variant", default=None, choices=list(SCANOBJECTNN_VARIANTS), help="ScanObjectNN variant (default obj_bg)")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--data-root", required=True, help="folder holding modelnet40_ply_hdf5_2048/ or h5_files/ (or that folder itself)")
+    p.add_argument(
+        "--data-root", required=True, help="folder holding modelnet40_ply_hdf5_2048/ or h5_files/ (or that folder itself)"
+    )
     p.add_argument("--views", type=int, default=6, choices=[6, 10])
     p.add_argument("--projection", default="sparse", choices=PROJECTIONS)
     p.add_argument("--method", default="falip", choices=METHODS)
     p.add_argument("--templates", default=None, help="template set or file (default: 'point cloud depth map of a {}.')")
-    p.add_argument("--view-weights", type=parse_weights, default=None, help="one weight per view, e.g. 1,1,1,1,0.5,0.5 (default uniform)")
+    p.add_argument(
+        "--view-weights", type=parse_weights, default=None, help="one weight per view, e.g. 1,1,1,1,0.5,0.5 (default uniform)"
+    )
     p.add_argument("--up", default="y", choices=["y", "z"], help="the clouds' up axis (default y, as in the HDF5 files)")
     p.add_argument("--batch-size", type=int, default=32, help="clouds projected per call (default 32)")
     p.add_argument("--limit", type=int, default=None, help="only the first N clouds")

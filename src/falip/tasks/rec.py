@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,7 +29,17 @@ from tqdm.auto import tqdm
 
 from ..bias import FovealConfig
 from ..cli import add_bias_args, add_model_args, config_from_args, load_from_args
-from ..datasets.refer import DATASETS, Proposal, RecDataset, RecSample, iou, load_reclip, load_refer, segmentation_mask, xywh_to_xyxy
+from ..datasets.refer import (
+    DATASETS,
+    Proposal,
+    RecDataset,
+    RecSample,
+    iou,
+    load_reclip,
+    load_refer,
+    segmentation_mask,
+    xywh_to_xyxy,
+)
 from ..encode import MODES
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
@@ -145,7 +156,13 @@ class RegionScorer:
         return [
             [
                 encode_with_method(
-                    model, image, method, boxes=boxes, masks=masks if method.edit == "reverse_blur" else None, config=self.config, mode=self.mode
+                    model,
+                    image,
+                    method,
+                    boxes=boxes,
+                    masks=masks if method.edit == "reverse_blur" else None,
+                    config=self.config,
+                    mode=self.mode,
                 ).cpu()
                 for method in self.methods
             ]
@@ -244,7 +261,9 @@ def _prepare_proposals(proposals: list[Proposal], size: tuple[int, int]) -> tupl
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), keep, clamped
 
 
-def _proposal_masks(proposals: list[Proposal], keep: list[int], boxes: np.ndarray, size) -> tuple[Optional[list[np.ndarray]], int]:
+def _proposal_masks(
+    proposals: list[Proposal], keep: list[int], boxes: np.ndarray, size
+) -> tuple[Optional[list[np.ndarray]], int]:
     """Segmentation masks of the kept proposals (a box-shaped mask where one is missing), and how many were missing."""
     if all(proposals[k].segmentation is None for k in keep):
         return None, len(keep)
@@ -363,6 +382,7 @@ def evaluate(
     groups: dict[str, list[RecSample]] = {}
     for s in samples:
         groups.setdefault(s.image_id, []).append(s)
+
     def tally(records: list[dict]) -> None:
         """Running accuracy on the progress bar (resumed sentences included)."""
         scored = [r for r in records if "correct" in r]
@@ -372,7 +392,13 @@ def evaluate(
             bar.set_postfix(acc=f"{100.0 * counts['correct'] / counts['scored']:.2f}")
 
     started = time.perf_counter()
-    bar = tqdm(total=len(samples), initial=sum(not pending(s) for s in samples), desc=f"rec {data.name} {data.split}", unit="expr", disable=not progress)
+    bar = tqdm(
+        total=len(samples),
+        initial=sum(not pending(s) for s in samples),
+        desc=f"rec {data.name} {data.split}",
+        unit="expr",
+        disable=not progress,
+    )
     tally([rec.done[s.id] for s in samples if not pending(s)])
     for image_id, group in groups.items():
         todo = [s for s in group if pending(s)]
@@ -435,7 +461,9 @@ def _load_models(args: argparse.Namespace, config: FovealConfig) -> list:
     if len(tags) != len(names):
         raise FalipError(f"give one --pretrained for all models or one per --model: got {len(names)} models and {len(tags)} tags")
     tags = [None if t in (None, "none", "") else t for t in tags]
-    return [load_from_args(argparse.Namespace(**{**vars(args), "model": n, "pretrained": t}), config) for n, t in zip(names, tags)]
+    return [
+        load_from_args(argparse.Namespace(**{**vars(args), "model": n, "pretrained": t}), config) for n, t in zip(names, tags)
+    ]
 
 
 def cmd_rec(args: argparse.Namespace) -> int:
@@ -444,7 +472,16 @@ def cmd_rec(args: argparse.Namespace) -> int:
     data = _load_data(args)
     captions = draw_captions(data.split_expressions(), args.captions, args.seed) if args.subtract else None
     models = _load_models(args, config)
-    scorer = RegionScorer(models, methods, config=config, mode=args.mode, aggregate=args.aggregate, template=args.template, captions=captions, n_captions=args.captions)
+    scorer = RegionScorer(
+        models,
+        methods,
+        config=config,
+        mode=args.mode,
+        aggregate=args.aggregate,
+        template=args.template,
+        captions=captions,
+        n_captions=args.captions,
+    )
     run_config = dict(
         task="rec",
         dataset=data.name,
@@ -472,7 +509,9 @@ def cmd_rec(args: argparse.Namespace) -> int:
     m = result["metrics"]
     acc = "n/a" if m["acc"] is None else f"{m['acc']:.2f}"
     speed = "" if m["expr_per_s"] is None else f", {m['expr_per_s']:.2f} expressions/s"
-    print(f"{data.name} {data.split} [{result['method']}, {result['proposals']} proposals]: acc {acc} % on {m['n']} expressions, {m['skipped']} skipped{speed}")
+    print(
+        f"{data.name} {data.split} [{result['method']}, {result['proposals']} proposals]: acc {acc} % on {m['n']} expressions, {m['skipped']} skipped{speed}"
+    )
     if m["skipped"]:
         print(f"  skipped: {result['skipped']['by_reason']}")
     print(f"wrote {args.output} and {result['predictions']}")
@@ -483,29 +522,51 @@ def register(sub) -> None:
     """Add ``falip rec`` to the CLI."""
     p = sub.add_parser("rec", help="referring expression comprehension on RefCOCO/+/g", conflict_handler="resolve")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, help=f"{', '.join(DATASETS)} (default refcoco) or another folder of --data-root; a label with --format reclip")
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help=f"{', '.join(DATASETS)} (default refcoco) or another folder of --data-root; a label with --format reclip",
+    )
     g.add_argument("--split", default=None, help="val, testA, testB (refcoco/+), val, test (refcocog umd)")
     g.add_argument("--format", default="refer", choices=["refer", "reclip"], help="refer layout (default) or ReCLIP JSONL")
     g.add_argument("--data-root", default=None, help="folder holding refcoco/, refcoco+/, refcocog/ (refer layout)")
-    g.add_argument("--split-by", default=None, help="refs file to read: unc, umd or google (default: unc for refcoco/+, umd for refcocog)")
+    g.add_argument(
+        "--split-by", default=None, help="refs file to read: unc, umd or google (default: unc for refcoco/+, umd for refcocog)"
+    )
     g.add_argument("--annotations", default=None, help="ReCLIP JSONL file (with --format reclip)")
     g.add_argument("--image-root", required=True, help="folder of COCO train2014 images")
     g.add_argument("--detections", default=None, help="detector boxes {image_id: [[x, y, w, h], ...]}; default: gold boxes")
     add_model_args(p)
-    p.add_argument("--model", action="append", default=None, help="model name or checkpoint file; repeat for a model ensemble (logits summed)")
-    p.add_argument("--pretrained", action="append", default=None, help="pretrained tag or weights file: once for all models, or once per --model ('none' for a checkpoint file)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model name or checkpoint file; repeat for a model ensemble (logits summed)",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="append",
+        default=None,
+        help="pretrained tag or weights file: once for all models, or once per --model ('none' for a checkpoint file)",
+    )
     p.set_defaults(preprocess="squash")
     add_bias_args(p)
     g = p.add_argument_group("scoring")
     g.add_argument("--method", default="falip", help=f"{METHOD_HELP}; several separated by commas form an ensemble")
     g.add_argument("--aggregate", default="sum", choices=AGGREGATES, help="how a method ensemble combines logits (default sum)")
-    g.add_argument("--subtract", action="store_true", help="score subtraction P: minus the mean score of --captions other expressions of the split")
+    g.add_argument(
+        "--subtract",
+        action="store_true",
+        help="score subtraction P: minus the mean score of --captions other expressions of the split",
+    )
     g.add_argument("--captions", type=int, default=N_CAPTIONS, help="captions for --subtract (default 500)")
     g.add_argument("--seed", type=int, default=0, help="seed for drawing the --subtract captions")
     g.add_argument("--template", default=PROMPT, help="text prompt; {} is the expression (default 'a photo of {}')")
     g = p.add_argument_group("run")
     g.add_argument("--output", required=True, help="results JSON")
-    g.add_argument("--predictions", default=None, help="per-sample JSONL (default: <output>.predictions.jsonl); re-running with it resumes")
+    g.add_argument(
+        "--predictions", default=None, help="per-sample JSONL (default: <output>.predictions.jsonl); re-running with it resumes"
+    )
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
     g.add_argument("--no-resume", action="store_true", help="overwrite existing predictions instead of continuing them")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
