@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import random_image, tiny_clip
-from falip.cli import main, parse_index_list
+from falip.cli import main
+from falip.cli.common import parse_index_list
 
 
 @pytest.fixture(scope="module")

@@ -145,59 +145,37 @@ def summary_png(result: DemoResult) -> Image.Image:
     return canvas
 
 
-def _cmd_demo(args) -> int:
-    import warnings
-
-    from .cli import config_from_args
-    from .model import load
+def demo_scene(seed: int = 0):
+    """The offline demo's input: a generated 256 px scene of 3 objects → ``(image, boxes, texts, targets)``."""
     from .synthetic import make_scene
 
-    user_input = args.image is not None
-    if user_input and (not args.box or not args.text):
-        raise ValueError("with --image give the regions (--box, repeatable) and the expressions (--text, repeatable)")
-    config = config_from_args(args)
-    if config == FovealConfig():
-        config = None  # no bias option given: the model's own default (falip-toy ships tuned settings)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if args.model == "falip-toy" else "default")
-        model = load(args.model, pretrained=args.pretrained, device=args.device, preprocess=args.preprocess, config=config)
-    if user_input:
-        image, boxes, texts, targets = args.image, args.box, args.text, None
-    else:
-        scene = make_scene(np.random.default_rng(args.seed), 3, 256)
-        image, boxes = scene.image, [tuple(round(v, 1) for v in o.box) for o in scene.objects]
-        texts = [exprs[1] for exprs in scene.expressions]
-        targets = list(range(len(boxes)))
-    result = run_demo(model, image, boxes, texts, args.methods.split(","), targets)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"FALIP demo — {model.name}" + (f" ({model.pretrained})" if model.pretrained else "")
+    scene = make_scene(np.random.default_rng(seed), 3, 256)
+    boxes = [tuple(round(v, 1) for v in o.box) for o in scene.objects]
+    texts = [exprs[1] for exprs in scene.expressions]
+    return scene.image, boxes, texts, list(range(len(boxes)))
+
+
+def write_demo(
+    model,
+    output,
+    image,
+    boxes,
+    texts: Sequence[str],
+    methods: Sequence[str] = DEFAULT_METHODS,
+    targets=None,
+    config: Optional[FovealConfig] = None,
+) -> dict[str, Path]:
+    """Write ``index.html``, ``demo.png`` and ``attention.png`` into the folder ``output``; returns their paths."""
     from .viz import attention_maps, draw_attention
 
+    result = run_demo(model, image, boxes, texts, methods, targets, config=config)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"FALIP demo — {model.name}" + (f" ({model.pretrained})" if model.pretrained else "")
     maps = draw_attention(attention_maps(model, image, boxes, config=config))
     caption = "[CLS]→patch attention in the biased blocks, without the bias (top row) and with FALIP on each box"
-    (out / "index.html").write_text(render_html(result, title, [(caption, maps)]), encoding="utf-8")
-    maps.save(out / "attention.png")
-    summary_png(result).save(out / "demo.png")
-    print(f"wrote {out / 'index.html'} (open it in a browser), {out / 'demo.png'} and {out / 'attention.png'}")
-    return 0
-
-
-def register(sub) -> None:
-    """Add ``falip demo`` to the CLI."""
-    from .cli import add_bias_args, parse_box
-    from .geometry import PREPROCESS_MODES
-
-    p = sub.add_parser("demo", help="write an HTML page showing FALIP and the baselines on one image (offline by default)")
-    p.add_argument("--output", default="falip-demo", help="folder for index.html and demo.png (default: falip-demo)")
-    p.add_argument("--model", default="falip-toy", help="default: the small CLIP shipped with falip (no network)")
-    p.add_argument("--pretrained", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--preprocess", default="crop", choices=PREPROCESS_MODES)
-    p.add_argument("--image", default=None, help="your image (default: a generated scene)")
-    p.add_argument("--box", action="append", type=parse_box, default=[], help="x0,y0,x1,y1 (repeat)")
-    p.add_argument("--text", action="append", default=[], help="an expression (repeat)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated (default {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated scene")
-    add_bias_args(p)
-    p.set_defaults(func=_cmd_demo)
+    paths = dict(html=out / "index.html", summary=out / "demo.png", attention=out / "attention.png")
+    paths["html"].write_text(render_html(result, title, [(caption, maps)]), encoding="utf-8")
+    maps.save(paths["attention"])
+    summary_png(result).save(paths["summary"])
+    return paths

@@ -14,7 +14,6 @@ pass ``resume=False`` to overwrite).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -195,22 +194,3 @@ def aggregate(paths: Iterable, fmt: str = "markdown") -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt_value(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _cmd_aggregate(args: argparse.Namespace) -> int:
-    text = aggregate(args.results, args.format)
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}")
-    else:
-        print(text, end="")
-    return 0
-
-
-def register(sub) -> None:
-    """Add ``falip aggregate`` to the CLI."""
-    p = sub.add_parser("aggregate", help="tabulate results JSON files (markdown or CSV)")
-    p.add_argument("results", nargs="+", help="results .json files written by falip runs")
-    p.add_argument("--format", default="markdown", choices=["markdown", "csv"])
-    p.add_argument("--output", default=None, help="write the table to a file")
-    p.set_defaults(func=_cmd_aggregate)

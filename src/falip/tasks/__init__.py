@@ -1,1 +1,1 @@
-"""Task pipelines built on the core: REC, region classification, point clouds, head analysis."""
+"""Task pipelines built on the core: REC, region classification, point clouds (their CLI is in falip.cli)."""

@@ -8,12 +8,11 @@ an image edit such as ``blur`` or ``circle``, or ``falip+<edit>``) — the code 
 - :func:`evaluate`: a :class:`~falip.datasets.generic.RegionDataset` → top-1/top-5 accuracy
   (and per-group and worst-group accuracy when samples carry groups), results JSON + per-sample
   JSONL with resume, through :class:`falip.results.RunRecorder`.
-- ``falip classify``: the command line (``register``).
+- ``falip classify``: the command line (:mod:`falip.cli.classify`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -30,13 +29,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..bias import FovealConfig
-from ..cli import add_bias_args, add_model_args, config_from_args, load_from_args
-from ..datasets.classification import DATASETS, REGIONS, load_dataset
-from ..datasets.generic import RegionDataset, RegionSample, load_generic, read_classes, read_mask
+from ..datasets.generic import RegionDataset, RegionSample, read_mask
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import load_image
-from ..methods import METHOD_HELP, Method, encode_with_method, parse_method
+from ..methods import Method, encode_with_method, parse_method
 from ..results import RunRecorder
 from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
 
@@ -357,10 +354,6 @@ def evaluate(
     return rec.finish(metrics, **extra)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
 def rename_classes(dataset: RegionDataset, names: Sequence[str]) -> RegionDataset:
     """The dataset with its class names replaced by ``names`` (same order and count)."""
     if len(names) != len(dataset.classnames):
@@ -368,95 +361,3 @@ def rename_classes(dataset: RegionDataset, names: Sequence[str]) -> RegionDatase
     mapping = dict(zip(dataset.classnames, names))
     samples = [replace(s, label=mapping.get(s.label, s.label)) for s in dataset.samples]
     return replace(dataset, classnames=list(names), samples=samples)
-
-
-def dataset_from_args(args: argparse.Namespace) -> RegionDataset:
-    """The dataset a ``falip classify`` command line names (``--dataset`` or ``--annotations``)."""
-    if (args.dataset is None) == (args.annotations is None):
-        raise FalipError("give either --dataset NAME --data-root DIR, or --annotations FILE.jsonl --classes FILE")
-    if args.annotations is not None:
-        if args.classes is None:
-            raise FalipError("--annotations needs --classes FILE (one class name per line)")
-        if args.classnames is not None:
-            raise FalipError("--classnames renames a dataset's classes; with --annotations put the names in --classes")
-        return load_generic(args.annotations, args.classes, args.image_root)
-    if args.data_root is None:
-        raise FalipError(f"--dataset {args.dataset} needs --data-root DIR")
-    dataset = load_dataset(args.dataset, args.data_root, split=args.split, region=args.region, cub_root=args.cub_root)
-    if args.classnames is not None:
-        dataset = rename_classes(dataset, read_classes(args.classnames))
-    return dataset
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def cmd_classify(args: argparse.Namespace) -> int:
-    method = parse_method(args.method)
-    dataset = dataset_from_args(args)
-    if args.limit is not None:
-        dataset = replace(dataset, samples=dataset.samples[: args.limit])
-    templates = load_templates(args.templates)
-    config = config_from_args(args)
-    model = load_from_args(args, config)
-    run_config = dict(
-        model=args.model,
-        pretrained=args.pretrained,
-        preprocess=args.preprocess,
-        precision=args.precision,
-        templates=args.templates,
-        region=args.region,
-        source=str(args.annotations or args.data_root),
-    )
-    result = evaluate(
-        model,
-        dataset,
-        args.output,
-        method=method,
-        templates=templates,
-        config=config,
-        mode=args.mode,
-        run_config=run_config,
-        resume=not args.no_resume,
-        workers=args.workers,
-        batch_size=args.batch_size,
-    )
-    m, speed = result["metrics"], result["speed"]
-    print(
-        f"{dataset.name} {dataset.split} {method.name}: top1 {_fmt(m['top1'])}  top5 {_fmt(m['top5'])}  "
-        f"n {m['n']}  skipped {m['skipped']}"
-    )
-    if "worst_group" in m:
-        groups = "  ".join(f"{k} {_fmt(v['top1'])} (n {v['n']})" for k, v in result["groups"].items())
-        print(f"  groups: {groups}  worst {_fmt(m['worst_group'])}")
-    if speed["images_per_s"] is not None:
-        print(f"  {speed['images_per_s']:.2f} images/s, {speed['regions_per_s']:.2f} regions/s ({args.device})")
-    print(f"wrote {args.output}")
-    return 0
-
-
-def register(sub) -> None:
-    """Add ``falip classify`` to the CLI."""
-    p = sub.add_parser("classify", help="region-aware zero-shot classification (CUB, Dogs, ImageNet-S, Waterbirds, JSONL)")
-    g = p.add_argument_group("data (a dataset in its native layout, or a generic JSONL file)")
-    g.add_argument("--dataset", choices=DATASETS, default=None, help="a dataset in its native layout (see docs/classify.md)")
-    g.add_argument("--data-root", default=None, help="the dataset's folder")
-    g.add_argument("--cub-root", default=None, help="CUB_200_2011 folder (Waterbirds takes its bird boxes/masks from it)")
-    g.add_argument("--split", default=None, help="cub/dogs: test (default), train, all; waterbirds: test, val, train")
-    g.add_argument("--region", choices=REGIONS, default=None, help="box or mask (default: box; mask for imagenet-s)")
-    g.add_argument("--classnames", default=None, help="file with one readable name per dataset class, in class order")
-    g.add_argument("--annotations", default=None, help="generic JSONL: {image, label, box | mask} per line")
-    g.add_argument("--image-root", default=None, help="folder the JSONL's paths are relative to (default: its folder)")
-    g.add_argument("--classes", default=None, help="with --annotations: class names, one per line")
-    r = p.add_argument_group("run")
-    r.add_argument("--method", default="falip", help=f"{METHOD_HELP} (default: falip)")
-    r.add_argument("--templates", default="openai", help="openai (80 templates, default), simple, or a file")
-    r.add_argument("--output", required=True, help="results JSON; predictions go to <stem>.predictions.jsonl")
-    r.add_argument("--no-resume", action="store_true", help="recompute everything instead of resuming")
-    r.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    r.add_argument("--workers", type=int, default=4, help="threads reading images and masks ahead (default 4)")
-    r.add_argument("--batch-size", type=int, default=32, help="edited images per forward pass (default 32)")
-    add_model_args(p)
-    add_bias_args(p)
-    p.set_defaults(func=cmd_classify)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import add_bias_args, add_model_args, config_from_args, load_from_args, parse_box, parse_index_list
 from ..errors import FalipError
 from ..heads import STATISTICS, head_response, rank_heads
 from ..methods import METHOD_HELP, parse_method
 from ..results import RunRecorder
 from ..viz import attention_maps, draw_attention, draw_head_heatmap
+from .common import add_bias_args, add_model_args, config_from_args, load_from_args, parse_box, parse_index_list
 
 
 def _refuse_mode(args: argparse.Namespace) -> None:

@@ -1,24 +1,17 @@
-"""Command line: ``falip info``, ``falip score``, ``falip bias``, plus the commands of COMMAND_MODULES.
-
-Thin: parse, call the library, print. Errors from bad input end with exit code 2 and one line.
-"""
+"""What every command shares: model and foveal-bias options, their parsers, and building a model from them."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import re
-import sys
-from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 
-from .bias import ROWS, SHAPES, FovealConfig, Unleash
-from .encode import MODES
-from .errors import FalipError
-from .geometry import PREPROCESS_MODES
+from ..bias import ROWS, SHAPES, FovealConfig, Unleash
+from ..encode import MODES
+from ..errors import FalipError
+from ..geometry import PREPROCESS_MODES
 
 
 def parse_index_list(text: str) -> tuple[int, ...]:
@@ -135,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> FovealConfig:
 
 
 def load_from_args(args: argparse.Namespace, config: Optional[FovealConfig] = None):
-    from .model import load
+    from ..model import load
 
     return load(
         args.model,
@@ -155,118 +148,3 @@ def read_mask(path: str) -> np.ndarray:
             return np.asarray(img.convert("L")) > 127
     except (FileNotFoundError, OSError) as exc:
         raise FalipError(f"cannot read mask {path}: {exc}") from exc
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    model = load_from_args(args)
-    info = model.info()
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
-            print(f"{key:>12}: {value}")
-    return 0
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    if not args.box and not args.mask:
-        raise FalipError("give at least one region with --box x0,y0,x1,y1 or --mask FILE.png")
-    if args.box and args.mask:
-        raise FalipError("give either --box or --mask regions, not both")
-    config = config_from_args(args)
-    model = load_from_args(args, config)
-    regions = dict(boxes=args.box) if args.box else dict(masks=[read_mask(p) for p in args.mask])
-    scores = model.score_regions(args.image, texts=args.text, mode=args.mode, **regions)
-    names = [",".join(f"{v:g}" for v in b) for b in args.box] if args.box else list(args.mask)
-    result = {
-        "image": str(args.image),
-        "regions": names,
-        "texts": args.text,
-        "scores": scores.tolist(),
-        "best": {t: names[int(scores[:, j].argmax())] for j, t in enumerate(args.text)},
-        "model": model.info(),
-        "mode": args.mode,
-    }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    width = max(len(n) for n in names)
-    for j, text in enumerate(args.text):
-        print(f"{text!r}")
-        best = int(scores[:, j].argmax())
-        for k, name in enumerate(names):
-            print(f"  {name:<{width}}  {scores[k, j].item():8.3f}{'  <- best' if k == best else ''}")
-    return 0
-
-
-def cmd_bias(args: argparse.Namespace) -> int:
-    from .bias import region_bias
-
-    config = config_from_args(args)
-    S = args.grid * args.patch
-    vec = region_bias(
-        args.box, tuple(args.image_size), (args.grid, args.grid), config, preprocess=args.preprocess, patch_size=args.patch
-    )
-    grid = vec[1:].view(args.grid, args.grid).numpy()
-    print(f"bias over the {args.grid}x{args.grid} patch grid ({S}px input, {args.preprocess}); [CLS] column = {vec[0].item():g}")
-    for row in grid:
-        print(" ".join(f"{v:6.3f}" if v else "     ." for v in row))
-    return 0
-
-
-# Modules that add their own subcommands through ``register(subparsers)``.
-COMMAND_MODULES = (
-    "falip.results",
-    "falip.synthetic",
-    "falip.demo",
-    "falip.tasks.rec",
-    "falip.tasks.pointcloud",
-    "falip.tasks.classify",
-    "falip.tasks.heads",
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="falip", description="FALIP: foveal attention for CLIP ViTs")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="load a model and print its geometry and default FALIP settings")
-    add_model_args(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("score", help="score regions of an image against texts")
-    p.add_argument("image", help="image file")
-    p.add_argument("--box", action="append", type=parse_box, default=[], help="x0,y0,x1,y1 in pixels (repeat)")
-    p.add_argument("--mask", action="append", default=[], help="binary mask PNG of the image's size (repeat)")
-    p.add_argument("--text", action="append", required=True, help="a text to score (repeat)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_model_args(p)
-    add_bias_args(p)
-    p.set_defaults(func=cmd_score)
-
-    p = sub.add_parser("bias", help="print the bias a box gets on the patch grid (no model needed)")
-    p.add_argument("--image-size", type=parse_pair, required=True, help="W,H of the original image")
-    p.add_argument("--box", type=parse_box, required=True, help="x0,y0,x1,y1 in pixels")
-    p.add_argument("--grid", type=int, default=14, help="patches per side (default 14)")
-    p.add_argument("--patch", type=int, default=16, help="patch size in pixels (default 16)")
-    p.add_argument("--preprocess", default="squash", choices=PREPROCESS_MODES)
-    add_bias_args(p)
-    p.set_defaults(func=cmd_bias)
-
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FalipError, ValueError) as exc:
-        print(f"falip: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

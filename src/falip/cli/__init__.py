@@ -1,0 +1,48 @@
+"""Command line: ``falip <command>``; each command lives in a module of this package.
+
+Thin: parse, call the library, print. Errors from bad input end with exit code 2 and one line.
+The library (``falip.*`` outside this package) never imports from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from ..errors import FalipError
+
+# Modules that add their own subcommands through ``register(subparsers)``, in help order.
+COMMAND_MODULES = (
+    "falip.cli.score",
+    "falip.cli.aggregate",
+    "falip.cli.synth",
+    "falip.cli.demo",
+    "falip.cli.rec",
+    "falip.cli.pointcloud",
+    "falip.cli.classify",
+    "falip.cli.heads",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="falip", description="FALIP: foveal attention for CLIP ViTs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FalipError, ValueError) as exc:
+        print(f"falip: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
