@@ -15,23 +15,47 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def spec_bias_row(box, W, H, S=224, p=16, alpha=0.2, sigma=100.0, eps=1e-6):
+def spec_bump(h, w, alpha=0.2, sigma=100.0, eps=1e-6, numerics="float64"):
+    """The (h, w) bump of SPEC §1, element by element: the float64 formula, or the reference's float32 steps.
+
+    ``reference-numpy2``: SPEC §1 "Exact float operations of the reference" (float32 normalisation).
+    ``reference-numpy1``: the same, with ``max + ε − min`` a float64 scalar, as NumPy 1.x promotes it.
+    """
+    f32 = np.float32
+    if numerics == "float64":
+        G = np.zeros((h, w))
+        for i in range(h):
+            for j in range(w):
+                G[i, j] = math.exp(-((i - (h - 1) / 2) ** 2 + (j - (w - 1) / 2) ** 2) / (2 * sigma**2))
+        return alpha * (G - G.min() + eps) / (G.max() - G.min() + eps)
+    G = np.zeros((h, w), dtype=np.float32)
+    for i in range(h):
+        for j in range(w):
+            G[i, j] = math.exp(-0.5 * (math.sqrt((i - (h - 1) / 2) ** 2 + (j - (w - 1) / 2) ** 2) / sigma) ** 2)
+    lo, hi = float(G.min()), float(G.max())
+    den = f32(hi + eps - lo) if numerics == "reference-numpy1" else f32(f32(f32(hi) + f32(eps)) - f32(lo))
+    R = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            num = f32(f32(G[i, j] - f32(lo)) + f32(eps))
+            R[i, j] = f32(f32(num / den) * f32(alpha))
+    return R
+
+
+def spec_bias_row(box, W, H, S=224, p=16, alpha=0.2, sigma=100.0, eps=1e-6, numerics="float64"):
     """Row 0 of M (length 1 + g²) for one box, transcribed step by step from SPEC §1.1."""
     g = S // p
     x0, y0, x1, y1 = box
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
-    X0, X1 = min(x0 * S / W, S), min(x1 * S / W, S)
-    Y0, Y1 = min(y0 * S / H, S), min(y1 * S / H, S)
+    sx, sy = S / W, S / H  # the scale first, then x * scale (SPEC §1.1 step 2)
+    X0, X1 = min(x0 * sx, S), min(x1 * sx, S)
+    Y0, Y1 = min(y0 * sy, S), min(y1 * sy, S)
     c0 = max(math.ceil(X0 / p), 1) - 1
     c1 = max(math.ceil(X1 / p), 1)
     r0 = max(math.ceil(Y0 / p), 1) - 1
     r1 = max(math.ceil(Y1 / p), 1) - 1
     w, h = c1 - c0, r1 - r0 + 1
-    G = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            G[i, j] = math.exp(-((i - (h - 1) / 2) ** 2 + (j - (w - 1) / 2) ** 2) / (2 * sigma**2))
-    R = (alpha * (G - G.min() + eps) / (G.max() - G.min() + eps)).astype(np.float32)
+    R = spec_bump(h, w, alpha, sigma, eps, numerics).astype(np.float32)
     row = np.zeros(1 + g * g, dtype=np.float32)
     for r in range(r0, r1 + 1):
         for c in range(c0, c1):

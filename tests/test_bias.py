@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from falip import FovealConfig, InvalidRegionError, RegionClampWarning, bump, region_bias
-from falip.bias import bias_from_weights, full_attention_mask, private_cls_mask, query_rows_mask
-from reference import spec_bias_row
+from falip.bias import NUMERICS, bias_from_weights, full_attention_mask, private_cls_mask, query_rows_mask
+from reference import spec_bias_row, spec_bump
 
 A = 0.2
 EPS = 1e-6
@@ -27,6 +27,32 @@ def official(box, W, H):
 def test_bump_small_regions_are_flat_alpha():
     for h, w in [(1, 1), (1, 2), (2, 1), (2, 2)]:
         np.testing.assert_allclose(bump(h, w, A, 100.0), A, rtol=1e-9)
+        # the reference's float32 steps under its pinned NumPy 1.x: α to float32 precision
+        np.testing.assert_allclose(bump(h, w, A, 100.0, numerics="reference-numpy1"), A, rtol=1e-6)
+
+
+def test_reference_bump_under_numpy2_inflates_tiny_regions():
+    # float32: 1 + 1e-6 rounds to 1 + 8·2⁻²³, so a 1×1 peak is α · 1e-6 / (8·2⁻²³) = 1.048576 α.
+    np.testing.assert_allclose(
+        bump(1, 1, A, 100.0, numerics="reference-numpy2"), np.float32(1e-6) / np.float32(8 * 2.0**-23) * A, rtol=1e-6
+    )
+    assert bump(1, 1, A, 100.0, numerics="reference-numpy2")[0, 0] == pytest.approx(0.2097152, abs=1e-7)
+    # 1×2 and 2×2: G = exp(-1.25e-5) (or exp(-2.5e-5)) < 1, where 1e-6 is 17 float32 ulps, not 8
+    for h, w in [(1, 2), (2, 1), (2, 2)]:
+        np.testing.assert_allclose(bump(h, w, A, 100.0, numerics="reference-numpy2"), 0.19737902, atol=1e-7)
+
+
+def test_bump_numerics_equal_the_spec_transcription():
+    for numerics in NUMERICS:
+        for h, w in [(1, 1), (1, 2), (2, 2), (3, 3), (2, 5), (7, 4), (14, 14)]:
+            np.testing.assert_array_equal(
+                bump(h, w, A, 100.0, numerics=numerics).astype(np.float32),
+                spec_bump(h, w, A, 100.0, numerics=numerics).astype(np.float32),
+            )
+    with pytest.raises(ValueError, match="numerics"):
+        FovealConfig(numerics="float16")
+    assert FovealConfig.official().numerics == "reference-numpy1"
+    assert "numerics" not in FovealConfig().to_dict() and FovealConfig.official().to_dict()["numerics"] == "reference-numpy1"
 
 
 def test_bump_peaks_at_centre_and_falls_to_eps_at_corners():
@@ -72,8 +98,8 @@ def test_box_partly_outside_is_clamped_with_a_warning():
     # clamped to (0, 0, 100, 60): X1 = 35 -> cols 0..2, Y1 = 28 -> rows 0..1
     t = tokens(v)
     assert set(t) == {(r, c) for r in range(2) for c in range(3)}
-    R = bump(2, 3, A, 100.0).astype(np.float32)
-    assert t[(0, 0)] == pytest.approx(R[0, 0]) and t[(1, 1)] == pytest.approx(R[1, 1])
+    R = bump(2, 3, A, 100.0, numerics="reference-numpy1").astype(np.float32)
+    assert t[(0, 0)] == R[0, 0] and t[(1, 1)] == R[1, 1]
 
 
 def test_official_matches_spec_transcription_on_random_and_border_boxes(rng):
@@ -92,7 +118,10 @@ def test_official_matches_spec_transcription_on_random_and_border_boxes(rng):
         if x1 <= max(x0, 0) or y1 <= max(y0, 0) or x0 >= W or y0 >= H or x1 <= 0 or y1 <= 0:
             continue
         box = (float(x0), float(y0), float(x1), float(y1))
-        np.testing.assert_array_equal(official(box, W, H).numpy(), spec_bias_row(box, W, H))
+        for numerics in NUMERICS:
+            cfg = FovealConfig(layers=(8, 9, 10, 11), numerics=numerics)
+            ours = region_bias(box, (W, H), (G, G), cfg, preprocess="squash").numpy()
+            np.testing.assert_array_equal(ours, spec_bias_row(box, W, H, numerics=numerics))
 
 
 def test_region_is_not_transposed():

@@ -401,9 +401,9 @@ def test_gold_run_records_everything_and_counts_skips(model, data, tmp_path):
     assert records["1004"]["skipped"] == "unknown annotation" and records["1004"]["sentence"] == "ghost"
 
 
-def test_detector_run_clamps_drops_and_skips_empty_proposals(model, data, tmp_path):
+def test_detector_run_clamps_and_drops_proposals_and_skips_images_without_any_when_asked(model, data, tmp_path):
     d = load_reclip(data / "refcoco_testA.jsonl", split="testA", name="refcoco", detections=data / "dets.json")
-    result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json")
+    result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json", no_proposals="skip")
     assert result["proposals"] == "detector"
     assert result["skipped"]["by_reason"] == {
         "unknown annotation": 1,
@@ -412,11 +412,29 @@ def test_detector_run_clamps_drops_and_skips_empty_proposals(model, data, tmp_pa
         "no proposals": 1,
     }
     assert result["run"]["proposals_clamped"] == 1 and result["run"]["proposals_dropped"] == 1
+    assert result["run"]["no_proposals"] == {"policy": "skip", "images": 0, "expressions": 0}
     for r in lines(tmp_path / "r.predictions.jsonl"):
         if "skipped" not in r:
             assert r["n_proposals"] == 4 and len(r["scores"]) == 3 and r["pred_index"] in (0, 1, 2) and r["pred_ann_id"] is None
             assert r["pred_box"] == DETECTIONS["1"][r["pred_index"]]  # reported unclamped, as in the file
             assert r["correct"] == (r["iou"] > 0.5)
+
+
+def test_image_without_proposals_is_scored_on_the_whole_image_and_counted_by_default(model, data, tmp_path):
+    """The reference (main.py): no detections for an image → the whole image is the only proposal."""
+    d = load_reclip(data / "refcoco_testA.jsonl", split="testA", name="refcoco", detections=data / "dets.json")
+    result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json")
+    assert "no proposals" not in result["skipped"]["by_reason"] and result["config"]["edit_style"] == "reference"
+    records = [r for r in lines(tmp_path / "r.predictions.jsonl") if r.get("image_id") == "2" and "skipped" not in r]
+    assert records and result["run"]["no_proposals"] == {"policy": "whole-image", "images": 1, "expressions": len(records)}
+    W, H = IMAGES[2][:2]
+    for r in records:
+        assert r["fallback"] == "whole image" and r["n_proposals"] == 1 and r["pred_box"] == [0.0, 0.0, W, H]
+        targets = [IMAGES[2][2][int(t)] for t in r["target_ann_ids"]]
+        assert r["correct"] == (max(iou([0, 0, W, H], t) for t in targets) > 0.5)
+    assert result["metrics"]["n"] == sum(1 for r in lines(tmp_path / "r.predictions.jsonl") if "correct" in r)
+    with pytest.raises(ValueError, match="no_proposals"):
+        run(RegionScorer([model], "crop"), d, data, tmp_path / "x.json", no_proposals="ignore")
 
 
 def test_reverse_blur_run_uses_the_segmentations(model, data, tmp_path):
@@ -562,6 +580,10 @@ def test_cli_both_formats_options_and_aggregate(data, checkpoint, tmp_path, caps
                 "1-2",
                 "--mode",
                 "naive",
+                "--edit-style",
+                "clean",
+                "--no-proposals",
+                "skip",
                 "--output",
                 str(tmp_path / "b.json"),
             ]
@@ -581,6 +603,10 @@ def test_cli_both_formats_options_and_aggregate(data, checkpoint, tmp_path, caps
     )
     assert b["config"]["subtract"]["captions"] == 3 and len(b["config"]["subtract"]["drawn"]) == 4 and b["config"]["seed"] == 1
     assert (tmp_path / "b.predictions.jsonl").is_file()
+    # defaults: edits drawn as the reference draws them, images without proposals scored whole; both recorded
+    assert a["config"]["edit_style"] is None and a["config"]["no_proposals"] == "whole-image"  # falip draws nothing
+    assert b["config"]["edit_style"] == "clean" and b["config"]["no_proposals"] == "skip"
+    assert b["run"]["no_proposals"]["policy"] == "skip" and b["skipped"]["by_reason"]["no proposals"] == 1
     capsys.readouterr()
     assert main(["aggregate", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     table = capsys.readouterr().out.splitlines()

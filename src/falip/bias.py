@@ -24,6 +24,8 @@ from .geometry import box_token_weights, make_transform, mask_token_weights, val
 
 SHAPES = ("gaussian", "uniform", "hard")
 ROWS = ("cls", "all", "diagonal")
+# How the bump's numbers are computed (see :func:`bump`).
+NUMERICS = ("float64", "reference-numpy1", "reference-numpy2")
 
 HeadSpec = Union[None, Sequence[int], Mapping[int, float]]
 
@@ -68,6 +70,10 @@ class FovealConfig:
     heads: ``None`` = all heads; a sequence of head indices; or ``{head: scale}``.
     unleash: ``None`` (off), or :class:`Unleash` entries amplifying the bias's effect on chosen
         heads of biased blocks (a later entry overrides an earlier one for the same head).
+    numerics: how the bump is computed: ``float64`` (the clean formula of SPEC §1, the default),
+        or the reference code's float32 operations as they run under NumPy 1.x
+        (``reference-numpy1``, its pinned environment) or NumPy ≥ 2 (``reference-numpy2``);
+        see :func:`bump`.
     """
 
     alpha: float = 0.2
@@ -79,8 +85,11 @@ class FovealConfig:
     eps: float = 1e-6
     hard_value: float = -100.0
     unleash: Optional[tuple[Unleash, ...]] = None
+    numerics: str = "float64"
 
     def __post_init__(self):
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"FovealConfig.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.shape not in SHAPES:
             raise ValueError(f"FovealConfig.shape must be one of {SHAPES}, got {self.shape!r}")
         if self.rows not in ROWS:
@@ -103,9 +112,18 @@ class FovealConfig:
             object.__setattr__(self, "unleash", entries or None)
 
     @classmethod
-    def official(cls) -> FovealConfig:
-        """The reference code's settings: α 0.2, σ 100, [CLS] row, blocks ≥ 8 of 12, all heads."""
-        return cls(alpha=0.2, sigma=100.0, shape="gaussian", rows="cls", layers=(8, 9, 10, 11))
+    def official(cls, numerics: str = "reference-numpy1") -> FovealConfig:
+        """The reference code's settings: α 0.2, σ 100, [CLS] row, blocks ≥ 8 of 12, all heads.
+
+        The bump follows the reference's float32 operations as its pinned environment (NumPy 1.21,
+        ``requirements.txt``) runs them; ``numerics="reference-numpy2"`` gives what the same code
+        computes under NumPy ≥ 2 (tiny regions differ: 0.2 vs 0.2097 for 1×1, see :func:`bump`).
+        """
+        if numerics == "float64":
+            raise ValueError(
+                "official() reproduces the reference's float32 bump; use FovealConfig(layers=(8, 9, 10, 11)) for float64"
+            )
+        return cls(alpha=0.2, sigma=100.0, shape="gaussian", rows="cls", layers=(8, 9, 10, 11), numerics=numerics)
 
     def resolve_layers(self, depth: int) -> tuple[int, ...]:
         """Sorted 0-based block indices for a ViT of ``depth`` blocks."""
@@ -165,15 +183,41 @@ class FovealConfig:
             d["heads"] = {str(k): float(v) for k, v in self.heads.items()}
         if self.unleash is None:
             del d["unleash"]  # configs without unleashing serialise exactly as before the option existed
+        if self.numerics == "float64":
+            del d["numerics"]  # likewise for the default bump arithmetic
         return d
 
 
-def bump(h: int, w: int, alpha: float, sigma: float, eps: float = 1e-6) -> np.ndarray:
-    """The ``(h, w)`` float64 bump: ``α (G − min G + ε) / (max G − min G + ε)`` (SPEC §1)."""
-    i = np.arange(h, dtype=np.float64)[:, None] - (h - 1) / 2
-    j = np.arange(w, dtype=np.float64)[None, :] - (w - 1) / 2
-    g = np.exp(-(i**2 + j**2) / (2 * sigma**2))
-    return alpha * (g - g.min() + eps) / (g.max() - g.min() + eps)
+def bump(h: int, w: int, alpha: float, sigma: float, eps: float = 1e-6, numerics: str = "float64") -> np.ndarray:
+    """The ``(h, w)`` bump ``α (G − min G + ε) / (max G − min G + ε)`` (SPEC §1), as float64 values.
+
+    ``numerics="float64"``: the formula in float64 (a 1×1 region gets exactly α).
+
+    ``reference-numpy1`` / ``reference-numpy2``: the float operations of the reference code
+    (executor.py, ``generate_gaussian_mask_region``): each ``G = exp(-0.5 (√(dx² + dy²) / σ)²)`` is
+    computed in float64 and stored into a float32 array; then ``(G − min + ε) / (max + ε − min) · α``
+    runs with float32 arrays. NumPy's scalar promotion decides the denominator: with NumPy 1.x (the
+    reference's pinned 1.21) ``max + ε − min`` is a float64 scalar (cast to float32 for the division);
+    with NumPy ≥ 2 (NEP 50) it is float32, and ``1 + 1e-6`` rounds to ``1 + 8·2⁻²³``, so flat 1×1,
+    1×2, 2×2 regions get 0.2097·α/0.2 … instead of α. Written here from those rules, not copied.
+    """
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
+    dy = np.arange(h, dtype=np.float64)[:, None] - (h - 1) / 2
+    dx = np.arange(w, dtype=np.float64)[None, :] - (w - 1) / 2
+    if numerics == "float64":
+        g = np.exp(-(dy**2 + dx**2) / (2 * sigma**2))
+        return alpha * (g - g.min() + eps) / (g.max() - g.min() + eps)
+    g = np.exp(-0.5 * (np.sqrt(dx**2 + dy**2) / sigma) ** 2).astype(np.float32)
+    lo, hi = g.min(), g.max()  # float32 scalars
+    num = (g - lo) + np.float32(eps)
+    if numerics == "reference-numpy1":
+        den = np.float32(np.float64(hi) + eps - np.float64(lo))
+    else:
+        den = (hi + np.float32(eps)) - lo
+    out = (num / den) * np.float32(alpha)
+    assert out.dtype == np.float32
+    return out.astype(np.float64)
 
 
 def bias_from_weights(weights: np.ndarray, config: FovealConfig) -> torch.Tensor:
@@ -192,7 +236,7 @@ def bias_from_weights(weights: np.ndarray, config: FovealConfig) -> torch.Tensor
         patch = config.alpha * weights
     else:
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        patch[r0:r1, c0:c1] = bump(r1 - r0, c1 - c0, config.alpha, config.sigma, config.eps)
+        patch[r0:r1, c0:c1] = bump(r1 - r0, c1 - c0, config.alpha, config.sigma, config.eps, config.numerics)
         patch *= weights
     vec = np.concatenate([[0.0], patch.reshape(-1)]).astype(np.float32)
     return torch.from_numpy(vec)

@@ -71,10 +71,13 @@ class ImageTransform:
                 stacklevel=3,
             )
         x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, W), min(y1, H)
-        # Written as x*rw/W (not x*(rw/W)) so that squash mode reproduces the reference's
-        # `min(x*S/W, S)` bit for bit, including boxes exactly on patch borders.
-        X0, X1 = x0 * rw / W + ox, x1 * rw / W + ox
-        Y0, Y1 = y0 * rh / H + oy, y1 * rh / H + oy
+        # The scale first, then x * scale: the reference's float operations (executor.py,
+        # `transform_box2token_base`: `scale0 = 224 / img.width; x0 = min(box[0] * scale0, 224)`).
+        # `x * rw / W` rounds differently when x lands on a patch border: x = 43, W = 86 gives
+        # exactly 112 there but 112.00000000000001 here, which touches the next patch column.
+        sx, sy = rw / W, rh / H
+        X0, X1 = x0 * sx + ox, x1 * sx + ox
+        Y0, Y1 = y0 * sy + oy, y1 * sy + oy
         if X1 <= 0 or Y1 <= 0 or X0 >= S or Y0 >= S:
             raise InvalidRegionError(
                 f"box {index} {tuple(box)} lies entirely outside the centre crop of the "

@@ -20,7 +20,7 @@ import torch
 from .bias import FovealConfig
 from .geometry import validate_boxes, validate_masks
 from .images import load_image
-from .prompts import EDITS, apply_edit
+from .prompts import EDITS, STYLES, apply_edit
 
 METHOD_HELP = f"falip, none, one of {', '.join(EDITS)}, or falip+<edit>"
 
@@ -65,13 +65,17 @@ def encode_with_method(
     config: Optional[FovealConfig] = None,
     mode: str = "exact",
     batch_size: int = 32,
+    edit_style: str = "clean",
 ) -> torch.Tensor:
     """L2-normalised embeddings ``(K, E)`` of K regions of one image under ``method``.
 
     Regions are ``boxes (K, 4)`` xyxy pixels, or ``masks`` (K of ``(H, W)``); with both, the
     boxes drive the edits and the masks the bias. An edit without boxes uses each mask's bounding box.
+    ``edit_style``: how edits are drawn, ``clean`` or ``reference`` (see :mod:`falip.prompts`).
     """
     method = parse_method(method) if isinstance(method, str) else method
+    if edit_style not in STYLES:
+        raise ValueError(f"edit_style must be one of {STYLES}, got {edit_style!r}")
     pil = load_image(image)
     if boxes is None and masks is None:
         raise ValueError("give boxes=..., masks=... or both")
@@ -88,7 +92,9 @@ def encode_with_method(
             return model.encode_regions(pil, masks=mask_list, config=config, mode=mode)
         return model.encode_regions(pil, box_arr, config=config, mode=mode)
 
-    edited = [apply_edit(pil, method.edit, box_arr[k], None if mask_list is None else mask_list[k]) for k in range(K)]
+    edited = [
+        apply_edit(pil, method.edit, box_arr[k], None if mask_list is None else mask_list[k], style=edit_style) for k in range(K)
+    ]
     if not method.foveal:
         return model.encode_image([e.image for e in edited], batch_size=batch_size)
     out = []

@@ -14,6 +14,23 @@ the region's mask in the edited image (or None) and a text suffix (only ``shade`
 | ``shade`` | box tinted with (240, 0, 30) at alpha 127; text + " is in red color." (CPT) |
 | ``grayscale`` | everything outside the region in grayscale |
 | ``reverse_blur`` | blur outside the region's mask (FGVP); the box when there is no mask |
+
+Two drawing styles (``style``):
+
+- ``reference`` draws what ReCLIP and the FALIP reference code draw (executor.py,
+  ``tensorize_inputs``), pixel for pixel: ``blur`` keeps PIL's ``rectangle`` sharp, which includes
+  its end pixels — a ``(w+1)×(h+1)`` area for integer boxes; ``crop`` is PIL's ``crop`` of the
+  fractional box, which rounds each coordinate half to even; ``blur_circle`` keeps PIL's filled
+  ellipse sharp with its 1-px rim drawn at level 76 (the luminance of "red" in an ``L`` mask, so the
+  rim is a 30 % blend), then draws the red outline ``int(max(W, H) / 200)`` px wide — none at all
+  for images under 200 px.
+- ``clean`` marks exactly the region: ``blur``/``grayscale`` keep the box's own pixels (rounded
+  to the pixel grid) sharp, ``crop`` takes every pixel the box touches (floor/ceil), the ellipse
+  mask is binary and the outline is at least 1 px wide (so small images still get a circle).
+
+``circle``, ``box``, ``shade``, ``grayscale`` and ``reverse_blur`` draw the same in both styles
+(outlines at least 1 px wide): the reference has no ``box``/``grayscale``/``reverse_blur``, its
+plain red-circle branch is unreachable code (ReCLIP has none), and its ``shade`` equals ours.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from .errors import InvalidRegionError
 
 EDITS = ("crop", "blur", "circle", "blur_circle", "box", "shade", "grayscale", "reverse_blur")
+STYLES = ("reference", "clean")
 RED = (255, 0, 0)
 SHADE_RGBA = (240, 0, 30, 127)
 SHADE_SUFFIX = " is in red color."
@@ -41,8 +59,10 @@ class EditedImage:
     text_suffix: str = ""
 
 
-def line_width(image: Image.Image) -> int:
-    return max(1, int(max(image.size) / 200))
+def line_width(image: Image.Image, style: str = "clean") -> int:
+    """Outline width: ``int(max(W, H) / 200)`` (``reference``: 0, i.e. no outline, under 200 px; ``clean``: at least 1)."""
+    width = int(max(image.size) / 200)
+    return width if style == "reference" else max(1, width)
 
 
 def _box_mask(size: tuple[int, int], box) -> np.ndarray:
@@ -59,15 +79,49 @@ def _ellipse_mask(size: tuple[int, int], box) -> np.ndarray:
     return np.asarray(canvas) > 0
 
 
-def _keep_inside(original: Image.Image, outside: Image.Image, inside_mask: np.ndarray) -> Image.Image:
-    """``original`` where ``inside_mask`` is set, ``outside`` elsewhere."""
-    return Image.composite(original, outside, Image.fromarray(inside_mask.astype(np.uint8) * 255))
+def _reference_mask(size: tuple[int, int], box, shape: str) -> Image.Image:
+    """The reference's ``L`` mask: PIL's filled rectangle (end pixels included), or filled ellipse with a "red" (76) rim."""
+    canvas = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(canvas)
+    corners = [(box[0], box[1]), (box[2], box[3])]
+    if shape == "rectangle":
+        draw.rectangle(corners, fill=255)
+    else:
+        draw.ellipse(corners, outline="red", fill=255)
+    return canvas
 
 
-def apply_edit(image: Image.Image, method: str, box, mask: Optional[np.ndarray] = None) -> EditedImage:
-    """Apply one edit of :data:`EDITS` for the region ``box`` (xyxy pixels, clamped to the image)."""
+def _keep_inside(original: Image.Image, outside: Image.Image, inside_mask) -> Image.Image:
+    """``original`` where ``inside_mask`` (bool array, or an ``L`` image used as alpha) is set, ``outside`` elsewhere."""
+    if isinstance(inside_mask, np.ndarray):
+        inside_mask = Image.fromarray(inside_mask.astype(np.uint8) * 255)
+    return Image.composite(original, outside, inside_mask)
+
+
+def _crop_bounds(box, size: tuple[int, int], style: str) -> tuple[int, int, int, int]:
+    """Integer crop rectangle: PIL's rounding of the fractional box (``reference``) or every touched pixel (``clean``)."""
+    x0, y0, x1, y1 = box
+    W, H = size
+    if style == "reference":
+        # What Image.crop does with a fractional box (Python's round: half to even). Only a box
+        # that rounds to nothing (the reference would fail on it) is widened to one pixel.
+        left, top, right, bottom = (int(round(v)) for v in box)
+        left, top = min(left, W - 1), min(top, H - 1)
+    else:
+        left, top, right, bottom = int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1))
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+def apply_edit(image: Image.Image, method: str, box, mask: Optional[np.ndarray] = None, style: str = "clean") -> EditedImage:
+    """Apply one edit of :data:`EDITS` for the region ``box`` (xyxy pixels, clamped to the image).
+
+    ``style``: ``reference`` (ReCLIP / the FALIP reference code, pixel for pixel) or ``clean``; see
+    the module docstring for what differs.
+    """
     if method not in EDITS:
         raise ValueError(f"unknown visual prompt {method!r}; choose from {EDITS}")
+    if style not in STYLES:
+        raise ValueError(f"unknown edit style {style!r}; choose from {STYLES}")
     image = image.convert("RGB")
     W, H = image.size
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -77,25 +131,28 @@ def apply_edit(image: Image.Image, method: str, box, mask: Optional[np.ndarray] 
     box = (x0, y0, x1, y1)
     if mask is not None and mask.shape != (H, W):
         raise InvalidRegionError(f"mask has shape {mask.shape} but the image is H={H}, W={W}")
+    reference = style == "reference"
 
     if method == "crop":
-        left, top = int(np.floor(x0)), int(np.floor(y0))
-        right, bottom = max(int(np.ceil(x1)), left + 1), max(int(np.ceil(y1)), top + 1)
+        left, top, right, bottom = _crop_bounds(box, image.size, style)
         cropped = image.crop((left, top, right, bottom))
         sub_mask = mask[top:bottom, left:right] if mask is not None else None
         return EditedImage(cropped, (0.0, 0.0, float(right - left), float(bottom - top)), sub_mask)
 
     if method in ("blur", "blur_circle", "reverse_blur"):
         blurred = image.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
-        if method == "blur":
-            inside = _box_mask(image.size, box)
+        if method == "reverse_blur" and mask is not None:
+            inside = mask
         elif method == "blur_circle":
-            inside = _ellipse_mask(image.size, box)
+            inside = _reference_mask(image.size, box, "ellipse") if reference else _ellipse_mask(image.size, box)
         else:
-            inside = mask if mask is not None else _box_mask(image.size, box)
+            inside = (
+                _reference_mask(image.size, box, "rectangle") if reference and method == "blur" else _box_mask(image.size, box)
+            )
         edited = _keep_inside(image, blurred, inside)
-        if method == "blur_circle":
-            ImageDraw.Draw(edited).ellipse(box, outline=RED, width=line_width(image))
+        width = line_width(image, style)
+        if method == "blur_circle" and width:
+            ImageDraw.Draw(edited).ellipse(box, outline=RED, width=width)
         return EditedImage(edited, box, mask)
 
     if method == "grayscale":
@@ -104,7 +161,7 @@ def apply_edit(image: Image.Image, method: str, box, mask: Optional[np.ndarray] 
         return EditedImage(_keep_inside(image, gray, inside), box, mask)
 
     if method == "shade":
-        overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+        overlay = Image.new("RGBA", image.size, SHADE_RGBA[:3] + (0,))
         ImageDraw.Draw(overlay).rectangle(box, fill=SHADE_RGBA)
         edited = Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
         return EditedImage(edited, box, mask, SHADE_SUFFIX)

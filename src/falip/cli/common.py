@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..bias import ROWS, SHAPES, FovealConfig, Unleash
+from ..bias import NUMERICS, ROWS, SHAPES, FovealConfig, Unleash
 from ..encode import MODES
 from ..errors import FalipError
 from ..geometry import PREPROCESS_MODES
@@ -111,6 +111,13 @@ def add_bias_args(parser: argparse.ArgumentParser) -> None:
         metavar="LAYERS:HEADS[:λ]",
         help="amplify the bias's effect on heads of biased blocks, e.g. 8-11:all (λ=1 doubles it) or 10:3,5:2 (repeat)",
     )
+    g.add_argument(
+        "--numerics",
+        default="float64",
+        choices=NUMERICS,
+        help="bump arithmetic: float64 (default), or the reference code's float32 steps as NumPy 1.x (its pinned "
+        "environment) or NumPy >= 2 runs them",
+    )
     g.add_argument("--mode", default="exact", choices=MODES, help="execution: exact (default), naive, approx")
 
 
@@ -124,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> FovealConfig:
         layers=args.layers,
         heads=args.heads,
         unleash=tuple(unleash) if unleash else None,
+        numerics=args.numerics,
     )
 
 

@@ -8,7 +8,8 @@ from ..bias import FovealConfig
 from ..datasets.refer import DATASETS, RecDataset, load_reclip, load_refer
 from ..errors import FalipError
 from ..methods import METHOD_HELP
-from ..tasks.rec import AGGREGATES, N_CAPTIONS, PROMPT, RegionScorer, draw_captions, evaluate, parse_methods
+from ..prompts import STYLES
+from ..tasks.rec import AGGREGATES, N_CAPTIONS, NO_PROPOSALS, PROMPT, RegionScorer, draw_captions, evaluate, parse_methods
 from .common import add_bias_args, add_model_args, config_from_args, load_from_args
 
 
@@ -50,6 +51,7 @@ def cmd_rec(args: argparse.Namespace) -> int:
         template=args.template,
         captions=captions,
         n_captions=args.captions,
+        edit_style=args.edit_style,
     )
     run_config = dict(
         task="rec",
@@ -60,6 +62,7 @@ def cmd_rec(args: argparse.Namespace) -> int:
         preprocess=args.preprocess,
         precision=args.precision,
         seed=args.seed if args.subtract else None,
+        no_proposals=args.no_proposals,
         **scorer.describe(),
     )
     result = evaluate(
@@ -72,6 +75,7 @@ def cmd_rec(args: argparse.Namespace) -> int:
         limit=args.limit,
         resume=not args.no_resume,
         progress=not args.quiet,
+        no_proposals=args.no_proposals,
         pretrained=[m.pretrained for m in models] if any(m.pretrained for m in models) else None,
         device=args.device,
     )
@@ -105,6 +109,12 @@ def register(sub) -> None:
     g.add_argument("--annotations", default=None, help="ReCLIP JSONL file (with --format reclip)")
     g.add_argument("--image-root", required=True, help="folder of COCO train2014 images")
     g.add_argument("--detections", default=None, help="detector boxes {image_id: [[x, y, w, h], ...]}; default: gold boxes")
+    g.add_argument(
+        "--no-proposals",
+        default="whole-image",
+        choices=NO_PROPOSALS,
+        help="an image without proposals: the whole image as its only proposal (default, as the reference code) or skip",
+    )
     add_model_args(p)
     p.add_argument(
         "--model",
@@ -123,6 +133,12 @@ def register(sub) -> None:
     g = p.add_argument_group("scoring")
     g.add_argument("--method", default="falip", help=f"{METHOD_HELP}; several separated by commas form an ensemble")
     g.add_argument("--aggregate", default="sum", choices=AGGREGATES, help="how a method ensemble combines logits (default sum)")
+    g.add_argument(
+        "--edit-style",
+        default="reference",
+        choices=STYLES,
+        help="draw the edits as ReCLIP / the FALIP reference code (default) or clean (exact box, see docs/rec.md)",
+    )
     g.add_argument(
         "--subtract",
         action="store_true",

@@ -40,10 +40,13 @@ from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import load_image
 from ..methods import METHOD_HELP, Method, encode_with_method, parse_method
+from ..prompts import STYLES
 from ..results import RunRecorder
 
 PROMPT = "a photo of {}"
 AGGREGATES = ("sum", "max")
+# What an image without usable proposals does: the reference's whole image as the only proposal, or skipping it.
+NO_PROPOSALS = ("whole-image", "skip")
 N_CAPTIONS = 500
 TEXT_BATCH = 256
 
@@ -75,6 +78,8 @@ class RegionScorer:
     ``score = Σ_models agg_methods(logit_scale · r_k · (t − n̄))`` with ``r_k`` the region's
     embedding, ``t`` the sentence's and ``n̄`` the mean embedding of the negative captions
     (score subtraction; 0 without it). ``agg`` is ``sum`` or ``max`` over methods.
+    ``edit_style``: edits drawn as ReCLIP and the FALIP reference code draw them (``reference``,
+    the default for REC) or ``clean`` (see :mod:`falip.prompts`).
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class RegionScorer:
         template: str = PROMPT,
         captions: Optional[Sequence[str]] = None,
         n_captions: int = N_CAPTIONS,
+        edit_style: str = "reference",
     ):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
@@ -96,6 +102,8 @@ class RegionScorer:
             raise ValueError("give at least one model")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if edit_style not in STYLES:
+            raise ValueError(f"edit_style must be one of {STYLES}, got {edit_style!r}")
         self.models = list(models)
         self.methods = parse_methods(methods)
         self.config = config
@@ -104,6 +112,7 @@ class RegionScorer:
         self.template = template
         self.captions = list(captions) if captions is not None else None
         self.n_captions = n_captions
+        self.edit_style = edit_style
         self._text: dict[tuple[int, str], torch.Tensor] = {}
         self._negatives: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -116,6 +125,7 @@ class RegionScorer:
             bias_layers=[list((self.config or m.config).resolve_layers(m.num_layers)) for m in self.models],
             mode=self.mode,
             methods=[m.name for m in self.methods],
+            edit_style=self.edit_style if any(m.edit for m in self.methods) else None,
             aggregate=self.aggregate,
             template=self.template,
             subtract=dict(captions=self.n_captions, drawn=self.captions) if self.captions is not None else None,
@@ -158,6 +168,7 @@ class RegionScorer:
                     masks=masks if method.edit == "reverse_blur" else None,
                     config=self.config,
                     mode=self.mode,
+                    edit_style=self.edit_style,
                 ).cpu()
                 for method in self.methods
             ]
@@ -202,17 +213,19 @@ def ground(
     mode: str = "exact",
     aggregate: str = "sum",
     template: str = PROMPT,
+    edit_style: str = "reference",
 ) -> Grounding:
     """Which of K boxes ``(K, 4)`` (xyxy pixels) of ``image`` does ``text`` describe?
 
     ``model``: a :class:`falip.FalipModel` or a list of them (logits summed); ``method``: ``falip``,
     ``none``, an edit (``crop``, ``blur``, ``circle`` …), ``falip+<edit>``, or several separated by
     commas (combined with ``aggregate``). ``masks`` (K of ``(H, W)``) are used by ``reverse_blur``.
+    ``edit_style``: ``reference`` (ReCLIP's drawing, default) or ``clean`` (see :mod:`falip.prompts`).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
     models = list(model) if isinstance(model, (list, tuple)) else [model]
-    scorer = RegionScorer(models, method, config=config, mode=mode, aggregate=aggregate, template=template)
+    scorer = RegionScorer(models, method, config=config, mode=mode, aggregate=aggregate, template=template, edit_style=edit_style)
     pil = load_image(image)
     xyxy = validate_boxes(boxes, pil.size)
     mask_list = list(masks) if masks is not None else None
@@ -293,6 +306,7 @@ def evaluate(
     limit: Optional[int] = None,
     resume: bool = True,
     progress: bool = True,
+    no_proposals: str = "whole-image",
     **extra,
 ) -> dict:
     """Run REC over ``data`` and write the results JSON (and per-sample JSONL); returns the results dict.
@@ -300,15 +314,21 @@ def evaluate(
     ``run_config`` (default: :meth:`RegionScorer.describe`) is stored with the results and checked
     on resume: a different config refuses to mix predictions. ``extra`` adds top-level fields.
     Samples that cannot be evaluated are recorded as skipped with a reason; skipped samples are
-    retried when a run is resumed.
+    retried when a run is resumed. ``no_proposals``: an image without usable proposals is scored
+    with the whole image as its only proposal, as the reference code does (``whole-image``: its
+    sentences count, and ``run.no_proposals`` counts them), or its sentences are skipped (``skip``).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    if no_proposals not in NO_PROPOSALS:
+        raise ValueError(f"no_proposals must be one of {NO_PROPOSALS}, got {no_proposals!r}")
     samples = data.samples[:limit] if limit is not None else data.samples
     config = run_config if run_config is not None else scorer.describe()
     rec = RunRecorder(output, task="rec", config=config, resume=resume, predictions=predictions)
     need_masks = any(m.edit == "reverse_blur" for m in scorer.methods)
-    counts = dict(images=0, expressions=0, clamped=0, dropped=0, masks_missing=0, correct=0, scored=0)
+    counts = dict(
+        images=0, expressions=0, clamped=0, dropped=0, masks_missing=0, correct=0, scored=0, whole_images=0, whole_expressions=0
+    )
 
     def pending(s: RecSample) -> bool:
         return s.id not in rec.done or "skipped" in rec.done[s.id]
@@ -333,13 +353,21 @@ def evaluate(
         boxes, keep, clamped = _prepare_proposals(proposals, image.size)
         counts["clamped"] += clamped
         counts["dropped"] += len(proposals) - len(keep)
+        fallback = None
         if not keep:
             detail = f"image {image_id} has no {data.proposal_source} proposals"
             if proposals:
                 detail += f" ({len(proposals)} with no area inside the image)"
-            for s in ok:
-                skip(s, "no proposals", detail)
-            return
+            if no_proposals == "skip":
+                for s in ok:
+                    skip(s, "no proposals", detail)
+                return
+            # The reference code (main.py): `if len(boxes) == 0: boxes = [Box(x=0, y=0, w=img.width, h=img.height)]`.
+            W, H = image.size
+            proposals = [Proposal(bbox=(0.0, 0.0, float(W), float(H)))]
+            boxes, keep, _ = _prepare_proposals(proposals, image.size)
+            fallback = "whole image"
+            counts["whole_images"] += 1
         masks = None
         if need_masks:
             masks, missing = _proposal_masks(proposals, keep, boxes, image.size)
@@ -371,8 +399,10 @@ def evaluate(
                 n_proposals=len(proposals),
                 scores=[round(float(v), 4) for v in row],
                 correct=overlap > 0.5,
+                **({"fallback": fallback} if fallback else {}),
             )
             counts["expressions"] += 1
+            counts["whole_expressions"] += fallback is not None
 
     groups: dict[str, list[RecSample]] = {}
     for s in samples:
@@ -422,6 +452,7 @@ def evaluate(
         proposals_clamped=counts["clamped"],
         proposals_dropped=counts["dropped"],
         masks_missing=counts["masks_missing"] if need_masks else None,
+        no_proposals=dict(policy=no_proposals, images=counts["whole_images"], expressions=counts["whole_expressions"]),
         limit=limit,
     )
     fields = dict(
