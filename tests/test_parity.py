@@ -168,3 +168,11 @@ def test_squash_transform_maps_border_coordinates_as_the_reference():
     # x = 43 of an 86-px-wide image: 43 * (224 / 86) = 112.00000000000001 -> touches patch column 7
     t = make_transform("squash", (86, 64), 224)
     assert t.map_box((43, 0, 60, 10))[0] == 43 * (224 / 86) > 112
+
+
+def test_cli_numerics_option_selects_the_bump_arithmetic(capsys):
+    from falip.cli import main
+
+    box = ["bias", "--image-size", "640,480", "--box", "200,200,201,201"]  # one token
+    assert main(box) == 0 and " 0.200 " in capsys.readouterr().out
+    assert main([*box, "--numerics", "reference-numpy2"]) == 0 and " 0.210 " in capsys.readouterr().out
