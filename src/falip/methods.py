@@ -104,3 +104,26 @@ def encode_with_method(
         else:
             out.append(model.encode_regions(e.image, [e.box], config=config, mode=mode))
     return torch.cat(out)
+
+
+def score_with_method(
+    model,
+    image,
+    texts: Sequence[str],
+    method="falip",
+    boxes=None,
+    masks: Optional[Sequence[np.ndarray]] = None,
+    config: Optional[FovealConfig] = None,
+    mode: str = "exact",
+) -> torch.Tensor:
+    """Logits ``(K, T)`` = logit_scale · cosine between K regions encoded with ``method`` and T texts.
+
+    The texts are used as given (no prompt template); an edit with a text suffix (``shade``) appends it.
+    For ``method="falip"`` this equals :meth:`FalipModel.score_regions`. ``falip score`` and the
+    ``falip serve`` API both call it.
+    """
+    method = parse_method(method) if isinstance(method, str) else method
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    text = model.encode_text([t + method.text_suffix for t in texts] if method.text_suffix else texts)
+    regions = encode_with_method(model, image, method, boxes=boxes, masks=masks, config=config, mode=mode)
+    return model.runtime.logit_scale.cpu() * regions.cpu() @ text.cpu().T

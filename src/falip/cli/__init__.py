@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "falip.cli.pointcloud",
     "falip.cli.classify",
     "falip.cli.heads",
+    "falip.cli.serve",
 )
 
 

@@ -7,6 +7,7 @@ import json
 
 from ..errors import FalipError
 from ..geometry import PREPROCESS_MODES
+from ..methods import METHOD_HELP, parse_method, score_with_method
 from .common import add_bias_args, add_model_args, config_from_args, load_from_args, parse_box, parse_pair, read_mask
 
 
@@ -29,7 +30,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = load_from_args(args, config)
     regions = dict(boxes=args.box) if args.box else dict(masks=[read_mask(p) for p in args.mask])
-    scores = model.score_regions(args.image, texts=args.text, mode=args.mode, **regions)
+    scores = score_with_method(model, args.image, args.text, args.method, config=config, mode=args.mode, **regions)
     names = [",".join(f"{v:g}" for v in b) for b in args.box] if args.box else list(args.mask)
     result = {
         "image": str(args.image),
@@ -38,6 +39,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         "scores": scores.tolist(),
         "best": {t: names[int(scores[:, j].argmax())] for j, t in enumerate(args.text)},
         "model": model.info(),
+        "method": parse_method(args.method).name,
         "mode": args.mode,
     }
     if args.json:
@@ -79,6 +81,7 @@ def register(sub) -> None:
     p.add_argument("--box", action="append", type=parse_box, default=[], help="x0,y0,x1,y1 in pixels (repeat)")
     p.add_argument("--mask", action="append", default=[], help="binary mask PNG of the image's size (repeat)")
     p.add_argument("--text", action="append", required=True, help="a text to score (repeat)")
+    p.add_argument("--method", default="falip", help=f"how regions are encoded: {METHOD_HELP} (default: falip)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_model_args(p)
     add_bias_args(p)

@@ -1,0 +1,264 @@
+"""What the web server does with a request, without the web framework: check inputs, run the model.
+
+:class:`ScoringService` owns one model and a lock. The runtime swaps modules on the shared model
+object during a call, so two calls must never overlap: every model call here runs under the lock.
+The server calls these methods from worker threads, so its event loop stays free while one runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..bias import FovealConfig
+from ..encode import MODES
+from ..errors import FalipError
+from ..methods import METHOD_HELP, parse_method, score_with_method
+from ..prompts import EDITS
+from ..synthetic import make_scene
+
+# The methods the page offers (any name parse_method accepts is valid in the API).
+PAGE_METHODS = ("falip", "none", "crop", "blur", "circle", "falip+circle", "falip+blur") + tuple(
+    e for e in EDITS if e not in ("crop", "blur", "circle")
+)
+
+
+class InputError(FalipError, ValueError):
+    """A request's input is malformed or over a limit; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send. Larger inputs are refused with a 4xx naming the limit."""
+
+    max_upload_bytes: int = 20 * 1024 * 1024  # the whole request body
+    max_pixels: int = 16_000_000  # width × height of the decoded image (e.g. 4900 × 3265)
+    max_boxes: int = 32
+    max_texts: int = 16
+    max_text_chars: int = 300
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if value < 1:
+                raise ValueError(f"limit {name} must be at least 1, got {value}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled example: a generated scene with its object boxes and one expression per object."""
+
+    name: str
+    image: Image.Image
+    boxes: list[list[float]]
+    texts: list[str]
+
+
+def make_examples(seeds: Sequence[int] = (3, 7, 11)) -> dict[str, Example]:
+    """Generated 3-object scenes (``falip.synthetic``), 256×256, one per seed; nothing is read from disk."""
+    out = {}
+    for seed in seeds:
+        scene = make_scene(np.random.default_rng(seed), 3, 256)
+        name = f"shapes-{seed}"
+        boxes = [[round(v, 1) for v in o.box] for o in scene.objects]
+        out[name] = Example(name, scene.image, boxes, [f"the {o.name}" for o in scene.objects])
+    return out
+
+
+def decode_image(data: bytes, limits: Limits) -> Image.Image:
+    """An RGB image as displayed (EXIF orientation applied) from uploaded bytes.
+
+    The pixel limit is checked on the header, before the pixels are decoded.
+    """
+    if not data:
+        raise InputError("image: the uploaded file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise InputError(
+                    f"image: {w}x{h} = {w * h} pixels is over the limit of {limits.max_pixels} pixels; downscale it first",
+                    status=413,
+                )
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except UnidentifiedImageError:
+        raise InputError("image: not an image file (PIL cannot identify its format)", status=415) from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image: refused as a decompression bomb ({exc})", status=413) from None
+    except OSError as exc:
+        raise InputError(f"image: cannot decode the uploaded file ({exc})") from None
+
+
+def _json_field(name: str, text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise InputError(f"{name}: not valid JSON ({exc}); got {text[:80]!r}") from None
+
+
+def parse_boxes(text: str, image_size: tuple[int, int], limits: Limits) -> list[list[float]]:
+    """``'[[x0, y0, x1, y1], ...]'`` (pixels of the image as displayed) → checked boxes.
+
+    A box may stick out of the image (it is clamped, as the library does); an empty box, one
+    entirely outside the image, NaN/inf or a wrong shape is refused.
+    """
+    value = _json_field("boxes", text)
+    if not isinstance(value, list) or not value:
+        raise InputError("boxes: give a non-empty JSON list of [x0, y0, x1, y1] pixel boxes")
+    if len(value) > limits.max_boxes:
+        raise InputError(f"boxes: {len(value)} boxes is over the limit of {limits.max_boxes}")
+    W, H = image_size
+    out = []
+    for i, box in enumerate(value):
+        if not (
+            isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        ):
+            raise InputError(f"boxes: box {i} must be [x0, y0, x1, y1] (four numbers), got {json.dumps(box)[:80]}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise InputError(f"boxes: box {i} {box} has a NaN or infinite coordinate")
+        if x1 <= x0 or y1 <= y0:
+            raise InputError(f"boxes: box {i} {box} is empty: need x1 > x0 and y1 > y0")
+        if x1 <= 0 or y1 <= 0 or x0 >= W or y0 >= H:
+            raise InputError(f"boxes: box {i} {box} lies entirely outside the {W}x{H} image")
+        out.append([x0, y0, x1, y1])
+    return out
+
+
+def parse_texts(text: str, limits: Limits) -> list[str]:
+    """``'["the dog", ...]'`` → a non-empty list of non-blank strings within the limits."""
+    value = _json_field("texts", text)
+    if not isinstance(value, list) or not value:
+        raise InputError('texts: give a non-empty JSON list of strings, e.g. ["the dog on the left"]')
+    if len(value) > limits.max_texts:
+        raise InputError(f"texts: {len(value)} texts is over the limit of {limits.max_texts}")
+    for i, t in enumerate(value):
+        if not isinstance(t, str) or not t.strip():
+            raise InputError(f"texts: text {i} must be a non-blank string, got {json.dumps(t)[:80]}")
+        if len(t) > limits.max_text_chars:
+            raise InputError(f"texts: text {i} has {len(t)} characters, over the limit of {limits.max_text_chars}")
+    return value
+
+
+def parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``'[2, 3, 4, 5]'`` → (2, 3, 4, 5); None or ``''`` → None (the model's own layers)."""
+    if text is None or not text.strip():
+        return None
+    value = _json_field("layers", text)
+    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise InputError(f"layers: give a non-empty JSON list of block indices like [2, 3, 4, 5], got {text[:80]!r}")
+    return tuple(value)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise InputError(f"mode: unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    return mode
+
+
+def check_method(method: str) -> str:
+    """The canonical method name (``"blur+falip"`` → ``"falip+blur"``)."""
+    try:
+        return parse_method(method).name
+    except ValueError:
+        raise InputError(f"method: unknown method {method!r}; use {METHOD_HELP}") from None
+
+
+def png_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class ScoringService:
+    """One model behind a lock; every method that touches the model holds it for the whole call."""
+
+    def __init__(self, model, limits: Limits = Limits()):
+        self.model = model
+        self.limits = limits
+        self.lock = threading.Lock()
+        self.examples = make_examples()
+
+    def info(self) -> dict:
+        """What ``GET /api/health`` answers: the model, its default FALIP settings, the choices and limits."""
+        m = self.model
+        return dict(
+            status="ok",
+            model=m.name,
+            pretrained=m.pretrained,
+            preprocess=m.preprocess,
+            num_layers=m.num_layers,
+            config=m.config.to_dict(),
+            bias_layers=list(m.config.resolve_layers(m.num_layers)),
+            methods=list(PAGE_METHODS),
+            modes=list(MODES),
+            limits=self.limits.to_dict(),
+            examples=[dict(name=e.name, boxes=e.boxes, texts=e.texts) for e in self.examples.values()],
+        )
+
+    def config(self, alpha: Optional[float] = None, sigma: Optional[float] = None, layers: Optional[str] = None) -> FovealConfig:
+        """The model's own FALIP settings with the request's overrides; ValueError names a bad value."""
+        changes = {}
+        if alpha is not None:
+            changes["alpha"] = alpha
+        if sigma is not None:
+            changes["sigma"] = sigma
+        parsed = parse_layers(layers)
+        if parsed is not None:
+            changes["layers"] = parsed
+        try:
+            config = replace(self.model.config, **changes)
+            config.resolve_layers(self.model.num_layers)
+            config.unleash_gains(self.model.num_layers, self.model.num_heads)
+        except ValueError as exc:
+            raise InputError(f"FALIP options: {exc}") from None
+        return config
+
+    def score(self, image: Image.Image, boxes, texts: list[str], method: str, config: FovealConfig, mode: str) -> dict:
+        """Scores ``(K, T)``, the best box per text and the settings used, as ``POST /api/score`` answers."""
+        with self.lock:
+            scores = score_with_method(self.model, image, texts, method, boxes=boxes, config=config, mode=mode)
+        return dict(
+            scores=scores.tolist(),
+            best=[int(j) for j in scores.argmax(dim=0)],
+            method=method,
+            mode=mode,
+            config=config.to_dict(),
+            bias_layers=list(config.resolve_layers(self.model.num_layers)),
+            model=self.model.name,
+            image_size=list(image.size),
+            boxes=boxes,
+            texts=texts,
+        )
+
+    def attention(self, image: Image.Image, boxes, box: int, config: FovealConfig) -> dict:
+        """[CLS] attention maps without and with FALIP on ``boxes[box]`` (``falip.viz``), as a PNG data URI."""
+        from ..viz import attention_maps, draw_attention
+
+        if not 0 <= box < len(boxes):
+            raise InputError(f"box: index {box} is out of range for {len(boxes)} boxes (0-based)")
+        with self.lock:
+            maps = attention_maps(self.model, image, [boxes[box]], config=config)
+        mass = maps.box_mass[0]
+        return dict(
+            box=box,
+            layers=list(maps.layers),
+            box_mass=dict(without=float(mass[0]), with_falip=float(mass[1])),
+            png=png_data_uri(draw_attention(maps)),
+        )

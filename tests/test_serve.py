@@ -1,0 +1,375 @@
+"""``falip serve``: the JSON API through a real HTTP client against a real server, and the page in a real browser.
+
+The server is the real command (``python -m falip serve --port 0``) in a subprocess on 127.0.0.1,
+with the shipped ``falip-toy`` model and small limits so that over-limit inputs are cheap to send.
+"""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from falip import RegionClampWarning
+from falip.cli import main
+from falip.synthetic import make_scene
+
+httpx = pytest.importorskip("httpx", reason="the app extra is not installed: pip install -e '.[app]'")
+pytest.importorskip("fastapi", reason="the app extra is not installed: pip install -e '.[app]'")
+
+MAX_PIXELS = 300 * 300
+MAX_UPLOAD_MB = 1
+MAX_BOXES = 8
+SCENE_SEED = 7  # a 3-object 256×256 scene; falip-toy's FALIP picks the right box for each object's name
+
+
+def png_bytes(image: Image.Image, **save_args) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **save_args)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene(np.random.default_rng(SCENE_SEED), 3, 256)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``(base_url, path of the server's stderr log)`` of a running ``falip serve``."""
+    root = tmp_path_factory.mktemp("serve")
+    out, err = root / "stdout.log", root / "stderr.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "falip", "serve", "--port", "0", "--max-pixels", str(MAX_PIXELS)]
+    cmd += ["--max-upload-mb", str(MAX_UPLOAD_MB), "--max-boxes", str(MAX_BOXES)]
+    with open(out, "w") as fout, open(err, "w") as ferr:
+        proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            assert proc.poll() is None, f"falip serve exited with {proc.returncode}: {err.read_text()}"
+            for line in out.read_text().splitlines():
+                if line.startswith("falip serve:") and "open http://" in line:
+                    url = line.split("open ")[1].split()[0]
+            time.sleep(0.1)
+        assert url and url.startswith("http://127.0.0.1:"), f"no URL printed: {out.read_text()} {err.read_text()}"
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "api/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, err
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=120) as c:
+        yield c
+
+
+def score(client, image: bytes, boxes, texts, **fields):
+    data = dict(boxes=json.dumps(boxes), texts=json.dumps(texts), **fields)
+    return client.post("/api/score", files={"image": ("image.png", image, "image/png")}, data=data)
+
+
+def test_health_names_the_model_and_its_settings(client):
+    r = client.get("/api/health")
+    assert r.status_code == 200
+    info = r.json()
+    assert info["model"] == "falip-toy" and info["bias_layers"] == [2, 3, 4, 5] and info["config"]["alpha"] == 2.0
+    assert info["limits"]["max_pixels"] == MAX_PIXELS and info["limits"]["max_boxes"] == MAX_BOXES
+    assert "falip" in info["methods"] and "exact" in info["modes"] and info["examples"]
+
+
+def cli_score(capsys, image_path: Path, boxes, texts, method: str, mode: str, response: dict) -> dict:
+    """What ``falip score --json`` prints with the model, preprocessing and bias settings the API reported."""
+    argv = ["score", str(image_path), "--model", "falip-toy", "--json"]
+    for b in boxes:
+        argv += ["--box", ",".join(repr(float(v)) for v in b)]
+    for t in texts:
+        argv += ["--text", t]
+    config = response["config"]
+    argv += ["--method", method, "--mode", mode, "--preprocess", "crop"]
+    argv += ["--alpha", repr(config["alpha"]), "--sigma", repr(config["sigma"]), "--shape", config["shape"]]
+    argv += ["--rows", config["rows"], "--layers", ",".join(str(i) for i in response["bias_layers"])]
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegionClampWarning)  # the box sticking out of the image
+        assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "method,mode,options",
+    [
+        ("falip", "exact", {}),  # the model's own FALIP settings (α 2 on blocks 2–5)
+        ("falip+blur", "naive", {"alpha": "0.7", "layers": "[3, 5]"}),
+    ],
+)
+def test_score_equals_falip_score_json_for_the_same_inputs(client, scene, tmp_path, capsys, method, mode, options):
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    # Float coordinates, and a box that sticks out of the image (clamped by both).
+    boxes = [list(o.box) for o in scene.objects] + [[200.5, 180.25, 300.0, 270.0]]
+    texts = [f"the {o.name}" for o in scene.objects]
+    r = score(client, path.read_bytes(), boxes, texts, method=method, mode=mode, **options)
+    assert r.status_code == 200, r.text
+    api = r.json()
+    if "alpha" in options:
+        assert api["config"]["alpha"] == 0.7 and api["bias_layers"] == [3, 5]
+    cli = cli_score(capsys, path, boxes, texts, method, mode, api)
+    assert cli["method"] == api["method"] == method and cli["mode"] == mode
+    scores = np.array(api["scores"])
+    assert scores.shape == (len(boxes), len(texts))
+    np.testing.assert_allclose(scores, np.array(cli["scores"]), rtol=1e-5, atol=1e-5)
+    assert api["best"] == [int(j) for j in np.argmax(np.array(cli["scores"]), axis=0)]
+    if method == "falip":  # a sanity check of the semantics, not only of the plumbing
+        assert api["best"] == [0, 1, 2]
+
+
+def test_score_applies_exif_orientation_so_boxes_refer_to_the_displayed_image(client, scene):
+    displayed = scene.image.crop((0, 40, 256, 200))  # 256×160 as displayed
+    stored = displayed.transpose(Image.Transpose.ROTATE_90)  # 160×256 in the file, EXIF says "rotate 90° CW"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored image must be rotated 90° clockwise to display
+    boxes = [[150.0, 10.0, 250.0, 120.0], [10.0, 20.0, 120.0, 150.0]]  # box 0 lies outside the stored 160-px width
+    texts = ["the red triangle", "the blue square"]
+    plain = score(client, png_bytes(displayed), boxes, texts)
+    rotated = score(client, png_bytes(stored, exif=exif), boxes, texts)
+    assert plain.status_code == 200 and rotated.status_code == 200, rotated.text
+    assert rotated.json()["image_size"] == [256, 160]
+    np.testing.assert_allclose(rotated.json()["scores"], plain.json()["scores"], rtol=0, atol=1e-6)
+
+
+def _big_noise() -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, size=(700, 700, 3), dtype=np.uint8)
+    return png_bytes(Image.fromarray(noise))  # ~1.5 MB, over the 1 MB upload limit
+
+
+GOOD_BOXES = json.dumps([[10, 10, 100, 100]])
+GOOD_TEXTS = json.dumps(["the red circle"])
+BAD_REQUESTS = {
+    # name: (form fields other than the image, image bytes or None for the scene, status, fragment of the message)
+    "not an image": ({}, b"this is not an image", 415, "image: not an image file"),
+    "empty file": ({}, b"", 400, "image: the uploaded file is empty"),
+    "over the pixel limit": ({}, "big", 413, f"over the limit of {MAX_PIXELS} pixels"),
+    "over the upload limit": ({}, "huge", 413, "over the upload limit"),
+    "no image field": ({}, "missing", 400, "image: Field required"),
+    "boxes not JSON": ({"boxes": "[[1, 2, 3"}, None, 400, "boxes: not valid JSON"),
+    "boxes not a list": ({"boxes": '{"x": 1}'}, None, 400, "boxes: give a non-empty JSON list"),
+    "no boxes": ({"boxes": "[]"}, None, 400, "boxes: give a non-empty JSON list"),
+    "box with three numbers": ({"boxes": "[[1, 2, 3]]"}, None, 400, "box 0 must be [x0, y0, x1, y1]"),
+    "box with a string": ({"boxes": '[[1, 2, "3", 4]]'}, None, 400, "box 0 must be [x0, y0, x1, y1]"),
+    "box with NaN": ({"boxes": "[[1, 2, NaN, 4]]"}, None, 400, "NaN or infinite"),
+    "zero-width box": ({"boxes": "[[10, 10, 10, 50]]"}, None, 400, "box 0 [10, 10, 10, 50] is empty"),
+    "inverted box": ({"boxes": "[[10, 10, 50, 50], [60, 50, 20, 90]]"}, None, 400, "box 1 [60, 50, 20, 90] is empty"),
+    "box outside the image": ({"boxes": "[[300, 10, 400, 50]]"}, None, 400, "entirely outside the 256x256 image"),
+    "too many boxes": ({"boxes": json.dumps([[0, 0, 10, 10]] * (MAX_BOXES + 1))}, None, 400, f"over the limit of {MAX_BOXES}"),
+    "no texts": ({"texts": "[]"}, None, 400, "texts: give a non-empty JSON list"),
+    "blank text": ({"texts": '["a", "  "]'}, None, 400, "texts: text 1 must be a non-blank string"),
+    "texts field missing": ({"texts": None}, None, 400, "texts: Field required"),
+    "unknown method": ({"method": "sharpen"}, None, 400, "method: unknown method 'sharpen'"),
+    "bad mode": ({"mode": "fast"}, None, 400, "mode: unknown mode 'fast'"),
+    "alpha not a number": ({"alpha": "lots"}, None, 400, "alpha:"),
+    "layer out of range": ({"layers": "[9]"}, None, 400, "layer 9 is out of range"),
+    "negative sigma": ({"sigma": "-1"}, None, 400, "sigma must be > 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_json_error_naming_the_problem(client, scene, name):
+    fields, image, status, fragment = BAD_REQUESTS[name]
+    data = {"boxes": GOOD_BOXES, "texts": GOOD_TEXTS, **fields}
+    data = {k: v for k, v in data.items() if v is not None}
+    if image == "big":
+        image = png_bytes(Image.new("RGB", (400, 400), "gray"))  # 160 000 pixels, small file
+    elif image == "huge":
+        image = _big_noise()
+    elif image is None:
+        image = png_bytes(scene.image)
+    files = {} if image == "missing" else {"image": ("upload.png", image, "image/png")}
+    r = client.post("/api/score", files=files, data=data)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert list(body) == ["error"] and fragment in body["error"], body
+    assert "Traceback" not in r.text
+
+
+def test_attention_maps_for_a_box_and_bad_box_index(client, scene):
+    image = png_bytes(scene.image)
+    boxes = json.dumps([list(o.box) for o in scene.objects])
+    r = client.post("/api/attention", files={"image": ("s.png", image)}, data={"boxes": boxes, "box": "1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["box"] == 1 and body["layers"] == [2, 3, 4, 5] and body["png"].startswith("data:image/png;base64,")
+    assert body["box_mass"]["with_falip"] > body["box_mass"]["without"]  # FALIP moves attention into the box
+    r = client.post("/api/attention", files={"image": ("s.png", image)}, data={"boxes": boxes, "box": "3"})
+    assert r.status_code == 400 and "index 3 is out of range for 3 boxes" in r.json()["error"]
+
+
+def concurrent_requests(scene) -> list[dict]:
+    """16 different requests: every method class, every mode, several box sets and text sets."""
+    rng = np.random.default_rng(1)
+    image = png_bytes(scene.image)
+    methods = ["falip", "crop", "none", "falip+circle", "blur", "falip"]
+    modes = ["exact", "naive", "approx"]
+    out = []
+    for i in range(16):
+        k = int(rng.integers(1, 5))
+        x0, y0 = rng.uniform(0, 180, (2, k))
+        w, h = rng.uniform(20, 70, (2, k))
+        boxes = [[float(a), float(b), float(a + c), float(b + d)] for a, b, c, d in zip(x0, y0, w, h)]
+        texts = [f"the {o.name}" for o in scene.objects][: 1 + i % 3]
+        out.append(dict(image=image, boxes=boxes, texts=texts, method=methods[i % len(methods)], mode=modes[i % 3]))
+    return out
+
+
+def test_16_concurrent_requests_each_get_their_solo_answer(server, scene):
+    url = server[0]
+    requests = concurrent_requests(scene)
+    with httpx.Client(base_url=url, timeout=300) as c:
+        solo = [score(c, **req) for req in requests]
+    assert all(r.status_code == 200 for r in solo), [r.text for r in solo]
+    barrier = threading.Barrier(len(requests))
+
+    def send(req):
+        with httpx.Client(base_url=url, timeout=300) as c:
+            barrier.wait()
+            return score(c, **req)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(send, req) for req in requests]
+        with httpx.Client(base_url=url, timeout=300) as c:
+            health_during = c.get("/api/health")  # the event loop answers while the model is busy
+        together = [f.result() for f in futures]
+    assert health_during.status_code == 200
+    for req, a, b in zip(requests, solo, together):
+        assert b.status_code == 200, b.text
+        assert b.json()["method"] == req["method"] and b.json()["boxes"] == req["boxes"]
+        np.testing.assert_allclose(b.json()["scores"], a.json()["scores"], rtol=0, atol=1e-6)
+        assert b.json()["best"] == a.json()["best"]
+
+
+def test_server_still_serves_after_bad_input_and_load_and_logs_no_traceback(client, server, scene):
+    for _ in range(3):
+        assert (
+            client.post("/api/score", files={"image": ("x.png", b"junk")}, data={"boxes": "[", "texts": "["}).status_code == 400
+        )
+    assert client.get("/no/such/page").json() == {"error": "Not Found"}
+    r = score(client, png_bytes(scene.image), [list(scene.objects[0].box)], ["the thing"])
+    assert r.status_code == 200 and len(r.json()["scores"]) == 1
+    assert client.get("/api/health").status_code == 200
+    assert "Traceback" not in server[1].read_text()
+
+
+# ---- the page in a real browser -----------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def find_chromium():
+    for candidate in (
+        os.environ.get("FALIP_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture
+def page(tmp_path):
+    """A page of the system chromium (never a downloaded browser), headless, with a fresh profile."""
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium not found (apt-get install -y chromium, or set FALIP_CHROMIUM=/path/to/chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[app]'")
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=chromium,
+            headless=True,
+            args=["--headless", *CHROMIUM_FLAGS],
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def drag(page, canvas_box, scale, start, end):
+    """Mouse drag on the canvas from image point ``start`` to image point ``end``."""
+    page.mouse.move(canvas_box["x"] + start[0] * scale, canvas_box["y"] + start[1] * scale)
+    page.mouse.down()
+    page.mouse.move(canvas_box["x"] + end[0] * scale, canvas_box["y"] + end[1] * scale, steps=5)
+    page.mouse.up()
+
+
+def test_page_in_a_browser_upload_draw_two_boxes_run_and_read_the_winner(page, server, client, scene, tmp_path):
+    url = server[0]
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('falip-toy')")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#canvas[data-ready='1']")
+    canvas_box = page.locator("#canvas").bounding_box()
+    scale = canvas_box["width"] / scene.image.width
+
+    # Box 1 on object 0, box 2 on object 2; a third box is drawn, selected and deleted again.
+    targets = [scene.objects[0].box, scene.objects[2].box]
+    for b in targets:
+        drag(page, canvas_box, scale, b[:2], b[2:])
+    drag(page, canvas_box, scale, (5, 5), (40, 30))
+    assert page.locator("#boxlist li").count() == 3
+    page.mouse.click(canvas_box["x"] + 20 * scale, canvas_box["y"] + 20 * scale)  # select box 3
+    page.keyboard.press("Delete")
+    assert page.locator("#boxlist li").count() == 2
+    drawn = [[float(v) for v in page.locator("#boxlist li .coords").nth(k).inner_text().split(",")] for k in range(2)]
+    for got, want in zip(drawn, targets):
+        assert np.allclose(got, want, atol=1.0), (got, want)  # the boxes are in image pixels, not screen pixels
+
+    text = f"the {scene.objects[2].name}"
+    page.fill("#texts", text)
+    page.click("#run")
+    winner = page.locator('#summary td[data-method="falip"][data-text="0"]')
+    winner.wait_for(timeout=60_000)
+    assert page.locator("#error").inner_text() == ""
+    assert winner.get_attribute("data-box") == "1" and winner.inner_text() == "box 2"
+
+    # The page shows the API's numbers for the boxes it drew.
+    api = score(client, path.read_bytes(), drawn, [text]).json()
+    cells = page.locator('table.scores[data-method="falip"] td')
+    shown = [float(cells.nth(k).inner_text()) for k in range(2)]
+    np.testing.assert_allclose(shown, [s[0] for s in api["scores"]], rtol=0, atol=0.0051)  # shown with 2 decimals
+    assert page.locator('#summary td[data-method="none"]').count() == 1  # every default method ran
+    page.wait_for_selector("#attention-img")  # attention maps of the winner, no box being selected
+    assert page.locator("#attention-img").get_attribute("data-box") == "1"
+
+    shot = os.environ.get("FALIP_SERVE_SCREENSHOT")
+    if shot:  # python -m pytest tests/test_serve.py -k browser with FALIP_SERVE_SCREENSHOT=docs/images/serve.png
+        page.screenshot(path=shot, full_page=True)
