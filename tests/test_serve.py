@@ -222,6 +222,17 @@ def test_attention_maps_for_a_box_and_bad_box_index(client, scene):
     assert r.status_code == 400 and "index 3 is out of range for 3 boxes" in r.json()["error"]
 
 
+def test_attention_figure_labels_rows_with_the_callers_box_numbers(scene):
+    from falip import load
+    from falip.viz import attention_maps, draw_attention
+
+    maps = attention_maps(load("falip-toy"), scene.image, [scene.objects[1].box])
+    default, numbered = np.asarray(draw_attention(maps)), np.asarray(draw_attention(maps, box_numbers=[2]))
+    assert default.shape == numbered.shape
+    differs = np.nonzero((default != numbered).any(axis=(1, 2)))[0]
+    assert differs.size and differs.min() > 0  # only the row label changes ("FALIP box 2" instead of "box 1")
+
+
 def concurrent_requests(scene) -> list[dict]:
     """16 different requests: every method class, every mode, several box sets and text sets."""
     rng = np.random.default_rng(1)
@@ -353,20 +364,22 @@ def test_page_in_a_browser_upload_draw_two_boxes_run_and_read_the_winner(page, s
     for got, want in zip(drawn, targets):
         assert np.allclose(got, want, atol=1.0), (got, want)  # the boxes are in image pixels, not screen pixels
 
-    text = f"the {scene.objects[2].name}"
-    page.fill("#texts", text)
+    texts = [f"the {scene.objects[2].name}", f"the {scene.objects[0].name}"]
+    page.fill("#texts", "\n".join(texts))
     page.click("#run")
-    winner = page.locator('#summary td[data-method="falip"][data-text="0"]')
-    winner.wait_for(timeout=60_000)
+    winners = [page.locator(f'#summary td[data-method="falip"][data-text="{j}"]') for j in range(2)]
+    winners[1].wait_for(timeout=60_000)
     assert page.locator("#error").inner_text() == ""
-    assert winner.get_attribute("data-box") == "1" and winner.inner_text() == "box 2"
+    assert winners[0].get_attribute("data-box") == "1" and winners[0].inner_text() == "box 2"
+    assert winners[1].get_attribute("data-box") == "0" and winners[1].inner_text() == "box 1"
 
-    # The page shows the API's numbers for the boxes it drew.
-    api = score(client, path.read_bytes(), drawn, [text]).json()
+    # The page shows the API's numbers for the boxes it drew (row k, column j = box k, text j).
+    api = score(client, path.read_bytes(), drawn, texts).json()
     cells = page.locator('table.scores[data-method="falip"] td')
-    shown = [float(cells.nth(k).inner_text()) for k in range(2)]
-    np.testing.assert_allclose(shown, [s[0] for s in api["scores"]], rtol=0, atol=0.0051)  # shown with 2 decimals
-    assert page.locator('#summary td[data-method="none"]').count() == 1  # every default method ran
+    shown = np.array([float(cells.nth(i).inner_text()) for i in range(4)]).reshape(2, 2)
+    np.testing.assert_allclose(shown, api["scores"], rtol=0, atol=0.0051)  # shown with 2 decimals
+    assert page.locator('#summary td[data-method="none"]').first.inner_text().endswith("(tie)")
+    assert page.locator("#summary td.winner").count() == 2 * 5  # every default method ran
     page.wait_for_selector("#attention-img")  # attention maps of the winner, no box being selected
     assert page.locator("#attention-img").get_attribute("data-box") == "1"
 

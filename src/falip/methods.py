@@ -106,6 +106,7 @@ def encode_with_method(
     return torch.cat(out)
 
 
+@torch.no_grad()
 def score_with_method(
     model,
     image,

@@ -149,11 +149,14 @@ def attention_figure_size(num_boxes: int, num_layers: int, tile: int) -> tuple[i
     return LABEL_W + cols * tile + (cols - 1) * GAP + PAD, HEADER_H + rows * tile + (rows - 1) * GAP + FOOTER_H
 
 
-def draw_attention(maps: AttentionMaps, tile: int = 160, alpha: float = 0.6) -> Image.Image:
+def draw_attention(
+    maps: AttentionMaps, tile: int = 160, alpha: float = 0.6, box_numbers: Optional[Sequence[int]] = None
+) -> Image.Image:
     """One picture: rows = no bias, then FALIP on each box; columns = the input, each drawn layer's map,
     their mean, rollout, and the mean's change with FALIP (red = more attention, blue = less).
 
     Maps of one column share one colour scale, so rows compare directly; boxes are outlined in magenta.
+    box_numbers: the label of each box row (default 1..K), e.g. ``[3]`` for maps of a caller's third box.
     """
     K = maps.maps.shape[0] - 1
     S = maps.input_image.size[0]
@@ -191,7 +194,8 @@ def draw_attention(maps: AttentionMaps, tile: int = 160, alpha: float = 0.6) -> 
         draw.text((x_of(c) + 2, 8), title, fill=(0, 0, 0), font=font)
     for r in range(K + 1):
         y = y_of(r)
-        label = "no bias" if r == 0 else f"FALIP box {r}\n" + ",".join(f"{v:g}" for v in maps.image_boxes[r - 1])
+        number = r if box_numbers is None else box_numbers[r - 1]
+        label = "no bias" if r == 0 else f"FALIP box {number}\n" + ",".join(f"{v:g}" for v in maps.image_boxes[r - 1])
         draw.multiline_text((6, y + 6), label, fill=(0, 0, 0), font=font if r == 0 else small, spacing=4)
         row_boxes = maps.boxes if r == 0 else maps.boxes[r - 1 : r]
         fig.paste(base, (x_of(0), y))

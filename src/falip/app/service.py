@@ -260,5 +260,5 @@ class ScoringService:
             box=box,
             layers=list(maps.layers),
             box_mass=dict(without=float(mass[0]), with_falip=float(mass[1])),
-            png=png_data_uri(draw_attention(maps)),
+            png=png_data_uri(draw_attention(maps, box_numbers=[box + 1])),
         )
