@@ -344,6 +344,8 @@ def test_page_in_a_browser_upload_draw_two_boxes_run_and_read_the_winner(page, s
     url = server[0]
     path = tmp_path / "scene.png"
     scene.image.save(path)
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(url)
     page.wait_for_function("document.getElementById('model-name').textContent.includes('falip-toy')")
     page.set_input_files("#file", str(path))
@@ -386,3 +388,11 @@ def test_page_in_a_browser_upload_draw_two_boxes_run_and_read_the_winner(page, s
     shot = os.environ.get("FALIP_SERVE_SCREENSHOT")
     if shot:  # python -m pytest tests/test_serve.py -k browser with FALIP_SERVE_SCREENSHOT=docs/images/serve.png
         page.screenshot(path=shot, full_page=True)
+
+    # A bundled example brings its image, its boxes and one expression per object, and clears the old results.
+    example = client.get("/api/health").json()["examples"][0]
+    page.select_option("#example", example["name"])
+    page.wait_for_function(f"document.querySelectorAll('#boxlist li').length === {len(example['boxes'])}")
+    assert page.input_value("#texts").splitlines() == example["texts"]
+    assert page.locator("#summary").count() == 0
+    assert errors == []
