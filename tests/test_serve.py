@@ -107,6 +107,8 @@ def cli_score(capsys, image_path: Path, boxes, texts, method: str, mode: str, re
     argv += ["--method", method, "--mode", mode, "--preprocess", "crop"]
     argv += ["--alpha", repr(config["alpha"]), "--sigma", repr(config["sigma"]), "--shape", config["shape"]]
     argv += ["--rows", config["rows"], "--layers", ",".join(str(i) for i in response["bias_layers"])]
+    if "numerics" in config:  # to_dict() leaves out the default (float64), as the CLI's default
+        argv += ["--numerics", config["numerics"]]
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegionClampWarning)  # the box sticking out of the image
