@@ -150,10 +150,12 @@ class FalipModel:
         embeddings = encode_biased(self.runtime, pixels, bias, self.plan(config), mode=mode, chunk_size=chunk_size)
         return F.normalize(embeddings.float(), dim=-1)
 
+    @torch.no_grad()
     def score_regions(self, image, boxes=None, texts: Union[str, Sequence[str]] = (), **kwargs) -> torch.Tensor:
         """Logits ``(K, T)`` = logit_scale · cosine between each region's embedding and each text.
 
         Keyword arguments are those of :meth:`encode_regions` (``masks``, ``config``, ``mode`` …).
+        Like every encoder here it is safe to call from several threads on one model.
         """
         text = self.encode_text(texts)
         regions = self.encode_regions(image, boxes, **kwargs)

@@ -2,8 +2,10 @@
 
 It relies only on these seams of open_clip's ``VisionTransformer``:
 
-- ``visual.forward`` = stem → ``visual.transformer(tokens)`` → pool → projection, so the block
-  stack can be replaced for one call by a module of ours (the stem and head stay open_clip's own);
+- ``visual.forward`` = ``visual._embeds`` (stem) → ``visual.transformer(tokens)`` → ``visual._pool``
+  (final norm, [CLS] pooling) → ``@ visual.proj``. A biased call runs the stem, our trunk and the pool
+  through these seams, so the shared model is never modified: one model serves any number of threads
+  (checked numerically against ``visual.forward`` when the adapter is built);
 - ``visual.transformer.resblocks[i](x, attn_mask=...)``, whose float mask reaches
   ``nn.MultiheadAttention`` as an additive bias;
 - ``ResidualAttentionBlock.attention(q_x, k_x, v_x, attn_mask)`` plus its ``ln_1``, ``ls_1``,
@@ -31,17 +33,6 @@ from .base import BlockHeads, Trunk
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class _TrunkModule(nn.Module):
-    """Stands in for ``visual.transformer`` during one call and runs ``trunk`` instead."""
-
-    def __init__(self, trunk: Trunk):
-        super().__init__()
-        self.trunk = trunk
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.trunk(x)
 
 
 def _residual_tail(blk: nn.Module, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -97,6 +88,7 @@ class OpenClipRuntime:
         self.batch_first = bool(blocks[0].attn.batch_first)
         self.mean = tuple(mean or getattr(visual, "image_mean", None) or OPENAI_MEAN)
         self.std = tuple(std or getattr(visual, "image_std", None) or OPENAI_STD)
+        self._check_stem_head_seam()
         self._check_query_seam()
         self._heads_checked = False
 
@@ -117,12 +109,14 @@ class OpenClipRuntime:
         pixels = pixels.to(device=self.device, dtype=self.dtype)
         if trunk is None:
             return self.visual(pixels)
-        original = self.visual.transformer
-        self.visual.transformer = _TrunkModule(trunk)
-        try:
-            return self.visual(pixels)
-        finally:
-            self.visual.transformer = original
+        return self._head(trunk(self.visual._embeds(pixels)))
+
+    def _head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(B, E)`` of trunk outputs ``(B, L, D)``: open_clip's own pooling, then the projection.
+
+        Reads the model only, so concurrent calls on one model cannot interfere."""
+        pooled, _ = self.visual._pool(tokens)
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
     def block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.batch_first:
@@ -198,6 +192,14 @@ class OpenClipRuntime:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embeddings ``(T, E)`` (not normalised) of token ids ``(T, context_length)``."""
         return self.clip.encode_text(tokens.to(self.device))
+
+    @torch.no_grad()
+    def _check_stem_head_seam(self) -> None:
+        """Verify stem → block stack → :meth:`_head` == ``visual.forward`` (guards open_clip layout changes)."""
+        gen = torch.Generator().manual_seed(2)
+        pixels = torch.randn(1, 3, self.image_size, self.image_size, generator=gen).to(self.device, self.dtype)
+        ours = self._head(self.visual.transformer(self.visual._embeds(pixels)))
+        self._check_close("stem/pool/projection seams", ours, self.visual(pixels))
 
     @torch.no_grad()
     def _check_query_seam(self) -> None:
