@@ -28,7 +28,7 @@ from PIL import Image
 from .bias import FovealConfig, full_attention_mask
 from .errors import FalipError, ImageLoadError
 from .geometry import validate_boxes, validate_masks
-from .images import load_image
+from .images import RotationNotice, load_image
 from .methods import Method, parse_method
 from .prompts import apply_edit
 
@@ -213,6 +213,7 @@ def head_response(
     deltas: list[np.ndarray] = []
     skipped: list[tuple[str, str, str]] = []
     cache: tuple[Optional[Path], Optional[torch.Tensor]] = (None, None)
+    rotated = RotationNotice()  # dataset images: stored orientation, as the annotations assume
     for sample in tqdm(samples, desc=f"heads ({prompt})", unit="region", disable=not progress):
         done = recorder.done.get(sample.id) if recorder is not None else None
         if done is not None:
@@ -222,7 +223,7 @@ def head_response(
                 deltas.append(np.asarray(done["delta"], dtype=np.float64))
             continue
         try:
-            image = load_image(sample.image)
+            image = load_image(sample.image, exif=False, on_rotation=rotated)
         except ImageLoadError as exc:
             warnings.warn(f"sample {sample.id}: {exc}; skipped", stacklevel=2)
             skipped.append((sample.id, "unreadable image", str(exc)))

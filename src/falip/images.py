@@ -1,31 +1,84 @@
-"""Reading user images: paths, PIL images and arrays become RGB PIL images."""
+"""Reading images: paths, PIL images and arrays become 8-bit RGB PIL images.
+
+Orientation: photos the user gives (paths and PIL images passed to the API, ``score``, ``demo``,
+``attention``) are turned upright by their EXIF orientation tag, so boxes are in the image *as
+displayed*. Dataset images are read in their stored pixel orientation (``exif=False``), which is
+what COCO/RefCOCO annotations and the reference code assume (the ``refer`` API and the FALIP code
+read images with ``skimage.io.imread``/``PIL.Image.open``, neither of which applies the tag); the
+caller is told about tagged images through ``on_rotation`` so a run can warn.
+
+Bit depth: 16-bit images (PIL modes ``I;16*``) are scaled by 255/65535; 32-bit integer images
+(mode ``I``) by the smallest of 8, 16 or 31 bits that holds their maximum; float images (mode
+``F``) must lie in [0, 1]. Images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused
+(:class:`ImageTooLargeError`) before they are decoded.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError
 
+EXIF_ORIENTATION = 0x0112
 
-def load_image(image) -> Image.Image:
-    """Return an RGB PIL image from a path, a PIL image, or an array.
 
-    Arrays may be ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255], or float in [0, 1].
-    Torch tensors are also accepted in ``(3, H, W)`` float [0, 1] layout (torchvision's).
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than PIL's decompression-bomb limit allows."""
+
+
+class ExifIgnoredWarning(UserWarning):
+    """A dataset image carries an EXIF rotation tag that its annotations do not follow."""
+
+
+class RotationNotice:
+    """``on_rotation`` for one dataset run: warns at the first tagged image and counts them all (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, tag: int) -> None:
+        with self._lock:
+            self.count += 1
+            first = self.count == 1
+        if first:
+            warnings.warn(
+                ExifIgnoredWarning(
+                    f"{name} carries EXIF orientation {tag}: dataset images are read in their stored pixel orientation, "
+                    "which COCO/RefCOCO annotations assume (further tagged images are counted in the results, not reported)"
+                ),
+                stacklevel=2,
+            )
+
+
+def load_image(image, *, exif: bool = True, on_rotation: Optional[Callable[[str, int], None]] = None) -> Image.Image:
+    """Return an 8-bit RGB PIL image from a path, a PIL image, or an array.
+
+    Arrays may be ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255], uint16 in [0, 65535],
+    or float in [0, 1]. Torch tensors are also accepted in ``(3, H, W)`` float [0, 1] layout (torchvision's).
+    exif: apply the EXIF orientation of paths and PIL images (default); with False the stored pixel
+    orientation is kept and ``on_rotation(name, tag)`` is called for an image whose tag is not 1.
     """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _upright_rgb(image, "the image", exif, on_rotation)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ImageLoadError(f"image file not found: {path}")
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                _check_size(img.size, str(path))
+                return _upright_rgb(img, str(path), exif, on_rotation)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"image {path} is too large to decode safely: {exc}") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
     if hasattr(image, "detach"):
@@ -39,23 +92,70 @@ def load_image(image) -> Image.Image:
     return _array_to_pil(arr)
 
 
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of ``img`` (1 = upright, also when there is none)."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (ValueError, TypeError, OSError, SyntaxError):
+        return 1  # unreadable EXIF: nothing to apply
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageTooLargeError(
+            f"image {name} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, over PIL's decompression-bomb "
+            f"limit of {limit}; shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        )
+
+
+def _upright_rgb(img: Image.Image, name: str, exif: bool, on_rotation) -> Image.Image:
+    tag = orientation(img)
+    if tag != 1:
+        if exif:
+            img = ImageOps.exif_transpose(img)
+        elif on_rotation is not None:
+            on_rotation(name, tag)
+    out = _to_rgb(img, name)
+    if out is img:
+        out = img.copy()
+    for key in ("exif", "xmp", "XML:com.adobe.xmp"):  # the orientation is settled: do not apply it twice
+        out.info.pop(key, None)
+    return out
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    """8-bit RGB, scaling high-bit-depth and float modes by their range instead of clipping them."""
+    if img.mode.startswith("I;16"):
+        return _array_to_pil(np.asarray(img).astype(np.uint16), name)
+    if img.mode in ("I", "F"):
+        return _array_to_pil(np.asarray(img), name)
+    return img.convert("RGB")
+
+
+def _array_to_pil(arr: np.ndarray, name: str = "image array") -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
-        raise ImageLoadError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+        raise ImageLoadError(f"{name} must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageLoadError(f"image array is empty, shape {arr.shape}")
+        raise ImageLoadError(f"{name} is empty, shape {arr.shape}")
     if arr.dtype == np.uint8:
         out = arr
     elif arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)):
-            raise ImageLoadError("image array contains NaN or infinite values")
+            raise ImageLoadError(f"{name} contains NaN or infinite values")
         if arr.min() < 0.0 or arr.max() > 1.0:
             raise ImageLoadError(
-                f"float image arrays must lie in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]; pass uint8 for 0-255 data"
+                f"float images must lie in [0, 1], {name} spans [{arr.min():.3g}, {arr.max():.3g}]; pass uint8 for 0-255 data"
             )
         out = np.round(arr * 255.0).astype(np.uint8)
+    elif arr.dtype.kind in "iu":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0:
+            raise ImageLoadError(f"integer {name} has negative values (min {lo}); cannot map it to 8-bit RGB")
+        bits = 16 if arr.dtype.itemsize == 2 else next(b for b in (8, 16, 31, 32, 63, 64) if hi < 2**b)
+        out = np.round(arr.astype(np.float64) * (255.0 / (2**bits - 1))).astype(np.uint8)
     else:
-        raise ImageLoadError(f"image array dtype must be uint8 or float, got {arr.dtype}")
+        raise ImageLoadError(f"{name} dtype must be uint8, uint16 or float, got {arr.dtype}")
     return Image.fromarray(out).convert("RGB")

@@ -73,6 +73,8 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The state dict stored in ``path`` (TorchScript archive, torch.save file or safetensors)."""
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"checkpoint file {path} is empty")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -164,7 +166,10 @@ def build_from_state_dict(state: dict, precision: str, device: str, quick_gelu: 
     # TorchScript archives also store non-persistent buffers (the text causal mask).
     buffers = dict(model.named_buffers())
     state = {k: v for k, v in state.items() if k in model.state_dict() or k not in buffers}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape
+        raise ModelLoadError(f"{source} does not fit the CLIP ViT inferred from it: {_first_line(exc)}") from None
     if result.missing_keys or result.unexpected_keys:
         raise UnsupportedModelError(
             f"{source} does not match the CLIP ViT inferred from it: missing {result.missing_keys}, "
@@ -286,6 +291,7 @@ def create_clip(
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    check_device(device)
     name_or_path = str(name_or_path)
     if name_or_path in SHIPPED_MODELS:
         if pretrained is not None:
@@ -294,7 +300,10 @@ def create_clip(
         model, cfg = build_from_state_dict(
             read_checkpoint(weights), precision, device, card.get("quick_gelu", True), name_or_path
         )
-        return model, dict(name=name_or_path, pretrained="shipped", mean=None, std=None, arch=cfg, card=card)
+        check_finite(model, name_or_path)
+        return model, dict(
+            name=name_or_path, pretrained="shipped", mean=None, std=None, arch=cfg, card=card, weights_file=weights
+        )
     path = Path(name_or_path).expanduser()
     if path.is_file() or (looks_like_path(name_or_path) and not name_or_path.startswith("hf-hub:")):
         if pretrained is not None:
@@ -302,14 +311,16 @@ def create_clip(
         model, cfg = build_from_state_dict(
             read_checkpoint(path), precision, device, True if quick_gelu is None else quick_gelu, str(path)
         )
-        return model, dict(name=str(path), pretrained=None, mean=None, std=None, arch=cfg, card=None)
+        check_finite(model, str(path))
+        return model, dict(name=str(path), pretrained=None, mean=None, std=None, arch=cfg, card=None, weights_file=path)
 
     if name_or_path.startswith("hf-hub:"):
         reason = "HF_HUB_OFFLINE is set" if _hub_offline() else _reachable("https://huggingface.co")
         if reason:
             raise ModelLoadError(f"cannot load {name_or_path}: {reason}. Download it and pass a local file.")
         model = open_clip.create_model(name_or_path, precision=precision, device=device)
-        return model, dict(name=name_or_path, pretrained=None, mean=None, std=None, arch=None, card=None)
+        check_finite(model, name_or_path)
+        return model, dict(name=name_or_path, pretrained=None, mean=None, std=None, arch=None, card=None, weights_file=None)
 
     name = normalize_model_name(name_or_path)
     if name not in open_clip.list_models():
@@ -321,6 +332,8 @@ def create_clip(
         weights = None
     elif Path(pretrained).expanduser().is_file():
         weights = str(Path(pretrained).expanduser())
+        if Path(weights).stat().st_size == 0:
+            raise ModelLoadError(f"pretrained weights file {weights} is empty")
     elif looks_like_path(pretrained):
         raise ModelLoadError(f"pretrained weights file not found: {pretrained}")
     else:
@@ -336,6 +349,40 @@ def create_clip(
             device=device,
             force_quick_gelu=tag_quick_gelu if quick_gelu is None else quick_gelu,
         )
-    except RuntimeError as exc:
-        raise ModelLoadError(f"cannot load {name} with weights {weights}: {exc}") from exc
-    return model, dict(name=name, pretrained=pretrained, mean=mean, std=std, arch=None, card=None)
+    except Exception as exc:  # torch/open_clip raise many types for corrupt or foreign files
+        raise ModelLoadError(f"cannot load {name} with weights {weights}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if weights is not None:
+        check_finite(model, weights)
+    return model, dict(name=name, pretrained=pretrained, mean=mean, std=std, arch=None, card=None, weights_file=weights)
+
+
+def check_device(device) -> None:
+    """Raise ModelLoadError when ``device`` is not a torch device, or one this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is available here (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but Apple MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one short line (torch's size-mismatch reports run over many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:3]) if lines else type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def check_finite(model: torch.nn.Module, source) -> None:
+    """Raise ModelLoadError naming ``source`` when any parameter holds NaN or infinity (buffers such as
+    the text causal mask hold -inf by design)."""
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelLoadError(f"checkpoint {source} holds NaN or infinite values (in {name}); the file is corrupt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -33,6 +34,7 @@ class FalipModel:
         config: Optional[FovealConfig] = None,
         name: str = "",
         pretrained: Optional[str] = None,
+        weights_file=None,
     ):
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
@@ -42,6 +44,8 @@ class FalipModel:
         self.config = config or FovealConfig()
         self.name = name
         self.pretrained = pretrained
+        self.weights_file = weights_file
+        self._digest: Optional[str] = None
         self.config.resolve_layers(runtime.num_layers)  # fail early on layers the model lacks
         self.config.unleash_gains(runtime.num_layers, runtime.num_heads)  # ... and on bad unleash entries
 
@@ -72,6 +76,24 @@ class FalipModel:
             config=self.config.to_dict(),
             bias_layers=list(self.config.resolve_layers(self.num_layers)),
         )
+
+    def weights_digest(self) -> str:
+        """What identifies the weights, for run fingerprints: ``file:<sha256>`` of the weights file
+        (cached per path, size and mtime), else ``memory:<sha256>`` of the tensors in memory (a random
+        initialisation differs on each load unless torch was seeded)."""
+        if self._digest is None:
+            if self.weights_file is not None:
+                from .results import file_digest
+
+                self._digest = "file:" + file_digest(self.weights_file)
+            else:
+                h = hashlib.sha256()
+                for name, tensor in self.runtime.clip.state_dict().items():
+                    h.update(name.encode())
+                    h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                kind = "memory" if self.pretrained else "random"
+                self._digest = f"{kind}:{h.hexdigest()[:16]}"
+        return self._digest
 
     def transform_for(self, image_size: tuple[int, int], preprocess: Optional[str] = None) -> ImageTransform:
         """The preprocessing transform for an image of ``image_size = (W, H)``."""
@@ -192,4 +214,12 @@ def load(
         tokenizer = open_clip.SimpleTokenizer(context_length=info["arch"]["text_cfg"]["context_length"])
     else:
         tokenizer = open_clip.get_tokenizer(info["name"])
-    return FalipModel(runtime, tokenizer, preprocess=preprocess, config=config, name=info["name"], pretrained=info["pretrained"])
+    return FalipModel(
+        runtime,
+        tokenizer,
+        preprocess=preprocess,
+        config=config,
+        name=info["name"],
+        pretrained=info["pretrained"],
+        weights_file=info["weights_file"],
+    )

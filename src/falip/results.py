@@ -7,29 +7,42 @@ Layout (the clip_benchmark convention, plus what a long run needs)::
     results.predictions.jsonl     line 1: {"config": ...}; then one record per sample:
                                    {"id": ..., ...} or {"id": ..., "skipped": reason, "detail": ...}
 
-A run re-started with the same ``--output`` and the same config resumes: samples already in the
-JSONL are not computed again. A different config refuses to mix results (start a new output or
+A run re-started with the same ``--output``, the same config and the same inputs (weights digest,
+annotation files, image root) resumes: samples already in the JSONL are not computed again. A
+different config or input refuses to mix results and names what differs (start a new output or
 pass ``resume=False`` to overwrite).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
+import tempfile
+import threading
 import time
+import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from .errors import FalipError
 
 MAX_SKIP_EXAMPLES = 50
+MAX_DIFFERENCES = 6
 
 
 class ResumeMismatchError(FalipError):
-    """Existing predictions were produced with a different configuration."""
+    """Existing predictions were produced with a different configuration or different inputs."""
+
+
+class OutputInUseError(FalipError):
+    """Another live process (or recorder) is writing the same outputs."""
 
 
 def predictions_path(output: Path) -> Path:
@@ -41,10 +54,222 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+# ----------------------------------------------------------------------------------------------
+# What a run's answers depend on: file digests and the fingerprint of a run's inputs
+
+
+def _digest_cache() -> Path:
+    return Path(os.environ.get("FALIP_CACHE_DIR", "~/.cache/falip")).expanduser() / "digests.json"
+
+
+_DIGEST_LOCK = threading.Lock()
+
+
+def file_digest(path) -> str:
+    """SHA-256 (hex, 16 chars) of a file's bytes, cached per (absolute path, size, mtime) so large
+    weights files are hashed once, not on every run."""
+    path = Path(path).expanduser().resolve()
+    st = path.stat()
+    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+    cache_file = _digest_cache()
+    with _DIGEST_LOCK:
+        try:
+            cache = json.loads(cache_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cache = {}
+        hit = cache.get(key) if isinstance(cache, dict) else None
+        if isinstance(hit, dict) and hit.get("stamp") == stamp:
+            return hit["sha256"]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = h.hexdigest()[:16]
+        cache = cache if isinstance(cache, dict) else {}
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(cache_file, json.dumps(cache))
+        except OSError:
+            pass  # an unwritable cache only costs re-hashing next time
+        return digest
+
+
+def describe_inputs(models=(), files: Optional[dict] = None, image_root=None) -> dict:
+    """The inputs that determine a run's answers besides its settings (stored and checked on resume).
+
+    models: FalipModels (their weights digest); files: ``{name: path}`` of annotation files (a
+    digest each; folders by absolute path); image_root: by absolute path.
+    """
+    out: dict = {"weights": [m.weights_digest() for m in models]}
+    for name, path in sorted((files or {}).items()):
+        if path is None:
+            continue
+        p = Path(path).expanduser()
+        out[name] = file_digest(p) if p.is_file() else str(p.resolve())
+    if image_root is not None:
+        out["image_root"] = str(Path(image_root).expanduser().resolve())
+    return out
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        items = {}
+        for k, v in obj.items():
+            items.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return items or {prefix: {}}
+    if isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
+        items = {}
+        for i, v in enumerate(obj):
+            items.update(_flatten(v, f"{prefix}[{i}]"))
+        return items
+    return {prefix: obj}
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_differences(old: dict, new: dict) -> str:
+    """``"image_root: '/a' → '/b'; weights[0]: ..."``: the settings that differ between two fingerprints."""
+    a, b = _flatten(old), _flatten(new)
+    keys = [k for k in dict.fromkeys([*a, *b]) if _canonical(a.get(k, "<unset>")) != _canonical(b.get(k, "<unset>"))]
+    parts = [f"{k}: {_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))}" for k in keys[:MAX_DIFFERENCES]]
+    if len(keys) > MAX_DIFFERENCES:
+        parts.append(f"and {len(keys) - MAX_DIFFERENCES} more")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files: checks before work, atomic writes, locks
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_path(path, what: str = "output") -> Path:
+    """``path`` as a Path after checking it can be written (not a folder, its folder creatable and writable)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise FalipError(f"{what} {path} is a folder; give a file name (e.g. {path / 'results.json'})")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FalipError(f"cannot create the folder of {what} {path}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise FalipError(f"{what} {path} is not writable (permission denied)")
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_HOLDERS: dict[str, weakref.ref] = {}  # lock path -> the recorder of this process holding it
+
+
+class _OutputLock:
+    """``<predictions>.lock`` holding the writer's PID: a second live writer is refused; a lock left
+    by a dead process is taken over; within one process a newer recorder supersedes an older one."""
+
+    def __init__(self, target: Path, owner: RunRecorder):
+        self.path = target.with_name(target.name + ".lock")
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._holder()
+                if pid == os.getpid():
+                    previous = _HOLDERS.get(str(self.path))
+                    previous = previous() if previous else None
+                    if previous is not None and previous is not owner:
+                        previous._superseded = True
+                    break
+                if pid is not None and _pid_alive(pid):
+                    raise OutputInUseError(
+                        f"{target} is being written by another falip process (PID {pid}, lock {self.path}); "
+                        "wait for it to finish or choose another --output"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            break
+        else:
+            raise OutputInUseError(f"cannot take the lock {self.path} on {target}")
+        _HOLDERS[str(self.path)] = weakref.ref(owner)
+
+    def _holder(self) -> Optional[int]:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treated as stale
+
+    def release(self, owner: RunRecorder) -> None:
+        ref = _HOLDERS.get(str(self.path))
+        if ref is not None and ref() is owner:
+            del _HOLDERS[str(self.path)]
+            if self._holder() == os.getpid():
+                self.path.unlink(missing_ok=True)
+
+
+def _release_if_abandoned(lock_path: str) -> None:
+    """When a recorder is garbage-collected without finishing, remove its lock (if no newer recorder holds it)."""
+    ref = _HOLDERS.get(lock_path)
+    if ref is not None and ref() is not None:
+        return
+    _HOLDERS.pop(lock_path, None)
+    try:
+        if int(Path(lock_path).read_text().strip()) == os.getpid():
+            Path(lock_path).unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(records of the complete, parseable lines, number of lines dropped: cut or garbled)."""
+    records, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if not line.endswith("\n") or not isinstance(record, dict):
+                bad += 1  # a last line without its newline was cut short, even if it parses
+                continue
+            records.append(record)
+    return records, bad
+
+
 class RunRecorder:
     """Records one evaluation run.
 
-    >>> rec = RunRecorder("out/rec.json", task="rec", config={...})
+    >>> rec = RunRecorder("out/rec.json", task="rec", config={...}, inputs=describe_inputs([model], ...))
     >>> for sample in data:
     ...     if sample.id in rec.done: continue
     ...     try: rec.add(sample.id, correct=..., pred=...)
@@ -53,50 +278,112 @@ class RunRecorder:
 
     ``done`` maps sample id → its record (including those loaded from a previous run).
     ``predictions``: the JSONL path (default: ``<output stem>.predictions.jsonl`` next to ``output``).
+    ``inputs``: what besides ``config`` determines the answers (:func:`describe_inputs`); a resume
+    with different config or inputs is refused, naming what differs.
+
+    Both paths are checked before any work; the predictions file is locked against a second
+    process; cut or garbled lines left by a crash are dropped on resume (those samples are
+    recomputed) and the final JSONL holds one parseable line per sample; the results JSON is
+    replaced atomically.
     """
 
-    def __init__(self, output, task: str, config: dict, resume: bool = True, predictions=None):
-        self.output = Path(output)
+    def __init__(self, output, task: str, config: dict, resume: bool = True, predictions=None, inputs: Optional[dict] = None):
+        self.output = check_output_path(output, "output")
         self.task = task
         self.config = json.loads(_canonical(config))
-        self.pred_path = Path(predictions) if predictions is not None else predictions_path(self.output)
+        self.inputs = json.loads(_canonical(inputs or {}))
+        self.pred_path = check_output_path(
+            Path(predictions) if predictions is not None else predictions_path(self.output), "predictions file"
+        )
+        if self.pred_path.resolve() == self.output.resolve():
+            raise FalipError(f"the results JSON and the predictions file are the same file: {self.output}")
         self.done: dict[str, dict] = {}
         self.resumed = 0  # how many records came from an earlier run
         self.started = time.time()
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.pred_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.pred_path.is_file():
-            self._load_previous()
-            self._file = open(self.pred_path, "a", encoding="utf-8")
-            if self._file.tell() and not self.pred_path.read_bytes().endswith(b"\n"):
-                self._file.write("\n")  # end a line cut short by an interrupted run
-        else:
-            self._file = open(self.pred_path, "w", encoding="utf-8")
-            self._write({"config": self.config, "task": task})
+        self._superseded = False
+        self._rewrite = False  # ids written more than once: compact the JSONL at the end
+        if resume:
+            self._check_results_owner()
+        self._lock = _OutputLock(self.pred_path, self)
+        weakref.finalize(self, _release_if_abandoned, str(self._lock.path))
+        try:
+            if resume and self.pred_path.is_file() and self._load_previous():
+                self._file = open(self.pred_path, "a", encoding="utf-8")
+            else:
+                self._file = open(self.pred_path, "w", encoding="utf-8")
+                self._write(self._header())
+        except BaseException:
+            self._lock.release(self)
+            raise
 
-    def _load_previous(self) -> None:
-        with open(self.pred_path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        header = json.loads(lines[0]) if lines else {}
-        if _canonical(header.get("config")) != _canonical(self.config):
+    def _header(self) -> dict:
+        return {"config": self.config, "inputs": self.inputs, "task": self.task}
+
+    def _check_results_owner(self) -> None:
+        """One results JSON belongs to one predictions file."""
+        if not self.output.is_file():
+            return
+        try:
+            previous = json.loads(self.output.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # not a results file we wrote; it will be replaced
+        name = previous.get("predictions") if isinstance(previous, dict) else None
+        if isinstance(name, str) and (self.output.parent / name).resolve() != self.pred_path.resolve():
             raise ResumeMismatchError(
-                f"{self.pred_path} holds predictions made with a different configuration; "
-                "use another --output, or --no-resume to overwrite it"
+                f"{self.output} holds the results of predictions {self.output.parent / name}, not of {self.pred_path}; "
+                "use another --output for these predictions (or --no-resume to replace it)"
             )
-        for line in lines[1:]:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run: that sample is recomputed
-            self.done[str(record["id"])] = record
+
+    def _load_previous(self) -> bool:
+        """Load an earlier run's records; False when the file holds no complete line (start afresh)."""
+        records, bad = _read_jsonl(self.pred_path)
+        if not records:
+            return False
+        header = records[0] if records and "config" in records[0] else None
+        if header is None:
+            raise ResumeMismatchError(
+                f"{self.pred_path} is not a falip predictions file (no config header); use another --output, "
+                "or --no-resume to overwrite it"
+            )
+        old = {"config": header.get("config"), "inputs": header.get("inputs", {})}
+        new = {"config": self.config, "inputs": self.inputs}
+        if _canonical(old) != _canonical(new):
+            hint = ""
+            if any(w is None or str(w).startswith("random:") for w in self.inputs.get("weights", [])):
+                hint = " (a model with random weights differs on every load unless torch is seeded before loading)"
+            raise ResumeMismatchError(
+                f"{self.pred_path} holds predictions made with a different configuration or inputs: "
+                f"{describe_differences(old, new)}{hint}; use another --output, or --no-resume to overwrite it"
+            )
+        ids = [str(r["id"]) for r in records[1:] if "id" in r]
+        for record in records[1:]:
+            if "id" in record:
+                self.done[str(record["id"])] = record
         self.resumed = len(self.done)
+        if bad or len(ids) != len(self.done):
+            if bad:
+                warnings.warn(
+                    f"{self.pred_path}: dropped {bad} cut or garbled line(s) left by an interrupted run; "
+                    "those samples are computed again",
+                    stacklevel=3,
+                )
+            self._compact()
+        return True
+
+    def _compact(self) -> None:
+        """Rewrite the JSONL atomically: the header, then one parseable line per sample (the latest)."""
+        lines = [self._header(), *self.done.values()]
+        _atomic_write(self.pred_path, "".join(json.dumps(r, default=str) + "\n" for r in lines))
 
     def _write(self, record: dict) -> None:
+        if self._superseded:
+            raise OutputInUseError(f"{self.pred_path} was opened again by a newer run in this process; this one stopped")
         self._file.write(json.dumps(record, default=str) + "\n")
         self._file.flush()
 
     def add(self, sample_id, **fields) -> dict:
         record = {"id": str(sample_id), **fields}
+        self._rewrite |= record["id"] in self.done
         self.done[record["id"]] = record
         self._write(record)
         return record
@@ -118,15 +405,26 @@ class RunRecorder:
             ],
         }
 
+    def close(self) -> None:
+        """Close the predictions file and release its lock (``finish`` does this too)."""
+        if not self._file.closed:
+            self._file.close()
+        self._lock.release(self)
+
     def finish(self, metrics: dict, **extra) -> dict:
-        """Write the results JSON and return it."""
+        """Write the results JSON (atomically) and return it."""
+        if self._superseded:
+            raise OutputInUseError(f"{self.pred_path} was opened again by a newer run in this process; this one stopped")
         self._file.close()
+        if self._rewrite:
+            self._compact()  # a retried sample's new record replaces its old one
         from . import __version__
 
         result = {
             "task": self.task,
             "metrics": metrics,
             "config": self.config,
+            "inputs": self.inputs,
             "skipped": self.skipped_summary(),
             "n_predictions": len(self.records()),
             "predictions": self.pred_path.name if self.pred_path.parent == self.output.parent else str(self.pred_path),
@@ -135,8 +433,10 @@ class RunRecorder:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": round(time.time() - self.started, 2),
         }
-        with open(self.output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, default=str)
+        try:
+            _atomic_write(self.output, json.dumps(result, indent=2, default=str))
+        finally:
+            self._lock.release(self)
         return result
 
 

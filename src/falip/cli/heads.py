@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import FalipError
 from ..heads import STATISTICS, head_response, rank_heads
 from ..methods import METHOD_HELP, parse_method
-from ..results import RunRecorder
+from ..results import RunRecorder, describe_inputs
 from ..viz import attention_maps, draw_attention, draw_head_heatmap
 from .common import add_bias_args, add_model_args, config_from_args, load_from_args, parse_box, parse_index_list
 
@@ -68,7 +68,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "falip": config.to_dict() if method.foveal else None,
     }
-    recorder = RunRecorder(out / "heads.json", task="heads", config=run_config, resume=not args.no_resume)
+    inputs = describe_inputs([model], files={"annotations": args.annotations}, image_root=args.image_root)
+    recorder = RunRecorder(out / "heads.json", task="heads", config=run_config, resume=not args.no_resume, inputs=inputs)
     result = head_response(model, samples, method.name, args.statistic, config, recorder=recorder)
     ranking = rank_heads(result.response)
     title = f"{method.name}: {args.statistic} change of each head's [CLS] term, n={result.n}"

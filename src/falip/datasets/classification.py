@@ -295,6 +295,12 @@ def load_dataset(
     cub_root: Optional[PathLike] = None,
 ) -> RegionDataset:
     """Load one of :data:`DATASETS` with its default split and region when not given."""
+    dataset = _load_native(name, root, split, region, cub_root)
+    dataset.source = dict(data_root=root, cub_root=cub_root)
+    return dataset
+
+
+def _load_native(name: str, root: PathLike, split, region, cub_root) -> RegionDataset:
     _check_choice(name, DATASETS, "dataset")
     if name == "cub":
         return load_cub(root, split or "test", region or "box")

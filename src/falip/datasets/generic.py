@@ -65,6 +65,7 @@ class RegionDataset:
     classnames: list[str]
     samples: list[RegionSample]
     problems: list[tuple[str, str, str]] = field(default_factory=list)
+    source: dict = field(default_factory=dict)  # {name: path} of the files and folders read (run fingerprints)
 
 
 def read_mask(path: Union[str, Path], mask_id: Optional[int] = None) -> np.ndarray:
@@ -160,4 +161,5 @@ def load_generic(
         split=Path(annotations).stem,
         classnames=read_classes(classes),
         samples=read_regions_jsonl(annotations, image_root),
+        source=dict(annotations=annotations, classes=classes, image_root=image_root or Path(annotations).parent),
     )

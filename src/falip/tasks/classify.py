@@ -32,9 +32,9 @@ from ..bias import FovealConfig
 from ..datasets.generic import RegionDataset, RegionSample, read_mask
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
-from ..images import load_image
+from ..images import ImageTooLargeError, RotationNotice, load_image
 from ..methods import Method, encode_with_method, parse_method
-from ..results import RunRecorder
+from ..results import RunRecorder, describe_inputs
 from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
 
 T = TypeVar("T")
@@ -165,15 +165,21 @@ def _sample_region(sample: RegionSample, size: tuple[int, int], class_index: dic
         raise SampleError("bad region", f"{sample.image}: {exc}") from exc
 
 
-def load_group(samples: list[RegionSample], class_index: dict[str, int]) -> ImageGroup:
-    """Open the image of a group once and build every sample's region; failures are collected, not raised."""
+def load_group(samples: list[RegionSample], class_index: dict[str, int], on_rotation=None) -> ImageGroup:
+    """Open the image of a group once and build every sample's region; failures are collected, not raised.
+
+    The image is read in its stored pixel orientation (EXIF ignored, as dataset annotations assume);
+    ``on_rotation`` hears of tagged images."""
     group = ImageGroup(samples[0].image, samples)
     path = group.image_path
     if not path.is_file():
         group.failed = [(s, SampleError("missing file", f"image file not found: {path}")) for s in samples]
         return group
     try:
-        group.image = load_image(path)
+        group.image = load_image(path, exif=False, on_rotation=on_rotation)
+    except ImageTooLargeError as exc:
+        group.failed = [(s, SampleError("image too large", str(exc))) for s in samples]
+        return group
     except ImageLoadError as exc:
         group.failed = [(s, SampleError("unreadable file", str(exc))) for s in samples]
         return group
@@ -290,12 +296,14 @@ def evaluate(
         classes=hashlib.sha256(json.dumps(classnames).encode()).hexdigest()[:16],
         num_classes=len(classnames),
     )
-    rec = RunRecorder(output, task="classify", config=run, resume=resume)
+    inputs = describe_inputs([model], files=dataset.source)
+    rec = RunRecorder(output, task="classify", config=run, resume=resume, inputs=inputs)
     for sample_id, reason, detail in dataset.problems:
         if sample_id not in rec.done:
             rec.skip(sample_id, reason, detail)
 
     classifier = text_classifier(model, classnames, templates, method)  # (C, E), once per run
+    rotated = RotationNotice()
     todo = [s for s in dataset.samples if s.id not in rec.done]
     groups = group_by_image(todo)
     bar = tqdm(
@@ -310,7 +318,7 @@ def evaluate(
     regions = 0
     start = time.perf_counter()
     with torch.no_grad():
-        for group in prefetch(lambda g: load_group(g, class_index), groups, workers):
+        for group in prefetch(lambda g: load_group(g, class_index, rotated), groups, workers):
             failed = list(group.failed)
             if group.ready:
                 done, encode_failed = _encode_group(model, group, method, config, mode, batch_size)
@@ -347,6 +355,7 @@ def evaluate(
         images_per_s=round(len(images) / seconds, 2) if images and seconds > 0 else None,
         regions_per_s=round(regions / seconds, 2) if regions and seconds > 0 else None,
         resumed=rec.resumed,
+        exif_rotated_images=rotated.count,
     )
     extra = dict(dataset=dataset.name, split=dataset.split, method=method.name, speed=speed)
     if group_table:

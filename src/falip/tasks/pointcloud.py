@@ -32,7 +32,7 @@ from ..pointcloud import (
     project,
     validate_points,
 )
-from ..results import RunRecorder
+from ..results import RunRecorder, describe_inputs
 from ..zeroshot import Templates, load_templates, zero_shot_classifier
 
 DEFAULT_TEMPLATES = ["point cloud depth map of a {}."]
@@ -164,7 +164,8 @@ def evaluate(
     """
     if batch_size < 1:
         raise FalipError(f"batch size must be >= 1, got {batch_size}")
-    rec = RunRecorder(output, task="pointcloud", config=run_config, resume=resume)
+    inputs = describe_inputs([classifier.model], files={f"file{i}": p for i, p in enumerate(dataset.files)})
+    rec = RunRecorder(output, task="pointcloud", config=run_config, resume=resume, inputs=inputs)
     C = len(classifier.classnames)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     batch: list[tuple[str, np.ndarray, int]] = []

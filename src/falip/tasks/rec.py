@@ -38,10 +38,10 @@ from ..datasets.refer import (
 from ..encode import MODES
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
-from ..images import load_image
+from ..images import ImageTooLargeError, RotationNotice, load_image
 from ..methods import METHOD_HELP, Method, encode_with_method, parse_method
 from ..prompts import STYLES
-from ..results import RunRecorder
+from ..results import RunRecorder, describe_inputs
 
 PROMPT = "a photo of {}"
 AGGREGATES = ("sum", "max")
@@ -238,7 +238,7 @@ def ground(
 # Dataset evaluation
 
 
-def _open_image(data: RecDataset, image_root, image_id: str):
+def _open_image(data: RecDataset, image_root, image_id: str, on_rotation=None):
     """The image as RGB PIL, or ``(reason, detail)`` when it is missing or cannot be decoded."""
     paths = [Path(image_root) / n for n in data.images.get(image_id) or []]
     existing = [p for p in paths if p.is_file()]
@@ -246,7 +246,9 @@ def _open_image(data: RecDataset, image_root, image_id: str):
         tried = " or ".join(str(p) for p in paths) or "no file name in the annotations"
         return "missing image", f"image {image_id}: file not found: {tried}"
     try:
-        return load_image(existing[0])
+        return load_image(existing[0], exif=False, on_rotation=on_rotation)
+    except ImageTooLargeError as exc:
+        return "image too large", str(exc)
     except ImageLoadError as exc:
         return "unreadable image", str(exc)
 
@@ -324,8 +326,14 @@ def evaluate(
         raise ValueError(f"no_proposals must be one of {NO_PROPOSALS}, got {no_proposals!r}")
     samples = data.samples[:limit] if limit is not None else data.samples
     config = run_config if run_config is not None else scorer.describe()
-    rec = RunRecorder(output, task="rec", config=config, resume=resume, predictions=predictions)
+    inputs = describe_inputs(
+        scorer.models,
+        files={k: data.source.get(k) for k in ("refs", "instances", "annotations", "detections")},
+        image_root=image_root,
+    )
+    rec = RunRecorder(output, task="rec", config=config, resume=resume, predictions=predictions, inputs=inputs)
     need_masks = any(m.edit == "reverse_blur" for m in scorer.methods)
+    rotated = RotationNotice()
     counts = dict(
         images=0, expressions=0, clamped=0, dropped=0, masks_missing=0, correct=0, scored=0, whole_images=0, whole_expressions=0
     )
@@ -344,7 +352,7 @@ def evaluate(
                 skip(s, *s.problem)
         if not ok:
             return
-        image = _open_image(data, image_root, image_id)
+        image = _open_image(data, image_root, image_id, rotated)
         if isinstance(image, tuple):
             for s in ok:
                 skip(s, *image)
@@ -453,6 +461,7 @@ def evaluate(
         proposals_dropped=counts["dropped"],
         masks_missing=counts["masks_missing"] if need_masks else None,
         no_proposals=dict(policy=no_proposals, images=counts["whole_images"], expressions=counts["whole_expressions"]),
+        exif_rotated_images=rotated.count,
         limit=limit,
     )
     fields = dict(
