@@ -462,9 +462,18 @@ def aggregate(paths: Iterable, fmt: str = "markdown") -> str:
     """One row per results file: what was run, and its metrics (numbers rounded to 2 decimals)."""
     rows, metric_names = [], []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-        if "metrics" not in result:
+        try:
+            with open(path, encoding="utf-8") as f:
+                result = json.load(f)
+        except FileNotFoundError:
+            raise FalipError(f"results file not found: {path}") from None
+        except IsADirectoryError:
+            raise FalipError(f"{path} is a folder, not a results JSON file") from None
+        except OSError as exc:
+            raise FalipError(f"cannot read results file {path}: {exc.strerror or exc}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FalipError(f"{path} is not valid JSON ({exc}); is it a falip results file?") from None
+        if not isinstance(result, dict) or "metrics" not in result:
             raise FalipError(f"{path} is not a falip results file (no 'metrics')")
         row = _describe(result)
         for name, value in result["metrics"].items():

@@ -41,8 +41,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (FalipError, ValueError) as exc:
-        print(f"falip: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:  # files and folders: missing, unreadable, read-only, full disk
+        where = f" {exc.filename}" if exc.filename else ""
+        return _fail(f"{exc.strerror}:{where}" if exc.strerror else str(exc) or type(exc).__name__)
+    except MemoryError:
+        return _fail("out of memory; use a smaller model, --batch-size or fewer regions per image")
+    except KeyboardInterrupt:
+        print("falip: interrupted (a run with --output resumes where it stopped)", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"falip: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..results import aggregate
+from ..results import aggregate, check_output_path
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_path(args.output, "--output")
     text = aggregate(args.results, args.format)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

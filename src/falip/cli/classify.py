@@ -9,6 +9,7 @@ from ..datasets.classification import DATASETS, REGIONS, load_dataset
 from ..datasets.generic import RegionDataset, load_generic, read_classes
 from ..errors import FalipError
 from ..methods import METHOD_HELP, parse_method
+from ..results import check_output_path
 from ..tasks.classify import evaluate, rename_classes
 from ..zeroshot import load_templates
 from .common import add_bias_args, add_model_args, config_from_args, load_from_args
@@ -37,6 +38,7 @@ def _fmt(value) -> str:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    check_output_path(args.output)
     method = parse_method(args.method)
     dataset = dataset_from_args(args)
     if args.limit is not None:

@@ -149,10 +149,10 @@ def load_from_args(args: argparse.Namespace, config: Optional[FovealConfig] = No
 
 
 def read_mask(path: str) -> np.ndarray:
-    from PIL import Image
+    """A region mask file as boolean ``(H, W)`` (:func:`falip.datasets.generic.read_mask`); an empty one is an error."""
+    from ..datasets.generic import read_mask as read_mask_file
 
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L")) > 127
-    except (FileNotFoundError, OSError) as exc:
-        raise FalipError(f"cannot read mask {path}: {exc}") from exc
+    mask = read_mask_file(path)
+    if not mask.any():
+        raise FalipError(f"mask {path} is empty: no pixel inside (alpha or gray > 127, or 1 in a 0/1 mask)")
+    return mask

@@ -9,6 +9,7 @@ from ..datasets.refer import DATASETS, RecDataset, load_reclip, load_refer
 from ..errors import FalipError
 from ..methods import METHOD_HELP
 from ..prompts import STYLES
+from ..results import check_output_path
 from ..tasks.rec import AGGREGATES, N_CAPTIONS, NO_PROPOSALS, PROMPT, RegionScorer, draw_captions, evaluate, parse_methods
 from .common import add_bias_args, add_model_args, config_from_args, load_from_args
 
@@ -37,6 +38,7 @@ def _load_models(args: argparse.Namespace, config: FovealConfig) -> list:
 
 
 def cmd_rec(args: argparse.Namespace) -> int:
+    check_output_path(args.output)
     config = config_from_args(args)
     methods = parse_methods(args.method)
     data = _load_data(args)

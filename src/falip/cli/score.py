@@ -27,9 +27,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise FalipError("give at least one region with --box x0,y0,x1,y1 or --mask FILE.png")
     if args.box and args.mask:
         raise FalipError("give either --box or --mask regions, not both")
+    regions = dict(boxes=args.box) if args.box else dict(masks=[read_mask(p) for p in args.mask])
     config = config_from_args(args)
     model = load_from_args(args, config)
-    regions = dict(boxes=args.box) if args.box else dict(masks=[read_mask(p) for p in args.mask])
     scores = score_with_method(model, args.image, args.text, args.method, config=config, mode=args.mode, **regions)
     names = [",".join(f"{v:g}" for v in b) for b in args.box] if args.box else list(args.mask)
     result = {

@@ -7,7 +7,8 @@ Generic format — one JSON object per line::
 
 ``image`` and ``mask`` are relative to an image root (absolute paths are kept). ``box`` is in
 original-image pixels, xyxy. A mask is a PNG of the image's size; pixels > 127 (after conversion
-to grayscale) are inside. Optional keys: ``id`` (default: the line number), ``group`` (a
+to grayscale) are inside; a 0/1 mask (all values 0 or 1) is read as is, and a PNG with a non-opaque
+alpha channel is read from its alpha. Optional keys: ``id`` (default: the line number), ``group`` (a
 subgroup name, reported separately, e.g. Waterbirds' groups). Blank lines are ignored.
 """
 
@@ -69,18 +70,38 @@ class RegionDataset:
 
 
 def read_mask(path: Union[str, Path], mask_id: Optional[int] = None) -> np.ndarray:
-    """A boolean ``(H, W)`` mask from a PNG: grayscale > 127, or ``R + 256·G == mask_id`` when given."""
+    """A boolean ``(H, W)`` mask from a PNG.
+
+    With ``mask_id``: pixels with ``R + 256·G == mask_id``. Otherwise: the alpha channel > 127 when the
+    image has a non-opaque alpha channel (a cut-out), else grayscale > 127 — or > 0 for a 0/1 mask
+    (one whose values are all 0 or 1).
+    """
     path = Path(path)
     if not path.is_file():
         raise FalipError(f"mask file not found: {path}")
     try:
         with Image.open(path) as img:
             if mask_id is None:
-                return np.asarray(img.convert("L")) > 127
+                return _binary(img)
             rgb = np.asarray(img.convert("RGB")).astype(np.int64)
     except (UnidentifiedImageError, OSError) as exc:
         raise FalipError(f"cannot read mask {path}: {exc}") from exc
     return rgb[..., 0] + 256 * rgb[..., 1] == mask_id
+
+
+def _binary(img: Image.Image) -> np.ndarray:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        alpha = np.asarray(img.convert("RGBA"))[..., 3]
+        if alpha.min() < 255:
+            return alpha > 127
+    if img.mode == "1":
+        return np.asarray(img, dtype=bool)
+    values = np.asarray(img.convert("I") if img.mode.startswith("I") else img.convert("L"))
+    if values.max() <= 1:
+        return values > 0  # a 0/1 mask
+    if img.mode.startswith("I"):  # 16-bit masks: half of the 16-bit range
+        return values > 32767
+    return values > 127
 
 
 def read_classes(path: Union[str, Path]) -> list[str]:
@@ -119,7 +140,7 @@ def read_regions_jsonl(path: Union[str, Path], image_root: Union[str, Path, None
     if not path.is_file():
         raise FalipError(f"annotation file not found: {path}")
     root = Path(image_root) if image_root is not None else path.parent
-    samples, seen = [], set()
+    samples, seen = [], {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -134,8 +155,8 @@ def read_regions_jsonl(path: Union[str, Path], image_root: Union[str, Path, None
             raise FalipError(f"{where}: give exactly one of 'box' or 'mask'")
         sample_id = str(record.get("id", n))
         if sample_id in seen:
-            raise FalipError(f"{where}: id {sample_id!r} appears twice")
-        seen.add(sample_id)
+            raise FalipError(f"{where}: id {sample_id!r} appears twice (first on line {seen[sample_id]})")
+        seen[sample_id] = n
         label = record.get("label")
         samples.append(
             RegionSample(
@@ -149,7 +170,24 @@ def read_regions_jsonl(path: Union[str, Path], image_root: Union[str, Path, None
         )
     if not samples:
         raise FalipError(f"{path} holds no samples")
+    _check_box_convention(samples, path)
     return samples
+
+
+def _check_box_convention(samples: list[RegionSample], path: Path) -> None:
+    """Refuse files whose boxes are mostly not xyxy but all make sense as ``[x, y, w, h]``."""
+    boxes = np.array([s.box for s in samples if s.box is not None], dtype=np.float64).reshape(-1, 4)
+    if len(boxes) < 2:
+        return
+    bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    as_xywh = (boxes[:, 2] > 0) & (boxes[:, 3] > 0) & (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0)
+    if bad.sum() >= max(2, 0.2 * len(boxes)) and as_xywh[bad].all():
+        first = next(s for s in samples if s.box is not None and (s.box[2] <= s.box[0] or s.box[3] <= s.box[1]))
+        raise FalipError(
+            f"{path}: {int(bad.sum())} of {len(boxes)} boxes are not [x0, y0, x1, y1] (x1 <= x0 or y1 <= y0, e.g. sample "
+            f"{first.id}: {list(first.box)}) but all are valid as [x, y, w, h]; this format wants xyxy: convert "
+            "them with x1 = x + w, y1 = y + h"
+        )
 
 
 def load_generic(

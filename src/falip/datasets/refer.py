@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,20 @@ def _sentences(raw_sentences, where: str) -> list[str]:
     return out
 
 
+class BoxConventionWarning(UserWarning):
+    """Boxes that look like they were written in another convention (xyxy for xywh)."""
+
+
+def _unique(seen: dict[str, str], sample_id: str, where: str) -> None:
+    """Record ``sample_id`` as read at ``where``; a second sentence with the same id is an error naming both."""
+    if sample_id in seen:
+        raise FalipError(
+            f"sentence id {sample_id!r} appears twice: {seen[sample_id]} and {where}; ids must be unique "
+            "(one would replace the other's prediction)"
+        )
+    seen[sample_id] = where
+
+
 def _check_split(samples: list[RecSample], available: Sequence[str], split: str, source: str) -> None:
     if not samples:
         raise FalipError(
@@ -199,7 +214,7 @@ def load_refer(data_root, dataset: str, split: str, split_by: Optional[str] = No
         bbox = _bbox(ann.get("bbox"), f"{instances_path}: annotation {ann_id}")
         annotations.setdefault(key, []).append(Proposal(bbox, ann_id, ann.get("segmentation") or None))
 
-    samples = []
+    samples, seen = [], {}
     for i, ref in enumerate(refs):
         where = f"{refs_path}: ref {i}"
         missing = [k for k in ("ref_id", "ann_id", "image_id", "split", "sentences") if k not in ref]
@@ -223,6 +238,7 @@ def load_refer(data_root, dataset: str, split: str, split_by: Optional[str] = No
         for j, text in enumerate(_sentences(raw, where)):
             sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
             sid = str(sent_id) if sent_id is not None else f"{ref['ref_id']}:{j}"
+            _unique(seen, sid, f"{where} (ref_id {ref['ref_id']}) sentence {j}")
             samples.append(RecSample(sid, image_id, text, (ann_id,), str(ref["ref_id"]), problem))
     _check_split(samples, [r.get("split", "") for r in refs], split, str(refs_path))
     for s in samples:
@@ -238,7 +254,7 @@ def load_reclip(path, split: str = "", name: str = "", detections=None) -> RecDa
         raise FalipError(f"annotations file not found: {path}")
     images: dict[str, list[str]] = {}
     annotations: dict[str, list[Proposal]] = {}
-    samples = []
+    samples, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -275,6 +291,7 @@ def load_reclip(path, split: str = "", name: str = "", detections=None) -> RecDa
             for j, text in enumerate(_sentences(raw, where)):
                 sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
                 sid = str(sent_id) if sent_id is not None else f"{lineno}:{j}"
+                _unique(seen, sid, f"{where} sentence {j}")
                 samples.append(RecSample(sid, image_id, text, targets, None, problem))
     if not samples:
         raise FalipError(f"{path} holds no referring expressions")
@@ -297,7 +314,27 @@ def load_detections(path) -> dict[str, list[XYWH]]:
         out[str(image_id)] = [
             _bbox(b.get("bbox", b.get("box")) if isinstance(b, dict) else b, f"{path}: image {image_id}") for b in boxes
         ]
+    _warn_if_xyxy(out, path)
     return out
+
+
+XYXY_SUSPICION = 0.95  # share of boxes with w > x and h > y above which [x, y, w, h] boxes look like xyxy
+
+
+def _warn_if_xyxy(detections: dict[str, list[XYWH]], path: Path) -> None:
+    """Warn when the boxes look like ``[x0, y0, x1, y1]``: then every "width" exceeds its x and every
+    "height" its y, which real [x, y, w, h] detections of a whole data set almost never do."""
+    boxes = np.array([b for bs in detections.values() for b in bs], dtype=np.float64).reshape(-1, 4)
+    if len(boxes) < 10:
+        return
+    share = float(np.mean((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])))
+    if share >= XYXY_SUSPICION and np.any(boxes[:, 0] > 0):
+        warnings.warn(
+            f"{path}: {share:.0%} of the {len(boxes)} detections have w > x and h > y, as [x0, y0, x1, y1] boxes would; "
+            "detections must be [x, y, w, h] (COCO): convert with w = x1 - x0, h = y1 - y0",
+            BoxConventionWarning,
+            stacklevel=3,
+        )
 
 
 def _with_detections(data: RecDataset, detections) -> RecDataset:

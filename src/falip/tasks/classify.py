@@ -149,7 +149,11 @@ def _sample_region(sample: RegionSample, size: tuple[int, int], class_index: dic
                 f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but image {sample.image} is {W}x{H}",
             )
         if not mask.any():
-            what = f"no pixel with class id {sample.mask_id}" if sample.mask_id is not None else "no pixel > 127"
+            what = (
+                f"no pixel with class id {sample.mask_id}"
+                if sample.mask_id is not None
+                else "no pixel inside: alpha or gray > 127, or 1 in a 0/1 mask"
+            )
             raise SampleError("empty mask", f"mask {sample.mask} is empty ({what})")
         if not sample.mask_as_box:
             return mask

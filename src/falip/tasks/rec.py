@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..bias import FovealConfig
 from ..datasets.refer import (
+    BoxConventionWarning,
     Proposal,
     RecDataset,
     RecSample,
@@ -238,6 +240,9 @@ def ground(
 # Dataset evaluation
 
 
+CLAMP_WARNING_SHARE = 0.1  # clamped proposals above this share of all proposals suggest xyxy boxes read as xywh
+
+
 def _open_image(data: RecDataset, image_root, image_id: str, on_rotation=None):
     """The image as RGB PIL, or ``(reason, detail)`` when it is missing or cannot be decoded."""
     paths = [Path(image_root) / n for n in data.images.get(image_id) or []]
@@ -335,7 +340,16 @@ def evaluate(
     need_masks = any(m.edit == "reverse_blur" for m in scorer.methods)
     rotated = RotationNotice()
     counts = dict(
-        images=0, expressions=0, clamped=0, dropped=0, masks_missing=0, correct=0, scored=0, whole_images=0, whole_expressions=0
+        images=0,
+        expressions=0,
+        proposals=0,
+        clamped=0,
+        dropped=0,
+        masks_missing=0,
+        correct=0,
+        scored=0,
+        whole_images=0,
+        whole_expressions=0,
     )
 
     def pending(s: RecSample) -> bool:
@@ -360,6 +374,7 @@ def evaluate(
         proposals = data.proposals(image_id)
         boxes, keep, clamped = _prepare_proposals(proposals, image.size)
         counts["clamped"] += clamped
+        counts["proposals"] += len(proposals)
         counts["dropped"] += len(proposals) - len(keep)
         fallback = None
         if not keep:
@@ -441,6 +456,13 @@ def evaluate(
             tally([rec.done[s.id] for s in todo])
     bar.close()
     elapsed = time.perf_counter() - started
+    if counts["clamped"] >= max(3, CLAMP_WARNING_SHARE * counts["proposals"]):
+        warnings.warn(
+            f"{counts['clamped']} of {counts['proposals']} {data.proposal_source} proposal boxes extended past their image "
+            "and were clamped: are they [x, y, w, h] (COCO) and not [x0, y0, x1, y1]?",
+            BoxConventionWarning,
+            stacklevel=2,
+        )
 
     records = [rec.done[s.id] for s in samples if "correct" in rec.done.get(s.id, {})]
     n_skipped = sum(1 for s in samples if "skipped" in rec.done.get(s.id, {}))
