@@ -6,16 +6,41 @@ Tiny random models and tiny images keep the whole file fast.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import falip
 from conftest import random_boxes, random_image, tiny_clip, wrap
 from falip import FovealConfig
 from falip.bias import Unleash
-from falip.errors import InvalidRegionError
+from falip.cli import main
+from falip.datasets.generic import load_generic, read_mask, read_regions_jsonl
+from falip.datasets.refer import BoxConventionWarning, load_detections, load_reclip, load_refer
+from falip.errors import FalipError, ImageLoadError, InvalidRegionError, ModelLoadError
+from falip.images import ExifIgnoredWarning, ImageTooLargeError, RotationNotice, load_image
+from falip.results import (
+    OutputInUseError,
+    ResumeMismatchError,
+    RunRecorder,
+    describe_inputs,
+    file_digest,
+    predictions_path,
+)
+from falip.tasks.classify import evaluate as classify_evaluate
+from falip.tasks.rec import RegionScorer
+from falip.tasks.rec import evaluate as rec_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +75,7 @@ def test_threads_on_one_model_give_the_single_threaded_results_and_leave_nothing
         return tiny_model.score_regions(images[i], boxes[i], texts=["a cat", "a dog"], **kw)
 
     expected = [call(job) for job in calls]
-    jobs = calls * 6
+    jobs = calls * 3
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(call, jobs))
     for job, out in zip(jobs, got):
@@ -80,3 +105,383 @@ def test_a_call_that_raises_leaves_the_model_intact(tiny_model):
 def test_score_regions_returns_no_grad_tensors(tiny_model):
     scores = tiny_model.score_regions(random_image(np.random.default_rng(2), 64, 64), [[0, 0, 30, 30]], texts=["x"])
     assert not scores.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared fixtures: a tiny checkpoint file, a tiny generic classification dataset
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FALIP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def save_checkpoint(path, seed=0, nan=False):
+    state = tiny_clip(64, 16, layers=2, width=64, seed=seed).state_dict()
+    if nan:
+        state["visual.proj"][0, 0] = float("nan")
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def generic(tmp_path):
+    """A generic JSONL data set: 2 images of 64x48, 3 boxes, 2 classes."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(random_image(rng, 64, 48)).save(root / "images" / name)
+    lines = [
+        {"image": "images/a.png", "label": "cat", "box": [4, 4, 40, 30]},
+        {"image": "images/a.png", "label": "dog", "box": [20, 10, 60, 44]},
+        {"image": "images/b.png", "label": "cat", "box": [0, 0, 32, 32]},
+    ]
+    (root / "regions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (root / "classes.txt").write_text("cat\ndog\n")
+    return root
+
+
+def classify_run(model, root, output, image_root=None, resume=True):
+    dataset = load_generic(root / "regions.jsonl", root / "classes.txt", image_root or root)
+    return classify_evaluate(model, dataset, output, templates="simple", resume=resume, workers=0, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Runs that cannot mix
+
+
+def test_resume_refuses_a_replaced_checkpoint_and_names_the_weights(tmp_path, generic):
+    ckpt = save_checkpoint(tmp_path / "m.pt", seed=0)
+    first = classify_run(falip.load(str(ckpt)), generic, tmp_path / "r.json")
+    assert first["inputs"]["weights"][0].startswith("file:") and first["metrics"]["n"] == 3
+    again = classify_run(falip.load(str(ckpt)), generic, tmp_path / "r.json")  # same file: resumes
+    assert again["speed"]["resumed"] == 3
+    save_checkpoint(ckpt, seed=1)  # replaced at the same path
+    with pytest.raises(ResumeMismatchError, match=r"inputs\.weights\[0\]|inputs\.weights"):
+        classify_run(falip.load(str(ckpt)), generic, tmp_path / "r.json")
+
+
+def test_resume_refuses_another_image_root_or_an_edited_annotation_file(tmp_path, generic):
+    model = falip.load(str(save_checkpoint(tmp_path / "m.pt")))
+    classify_run(model, generic, tmp_path / "r.json")
+    other = tmp_path / "other"
+    shutil.copytree(generic, other)
+    with pytest.raises(ResumeMismatchError, match="inputs.image_root"):
+        classify_run(model, generic, tmp_path / "r.json", image_root=other)
+    with open(generic / "regions.jsonl", "a") as f:
+        f.write(json.dumps({"image": "images/b.png", "label": "dog", "box": [1, 1, 30, 30]}) + "\n")
+    with pytest.raises(ResumeMismatchError, match="inputs.annotations"):
+        classify_run(model, generic, tmp_path / "r.json")
+    assert classify_run(model, generic, tmp_path / "r.json", resume=False)["metrics"]["n"] == 4
+
+
+def test_random_weights_resume_only_when_seeded(tmp_path):
+    inputs = [describe_inputs([wrap(tiny_clip(64, 16, layers=2, width=64, seed=s))]) for s in (0, 0, 1)]
+    assert inputs[0] == inputs[1] and inputs[0] != inputs[2] and inputs[0]["weights"][0].startswith("random:")
+    RunRecorder(tmp_path / "r.json", task="t", config={}, inputs=inputs[0]).finish({})
+    with pytest.raises(ResumeMismatchError, match="random weights differs on every load unless torch is seeded"):
+        RunRecorder(tmp_path / "r.json", task="t", config={}, inputs=inputs[2])
+
+
+def test_weights_digest_is_cached_per_path_size_and_mtime(tmp_path, monkeypatch):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x" * 1000)
+    first = file_digest(path)
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    assert file_digest(path) == first and not calls  # cached
+    path.write_bytes(b"y" * 1000)
+    os.utime(path, ns=(1, 1))
+    assert file_digest(path) != first and calls
+
+
+def test_a_changed_setting_is_named_in_the_refusal(tmp_path):
+    RunRecorder(tmp_path / "r.json", task="t", config={"bias": {"alpha": 0.2, "sigma": 100}}).finish({})
+    with pytest.raises(ResumeMismatchError, match=r"config\.bias\.alpha: 0\.2 -> 0\.5"):
+        RunRecorder(tmp_path / "r.json", task="t", config={"bias": {"alpha": 0.5, "sigma": 100}})
+
+
+def test_one_results_json_belongs_to_one_predictions_file(tmp_path):
+    RunRecorder(tmp_path / "r.json", task="t", config={}, predictions=tmp_path / "a.jsonl").finish({})
+    with pytest.raises(ResumeMismatchError, match=r"a\.jsonl.*b\.jsonl"):
+        RunRecorder(tmp_path / "r.json", task="t", config={}, predictions=tmp_path / "b.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Atomic, crash-proof outputs
+
+
+def test_a_torn_last_line_is_dropped_and_the_final_jsonl_parses(tmp_path):
+    rec = RunRecorder(tmp_path / "r.json", task="t", config={})
+    for i in range(3):
+        rec.add(i, correct=True)
+    rec.close()
+    pred = predictions_path(tmp_path / "r.json")
+    with open(pred, "a") as f:
+        f.write('{"id": "3", "correct": tr')  # cut by a crash
+    with pytest.warns(UserWarning, match="dropped 1 cut or garbled line"):
+        rec = RunRecorder(tmp_path / "r.json", task="t", config={})
+    assert sorted(rec.done) == ["0", "1", "2"]
+    rec.add(3, correct=True)
+    rec.skip(4, "missing image")
+    rec.add(4, correct=False)  # a retried sample replaces its skip
+    rec.finish({})
+    records = [json.loads(line) for line in pred.read_text().splitlines()]  # every line parses
+    assert [r.get("id") for r in records] == [None, "0", "1", "2", "3", "4"] and records[-1]["correct"] is False
+
+
+def test_a_second_process_on_the_same_output_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    pred = predictions_path(tmp_path / "r.json")
+    lock = pred.with_name(pred.name + ".lock")
+    lock.write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(OutputInUseError, match=f"PID {os.getppid()}"):
+        RunRecorder(tmp_path / "r.json", task="t", config={})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))
+    rec = RunRecorder(tmp_path / "r.json", task="t", config={})
+    assert lock.read_text() == str(os.getpid())
+    rec.finish({})
+    assert not lock.exists()
+
+
+def test_two_processes_writing_one_output_do_not_interleave(tmp_path):
+    script = (
+        "import sys, time; from falip.results import RunRecorder\n"
+        "rec = RunRecorder(sys.argv[1], task='t', config={})\n"
+        "print('locked', flush=True); time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "r.json")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputInUseError, match=f"PID {child.pid}"):
+            RunRecorder(tmp_path / "r.json", task="t", config={})
+    finally:
+        child.kill()
+        child.wait()
+    RunRecorder(tmp_path / "r.json", task="t", config={}).finish({})  # its lock is stale now
+
+
+def test_the_results_json_is_replaced_atomically(tmp_path, monkeypatch):
+    RunRecorder(tmp_path / "r.json", task="t", config={}).finish({"acc": 1.0})
+    before = (tmp_path / "r.json").read_text()
+
+    def crash(*args):
+        raise OSError(28, "No space left on device")
+
+    rec = RunRecorder(tmp_path / "r.json", task="t", config={})
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        rec.finish({"acc": 2.0})
+    monkeypatch.undo()
+    assert (tmp_path / "r.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.predictions.jsonl"]  # no temp file, no lock
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(FalipError, match="is a folder"):
+        RunRecorder(tmp_path / "out", task="t", config={})
+    for output in (tmp_path / "out", tmp_path / "file.txt" / "r.json"):
+        # the annotations do not exist: the output is refused first, before data or model loading
+        code = main(["classify", "--annotations", "/nope.jsonl", "--classes", "/nope.txt", "--output", str(output)])
+        err = capsys.readouterr().err
+        assert code == 2 and str(output) in err and "nope" not in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Honest images
+
+
+def tagged_jpeg(path, orientation=6, size=(40, 20)):
+    """A size[0]xsize[1] bitmap (left half red, right half blue) with an EXIF orientation tag."""
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[:, : size[0] // 2] = (255, 0, 0)
+    arr[:, size[0] // 2 :] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def test_user_photos_are_turned_upright_by_their_exif_tag(tmp_path):
+    path = tagged_jpeg(tmp_path / "p.jpg")  # orientation 6: displayed rotated 90° clockwise, 20x40
+    upright = load_image(path)
+    assert upright.size == (20, 40)
+    assert upright.getpixel((10, 5))[0] > 200 and upright.getpixel((10, 35))[2] > 200  # red on top after turning
+    with Image.open(path) as pil:
+        assert load_image(pil).size == (20, 40)  # PIL images from the user too
+    assert load_image(upright).size == (20, 40)  # an upright image is not turned twice
+
+
+def test_dataset_images_keep_their_stored_orientation_with_one_warning(tmp_path):
+    notice = RotationNotice()
+    with pytest.warns(ExifIgnoredWarning) as caught:
+        images = [load_image(tagged_jpeg(tmp_path / f"{i}.jpg"), exif=False, on_rotation=notice) for i in range(3)]
+    assert [im.size for im in images] == [(40, 20)] * 3 and notice.count == 3 and len(caught) == 1
+
+
+def test_high_bit_depth_and_float_images_are_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((4, 4), 0.25, np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray(np.full((4, 4), 2**30, np.int32)).save(tmp_path / "i.tif")
+    Image.fromarray(np.full((4, 4), 3.5, np.float32)).save(tmp_path / "big.tif")
+    assert load_image(tmp_path / "g16.png").getpixel((0, 0)) == (156, 156, 156)  # 40000 / 65535 · 255
+    assert load_image(tmp_path / "f.tif").getpixel((0, 0)) == (64, 64, 64)
+    assert load_image(tmp_path / "i.tif").getpixel((0, 0)) == (128, 128, 128)  # 2^30 of 31 bits
+    assert load_image(np.full((4, 4, 3), 65535, np.uint16)).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ImageLoadError, match=r"must lie in \[0, 1\].*big\.tif"):
+        load_image(tmp_path / "big.tif")
+
+
+def test_images_over_the_bomb_limit_are_refused_alone_and_skipped_in_runs(tmp_path, generic, monkeypatch, capsys):
+    for limit in (2000, 1000):  # 64x48 = 3072 pixels: PIL warns over the limit, and refuses over twice it
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with pytest.raises(ImageTooLargeError, match=f"decompression-bomb limit of {limit}"):
+                load_image(generic / "images" / "a.png")
+    ckpt = save_checkpoint(tmp_path / "m.pt")
+    code = main(["score", str(generic / "images" / "a.png"), "--box", "0,0,10,10", "--text", "x", "--model", str(ckpt)])
+    err = capsys.readouterr().err
+    assert code == 2 and "decompression-bomb" in err and len(err.strip().splitlines()) == 1
+    result = classify_run(falip.load(str(ckpt)), generic, tmp_path / "r.json")
+    assert result["skipped"]["by_reason"] == {"image too large": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Every error a sentence: models, devices, files
+
+
+def test_bad_checkpoints_are_errors_naming_the_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty.pt is empty"):
+        falip.load(str(tmp_path / "empty.pt"))
+    with pytest.raises(ModelLoadError, match="empty.pt is empty"):
+        falip.load("ViT-B-32", pretrained=str(tmp_path / "empty.pt"))
+    with pytest.raises(ModelLoadError, match="nan.pt holds NaN"):
+        falip.load(str(save_checkpoint(tmp_path / "nan.pt", nan=True)))
+    state = torch.load(save_checkpoint(tmp_path / "shape.pt"), weights_only=True)
+    state["visual.ln_pre.bias"] = torch.zeros(3)
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(ModelLoadError, match="shape.pt does not fit"):
+        falip.load(str(tmp_path / "shape.pt"))
+
+
+def test_nan_outputs_are_an_error(tmp_path):
+    model = falip.load(str(save_checkpoint(tmp_path / "m.pt")))
+    with torch.no_grad():
+        model.runtime.visual.ln_post.weight[0] = float("inf")
+    with pytest.raises(ModelLoadError, match="NaN or infinite embeddings"):
+        model.encode_image(np.zeros((32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize("device", ["cpuu", "cuda:99", "tpu"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_devices_that_do_not_exist_are_one_line_errors(device, capsys):
+    assert main(["info", "--model", "falip-toy", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert repr(device) in err and len(err.strip().splitlines()) == 1
+
+
+def test_os_errors_and_bad_aggregate_inputs_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "file.txt").write_text("x")
+    cases = [
+        (["aggregate", str(tmp_path / "missing.json")], "not found"),
+        (["aggregate", str(tmp_path)], "is a folder"),
+        (["aggregate", str(tmp_path / "bad.json")], "not valid JSON"),
+        (["aggregate", str(tmp_path / "bad.json"), "--output", str(tmp_path / "file.txt" / "t.md")], "file.txt"),
+        (["bias", "--image-size", "64,64", "--box", "0,0,8,8"], None),
+    ]
+    for argv, message in cases:
+        code = main(argv)
+        captured = capsys.readouterr()
+        if message is None:
+            assert code == 0
+            continue
+        assert code == 2 and message in captured.err and len(captured.err.strip().splitlines()) == 1, argv
+
+
+# ----------------------------------------------------------------------------------------------
+# Duplicate ids and box conventions
+
+
+def test_duplicate_ids_name_both_places(tmp_path):
+    line = {"file_name": "x.jpg", "image_id": 1, "anns": [{"id": 5, "bbox": [0, 0, 4, 4]}], "ann_id": 5}
+    rows = [{**line, "sentences": [{"raw": "a", "sent_id": 7}]}, {**line, "sentences": [{"raw": "b", "sent_id": 7}]}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FalipError, match=r"sentence id '7' appears twice: .*r\.jsonl:1 sentence 0 and .*r\.jsonl:2 sentence 0"):
+        load_reclip(tmp_path / "r.jsonl")
+    folder = tmp_path / "refer" / "ds"
+    folder.mkdir(parents=True)
+    refs = [{"ref_id": r, "ann_id": 5, "image_id": 1, "split": "val", "sentences": [{"raw": "a", "sent_id": 9}]} for r in (1, 2)]
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    (folder / "instances.json").write_text(
+        json.dumps({"images": [], "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 4, 4]}]})
+    )
+    with pytest.raises(FalipError, match=r"'9' appears twice: .*ref 0 \(ref_id 1\).* and .*ref 1 \(ref_id 2\)"):
+        load_refer(tmp_path / "refer", "ds", "val")
+    (tmp_path / "g.jsonl").write_text(
+        '{"image": "a.png", "box": [0,0,4,4], "id": 3}\n\n{"image": "b.png", "box": [0,0,4,4], "id": 3}\n'
+    )
+    with pytest.raises(FalipError, match=r"g\.jsonl:3: id '3' appears twice \(first on line 1\)"):
+        read_regions_jsonl(tmp_path / "g.jsonl")
+
+
+def test_generic_boxes_written_as_xywh_are_refused(tmp_path):
+    rows = [{"image": "a.png", "box": [10 + i, 20, 30, 15]} for i in range(5)] + [{"image": "a.png", "box": [1, 1, 50, 40]}]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FalipError, match=r"5 of 6 boxes are not \[x0, y0, x1, y1\].*valid as \[x, y, w, h\]"):
+        read_regions_jsonl(tmp_path / "g.jsonl")
+
+
+def test_detections_written_as_xyxy_are_warned_about(tmp_path):
+    rng = np.random.default_rng(0)
+    x0, y0 = rng.uniform(0, 100, 20), rng.uniform(0, 100, 20)
+    xyxy = np.stack([x0, y0, x0 + rng.uniform(5, 50, 20), y0 + rng.uniform(5, 50, 20)], 1)
+    (tmp_path / "d.json").write_text(json.dumps({"1": xyxy.tolist()}))
+    with pytest.warns(BoxConventionWarning, match="detections must be \\[x, y, w, h\\]"):
+        load_detections(tmp_path / "d.json")
+    xywh = np.concatenate([xyxy[:, :2] + 60, xyxy[:, 2:] - xyxy[:, :2]], 1)
+    (tmp_path / "d.json").write_text(json.dumps({"1": xywh.tolist()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BoxConventionWarning)
+        load_detections(tmp_path / "d.json")
+
+
+def test_reclip_annotations_with_many_clamped_boxes_are_warned_about(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    Image.fromarray(random_image(rng, 64, 48)).save(tmp_path / "COCO_train2014_000000000001.jpg")
+    xyxy_as_xywh = [[10, 10, 50, 40], [30, 5, 60, 30], [2, 20, 40, 45]]  # x + w and y + h run past 64x48
+    line = {
+        "file_name": "COCO_train2014_000000000001_1.jpg",
+        "image_id": 1,
+        "anns": [{"id": i, "bbox": b} for i, b in enumerate(xyxy_as_xywh)],
+        "ann_id": 0,
+        "sentences": [{"raw": "the thing"}],
+    }
+    (tmp_path / "r.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.warns(BoxConventionWarning, match="3 of 3 gold proposal boxes extended past their image"):
+        result = rec_evaluate(
+            RegionScorer([tiny_model], "falip"), load_reclip(tmp_path / "r.jsonl"), tmp_path, tmp_path / "o.json", progress=False
+        )
+    assert result["run"]["proposals_clamped"] == 3
+
+
+def test_binary_01_and_alpha_masks_are_read_and_empty_masks_are_named(tmp_path, capsys):
+    m = np.zeros((48, 64), np.uint8)
+    m[8:20, 10:30] = 1
+    Image.fromarray(m).save(tmp_path / "m01.png")
+    rgba = np.full((48, 64, 4), 255, np.uint8)
+    rgba[..., 3] = m * 255
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    assert read_mask(tmp_path / "m01.png").sum() == 240 and read_mask(tmp_path / "alpha.png").sum() == 240
+    Image.fromarray(np.full((48, 64), 100, np.uint8)).save(tmp_path / "dim.png")
+    Image.fromarray(random_image(np.random.default_rng(0), 64, 48)).save(tmp_path / "i.png")
+    code = main(["score", str(tmp_path / "i.png"), "--mask", str(tmp_path / "dim.png"), "--text", "x", "--model", "falip-toy"])
+    err = capsys.readouterr().err
+    assert code == 2 and "dim.png is empty" in err and "> 127" in err

@@ -78,7 +78,10 @@ def load_image(image, *, exif: bool = True, on_rotation: Optional[Callable[[str,
                 _check_size(img.size, str(path))
                 return _upright_rgb(img, str(path), exif, on_rotation)
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"image {path} is too large to decode safely: {exc}") from None
+            raise ImageTooLargeError(
+                f"image {path} is over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels ({exc}); "
+                "shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+            ) from None
         except (UnidentifiedImageError, OSError) as exc:
             raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
     if hasattr(image, "detach"):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .bias import FovealConfig, region_biases
 from .encode import MODES, BiasPlan, encode_biased
+from .errors import ModelLoadError
 from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
 from .images import load_image
 from .loading import create_clip
@@ -95,6 +96,16 @@ class FalipModel:
                 self._digest = f"{kind}:{h.hexdigest()[:16]}"
         return self._digest
 
+    def _finite(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` unchanged, or ModelLoadError naming the weights when any value is NaN/inf."""
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ModelLoadError(
+                f"model {self.name or '(unnamed)'} (weights {self.pretrained or self.weights_file or 'random'}) produced NaN "
+                f"or infinite embeddings in {str(self.runtime.dtype).replace('torch.', '')}; its weights are broken, "
+                "or the precision overflows (try --precision fp32)"
+            )
+        return embeddings
+
     def transform_for(self, image_size: tuple[int, int], preprocess: Optional[str] = None) -> ImageTransform:
         """The preprocessing transform for an image of ``image_size = (W, H)``."""
         return make_transform(preprocess or self.preprocess, image_size, self.image_size)
@@ -133,7 +144,7 @@ class FalipModel:
         out = []
         for start in range(0, len(images), batch_size):
             pixels = torch.cat([self.preprocess_image(im, preprocess)[0] for im in images[start : start + batch_size]])
-            out.append(F.normalize(self.runtime.run(pixels).float(), dim=-1))
+            out.append(F.normalize(self._finite(self.runtime.run(pixels)).float(), dim=-1))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -145,7 +156,7 @@ class FalipModel:
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"texts must be a non-empty list of strings, got {texts!r}")
         tokens = self.tokenizer(texts)
-        return F.normalize(self.runtime.encode_text(tokens).float(), dim=-1)
+        return F.normalize(self._finite(self.runtime.encode_text(tokens)).float(), dim=-1)
 
     def encode_regions(
         self,
@@ -170,7 +181,7 @@ class FalipModel:
         pixels, transform = self.preprocess_image(image, preprocess)
         bias = self.region_biases(transform, boxes=boxes, masks=masks, config=config)
         embeddings = encode_biased(self.runtime, pixels, bias, self.plan(config), mode=mode, chunk_size=chunk_size)
-        return F.normalize(embeddings.float(), dim=-1)
+        return F.normalize(self._finite(embeddings).float(), dim=-1)
 
     @torch.no_grad()
     def score_regions(self, image, boxes=None, texts: Union[str, Sequence[str]] = (), **kwargs) -> torch.Tensor:
