@@ -1,0 +1,565 @@
+"""Fault-injection audit: bad inputs, crashes and concurrency, each classified by its outcome.
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python tools/reliability_audit.py [--markdown]
+
+Outcome classes: ``right`` (the right answer), ``warning`` (right or usable answer, and the user is
+told), ``clear error`` (one sentence naming the input, exit code 2 on the CLI), ``vague error``
+(an error that does not say which input or setting is wrong), ``silent`` (a wrong answer, nothing
+said), ``data loss`` (outputs overwritten, mixed or left unparseable), ``traceback``.
+
+Only the CLI and API that every falip version since the CLI move has are used, so the same script
+measures a branch before and after a change (run it with another ``PYTHONPATH``). The pytest suite
+``tests/test_reliability.py`` keeps the same cases from coming back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+import falip
+from falip.cli import main
+from falip.errors import FalipError
+
+CASES = []
+
+
+def case(group: str, name: str):
+    def register(fn):
+        CASES.append((group, name, fn))
+        return fn
+
+    return register
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def cli(argv, must_name: str = "") -> str:
+    """Run the CLI in-process: ``clear error`` (exit 2, one line naming ``must_name``), ``vague error``,
+    ``traceback`` (an exception escaped), or ``ok``."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    except Exception:
+        return "traceback"
+    if code == 0:
+        return "ok"
+    text = err.getvalue().strip()
+    return "clear error" if code == 2 and len(text.splitlines()) == 1 and must_name in text else "vague error"
+
+
+def api(fn, must_name: str = ""):
+    """Call ``fn``: its result, or ``clear error`` / ``vague error`` (a falip or value error, naming
+    ``must_name`` or not), or ``traceback`` (any other exception)."""
+    try:
+        return fn()
+    except (FalipError, ValueError) as exc:
+        return "clear error" if must_name in str(exc) else "vague error"
+    except Exception:
+        return "traceback"
+
+
+def tiny_checkpoint(path: Path, seed: int = 0, nan: bool = False) -> Path:
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=dict(layers=2, width=64, head_width=64, patch_size=16, image_size=64),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+        quick_gelu=True,
+    )
+    state = model.state_dict()
+    if nan:
+        state["visual.proj"][0, 0] = float("nan")
+    torch.save(state, path)
+    return path
+
+
+def smooth_image(seed: int, w: int = 64, h: int = 48) -> Image.Image:
+    small = np.random.default_rng(seed).integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+def generic_data(root: Path, boxes=None) -> Path:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        smooth_image(i).save(root / "images" / f"{i}.png")
+    boxes = boxes or [[4, 4, 40, 30], [20, 10, 60, 44], [0, 0, 32, 32]]
+    rows = [{"image": f"images/{k % 2}.png", "label": ["cat", "dog"][k % 2], "box": b} for k, b in enumerate(boxes)]
+    (root / "regions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "classes.txt").write_text("cat\ndog\n")
+    return root
+
+
+def classify_argv(root: Path, ckpt: Path, output: Path, *extra) -> list:
+    return [
+        "classify", "--annotations", root / "regions.jsonl", "--classes", root / "classes.txt", "--image-root", root,
+        "--model", ckpt, "--templates", "simple", "--workers", "0", "--output", output, *extra,
+    ]  # fmt: skip
+
+
+def predictions(output: Path) -> list[dict]:
+    return [json.loads(line) for line in output.with_name(output.stem + ".predictions.jsonl").read_text().splitlines()]
+
+
+def mixed_run(t: Path, change, must_name: str) -> str:
+    """A classify run, ``change(...)`` to its inputs, and a resumed run: refused naming ``must_name``
+    (clear error) or mixed (silent)."""
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    assert cli(classify_argv(root, ckpt, t / "r.json")) == "ok"
+    argv = change(root, ckpt)
+    out = cli(argv or classify_argv(root, ckpt, t / "r.json"), must_name=must_name)
+    if out != "ok":
+        return out
+    return "silent" if json.loads((t / "r.json").read_text())["speed"]["resumed"] else "right"
+
+
+def reclip_line(image_id, anns, sent_id=None, raw="the thing"):
+    sentence = {"raw": raw} if sent_id is None else {"raw": raw, "sent_id": sent_id}
+    return {
+        "file_name": f"COCO_train2014_{image_id:012d}_1.jpg",
+        "image_id": image_id,
+        "anns": [{"id": i, "bbox": b} for i, b in enumerate(anns)],
+        "ann_id": 0,
+        "sentences": [sentence],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads
+
+
+@case("threads", "thread pool on one model: encode_regions (3 modes), encode_image, score_regions")
+def _(t):
+    model = falip.load(str(tiny_checkpoint(t / "m.pt")), config=falip.FovealConfig(layers=(1,)))
+    transformer = model.runtime.visual.transformer
+    images = [np.asarray(smooth_image(i, 64 + 8 * i, 48)) for i in range(3)]
+    boxes = [[[0, 0, 30, 30]] * (i + 1) for i in range(3)]
+    jobs = [(k, i, m) for i in range(3) for m in ("exact", "naive", "approx") for k in ("regions", "image", "score")]
+
+    def call(job):
+        kind, i, mode = job
+        if kind == "regions":
+            return model.encode_regions(images[i], boxes[i], mode=mode)
+        if kind == "image":
+            return model.encode_image(images[i])
+        return model.score_regions(images[i], boxes[i], texts=["a", "b"], mode=mode)
+
+    want = {job: call(job) for job in jobs}
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(call, jobs * 4))
+    ok = all(g.shape == want[j].shape and torch.allclose(g, want[j], atol=1e-5) for g, j in zip(got, jobs * 4))
+    return "right" if ok and model.runtime.visual.transformer is transformer else "silent"
+
+
+@case("threads", "score_regions returns tensors without autograd history")
+def _(t):
+    model = falip.load(str(tiny_checkpoint(t / "m.pt")))
+    return "silent" if model.score_regions(np.asarray(smooth_image(0)), [[0, 0, 20, 20]], texts=["x"]).requires_grad else "right"
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume
+
+
+@case("resume", "another --image-root, same --output")
+def _(t):
+    def change(root, ckpt):
+        other = t / "other"
+        shutil.copytree(root, other)
+        for i in range(2):
+            smooth_image(10 + i).save(other / "images" / f"{i}.png")
+        return classify_argv(root, ckpt, t / "r.json", "--image-root", other)
+
+    return mixed_run(t, change, "image_root")
+
+
+@case("resume", "annotation file edited (generic ids are line numbers)")
+def _(t):
+    return mixed_run(
+        t, lambda root, ckpt: generic_data(root, [[1, 1, 20, 20], [5, 5, 60, 40], [10, 10, 50, 40]]) and None, "annotations"
+    )
+
+
+@case("resume", "checkpoint replaced at the same path")
+def _(t):
+    return mixed_run(t, lambda root, ckpt: tiny_checkpoint(ckpt, seed=1) and None, "weights")
+
+
+@case("resume", "a changed setting (--alpha) is refused naming it")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    cli(classify_argv(root, ckpt, t / "r.json"))
+    return cli(classify_argv(root, ckpt, t / "r.json", "--alpha", "0.5"), must_name="alpha")
+
+
+@case("resume", "another --predictions with the same --output")
+def _(t):
+    ckpt = tiny_checkpoint(t / "m.pt")
+    argv = [
+        "rec",
+        "--format",
+        "reclip",
+        "--annotations",
+        t / "r.jsonl",
+        "--image-root",
+        t,
+        "--model",
+        ckpt,
+        "--output",
+        t / "o.json",
+    ]
+    smooth_image(0).save(t / "COCO_train2014_000000000001.jpg")
+    (t / "r.jsonl").write_text(json.dumps(reclip_line(1, [[1, 1, 20, 20], [30, 10, 20, 20]])) + "\n")
+    cli([*argv, "--predictions", t / "a.jsonl", "--quiet"])
+    out = cli([*argv, "--predictions", t / "b.jsonl", "--quiet"], must_name="a.jsonl")
+    return "data loss" if out == "ok" else out
+
+
+@case("resume", "duplicate sentence ids in ReCLIP JSONL")
+def _(t):
+    lines = [reclip_line(1, [[0, 0, 9, 9]], sent_id=7, raw="a"), reclip_line(1, [[0, 0, 9, 9]], sent_id=7, raw="b")]
+    (t / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from falip.datasets.refer import load_reclip
+
+    out = api(lambda: load_reclip(t / "r.jsonl"), must_name="r.jsonl:2")
+    return "silent" if not isinstance(out, str) else out
+
+
+@case("resume", "duplicate sentence ids in a refer pickle")
+def _(t):
+    from falip.datasets.refer import load_refer
+
+    folder = t / "refer" / "ds"
+    folder.mkdir(parents=True)
+    refs = [{"ref_id": r, "ann_id": 5, "image_id": 1, "split": "val", "sentences": [{"raw": "a", "sent_id": 9}]} for r in (1, 2)]
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    (folder / "instances.json").write_text(
+        json.dumps({"images": [], "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 4, 4]}]})
+    )
+    out = api(lambda: load_refer(t / "refer", "ds", "val"), must_name="ref 1")
+    return "silent" if not isinstance(out, str) else out
+
+
+@case("resume", "duplicate ids in generic JSONL")
+def _(t):
+    from falip.datasets.generic import read_regions_jsonl
+
+    (t / "g.jsonl").write_text('{"image": "a.png", "box": [0,0,4,4], "id": 3}\n{"image": "b.png", "box": [0,0,4,4], "id": 3}\n')
+    out = api(lambda: read_regions_jsonl(t / "g.jsonl"), must_name="line 1")
+    return "silent" if not isinstance(out, str) else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+@case("outputs", "a line cut by a crash, then resume: the final JSONL parses")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    cli(classify_argv(root, ckpt, t / "r.json", "--limit", "2"))
+    with open(t / "r.predictions.jsonl", "a") as f:
+        f.write('{"id": "3", "label": "ca')
+    cli(classify_argv(root, ckpt, t / "r.json"))
+    try:
+        ids = [r.get("id") for r in predictions(t / "r.json")]
+    except json.JSONDecodeError:
+        return "data loss"
+    return "right" if ids == [None, "1", "2", "3"] else "data loss"
+
+
+@case("outputs", "a second process writes the same --output")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    script = (
+        "import sys, time; from falip.results import RunRecorder\n"
+        "rec = RunRecorder(sys.argv[1], task='classify', config={})\n"
+        "print('open', flush=True); time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(t / "r.json")], stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdout.readline()
+        out = cli(classify_argv(root, ckpt, t / "r.json"), must_name=str(child.pid))
+    finally:
+        child.kill()
+        child.wait()
+    return "data loss" if out == "ok" else out
+
+
+@case("outputs", "--output names a folder")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    (t / "out").mkdir()
+    return cli(classify_argv(root, ckpt, t / "out"), must_name=str(t / "out"))
+
+
+@case("outputs", "--output under a regular file (unwritable path)")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    (t / "f").write_text("x")
+    return cli(classify_argv(root, ckpt, t / "f" / "r.json"), must_name=str(t / "f"))
+
+
+@case("outputs", "aggregate: a missing results file")
+def _(t):
+    return cli(["aggregate", t / "missing.json"], must_name="missing.json")
+
+
+@case("outputs", "aggregate: a file that is not JSON")
+def _(t):
+    (t / "bad.json").write_text("{not json")
+    return cli(["aggregate", t / "bad.json"], must_name="bad.json")
+
+
+@case("outputs", "aggregate: --output names a folder")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    cli(classify_argv(root, ckpt, t / "r.json"))
+    return cli(["aggregate", t / "r.json", "--output", t], must_name=str(t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def tagged_photo(path: Path) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise: a 64x48 bitmap displays as 48x64
+    smooth_image(0).save(path, exif=exif.tobytes())
+    return path
+
+
+@case("images", "EXIF-rotated photo given by the user: boxes in the image as displayed")
+def _(t):
+    ckpt = tiny_checkpoint(t / "m.pt")
+    out = cli(["score", tagged_photo(t / "p.jpg"), "--box", "0,50,40,64", "--text", "x", "--model", ckpt], must_name="EXIF")
+    return "right" if out == "ok" else out
+
+
+@case("images", "EXIF-rotated image in a dataset run: stored orientation, and a warning")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    tagged_photo(t / "data" / "images" / "0.jpg")
+    rows = [{"image": "images/0.jpg", "label": "cat", "box": [40, 4, 60, 40]}]
+    (root / "regions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = cli(classify_argv(root, ckpt, t / "r.json"))
+    if out != "ok":
+        return out
+    told = any("EXIF" in str(w.message) for w in caught)
+    if predictions(t / "r.json")[1].get("skipped") is not None:
+        return "silent"
+    return "warning" if told else "right"
+
+
+@case("images", "16-bit PNG")
+def _(t):
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(t / "g.png")
+    return "right" if falip.load_image(t / "g.png").getpixel((0, 0)) == (156, 156, 156) else "silent"
+
+
+@case("images", "float TIFF in [0, 1]")
+def _(t):
+    Image.fromarray(np.full((8, 8), 0.25, np.float32)).save(t / "f.tif")
+    return "right" if falip.load_image(t / "f.tif").getpixel((0, 0)) == (64, 64, 64) else "silent"
+
+
+@case("images", "32-bit integer TIFF")
+def _(t):
+    Image.fromarray(np.full((8, 8), 2**30, np.int32)).save(t / "i.tif")
+    return "right" if falip.load_image(t / "i.tif").getpixel((0, 0)) == (128, 128, 128) else "silent"
+
+
+@case("images", "float TIFF outside [0, 1]")
+def _(t):
+    Image.fromarray(np.full((8, 8), 7.0, np.float32)).save(t / "f.tif")
+    out = api(lambda: falip.load_image(t / "f.tif"), must_name="f.tif")
+    return "silent" if not isinstance(out, str) else out
+
+
+@case("images", "image over the decompression-bomb limit: single image")
+def _(t):
+    ckpt = tiny_checkpoint(t / "m.pt")
+    smooth_image(0).save(t / "big.png")
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 1000
+    try:
+        return cli(["score", t / "big.png", "--box", "0,0,9,9", "--text", "x", "--model", ckpt], must_name="big.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+@case("images", "image over the decompression-bomb limit: dataset run skips it with a reason")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 1000
+    try:
+        out = cli(classify_argv(root, ckpt, t / "r.json"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    if out != "ok":
+        return out
+    return "right" if json.loads((t / "r.json").read_text())["skipped"]["count"] == 3 else "silent"
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and devices
+
+
+@case("models", "checkpoint with a wrong tensor shape")
+def _(t):
+    state = torch.load(tiny_checkpoint(t / "m.pt"), weights_only=True)
+    state["visual.ln_pre.bias"] = torch.zeros(3)
+    torch.save(state, t / "m.pt")
+    return cli(["info", "--model", t / "m.pt"], must_name="m.pt")
+
+
+@case("models", "empty --pretrained file")
+def _(t):
+    (t / "e.bin").write_bytes(b"")
+    return cli(["info", "--model", "ViT-B-32", "--pretrained", t / "e.bin"], must_name="e.bin")
+
+
+@case("models", "checkpoint with NaN weights")
+def _(t):
+    ckpt = tiny_checkpoint(t / "nan.pt", nan=True)
+    out = cli(["score", *_photo(t), "--box", "0,0,9,9", "--text", "x", "--model", ckpt], must_name="nan.pt")
+    return "silent" if out == "ok" else out
+
+
+def _photo(t: Path) -> list:
+    smooth_image(0).save(t / "p.png")
+    return [t / "p.png"]
+
+
+@case("models", "--device cuda on a machine without a GPU")
+def _(t):
+    if torch.cuda.is_available():
+        return "right"
+    return cli(["info", "--model", "falip-toy", "--device", "cuda"], must_name="cuda")
+
+
+@case("models", "--device cpuu")
+def _(t):
+    return cli(["info", "--model", "falip-toy", "--device", "cpuu"], must_name="cpuu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats
+
+
+@case("formats", "generic JSONL boxes written as xywh")
+def _(t):
+    root, ckpt = (
+        generic_data(t / "data", [[10 + i, 20, 30, 15] for i in range(5)] + [[1, 1, 50, 40]]),
+        tiny_checkpoint(t / "m.pt"),
+    )
+    out = cli(classify_argv(root, ckpt, t / "r.json"), must_name="x, y, w, h")
+    return "silent" if out == "ok" else out
+
+
+@case("formats", "ReCLIP anns written as xyxy (many clamped boxes)")
+def _(t):
+    smooth_image(0).save(t / "COCO_train2014_000000000001.jpg")
+    line = reclip_line(1, [[10, 10, 50, 40], [30, 5, 60, 30], [2, 20, 40, 45]])
+    (t / "r.jsonl").write_text(json.dumps(line) + "\n")
+    ckpt = tiny_checkpoint(t / "m.pt")
+    argv = ["rec", "--format", "reclip", "--annotations", t / "r.jsonl", "--image-root", t, "--model", ckpt, "--quiet"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = cli([*argv, "--output", t / "o.json"])
+    return out if out != "ok" else ("warning" if any("clamped" in str(w.message) for w in caught) else "silent")
+
+
+@case("formats", "detections written as xyxy")
+def _(t):
+    from falip.datasets.refer import load_detections
+
+    rng = np.random.default_rng(0)
+    x0, y0 = rng.uniform(0, 100, 20), rng.uniform(0, 100, 20)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(5, 50, 20), y0 + rng.uniform(5, 50, 20)], 1)
+    (t / "d.json").write_text(json.dumps({"1": boxes.tolist()}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = api(lambda: load_detections(t / "d.json"), must_name="d.json")
+    return out if isinstance(out, str) else ("warning" if caught else "silent")
+
+
+@case("formats", "0/1 PNG mask")
+def _(t):
+    m = np.zeros((48, 64), np.uint8)
+    m[8:20, 10:30] = 1
+    Image.fromarray(m).save(t / "m.png")
+    out = cli(["score", *_photo(t), "--mask", t / "m.png", "--text", "x", "--model", tiny_checkpoint(t / "c.pt")], "m.png")
+    return "right" if out == "ok" else out
+
+
+@case("formats", "RGBA mask (region in the alpha channel)")
+def _(t):
+    from falip.datasets.generic import read_mask
+
+    rgba = np.full((48, 64, 4), 255, np.uint8)
+    rgba[..., 3] = 0
+    rgba[8:20, 10:30, 3] = 255
+    Image.fromarray(rgba).save(t / "a.png")
+    out = api(lambda: read_mask(t / "a.png"), must_name="a.png")
+    return out if isinstance(out, str) else ("right" if out.sum() == 240 else "silent")
+
+
+def run_all() -> list[tuple[str, str, str]]:
+    rows = []
+    for group, name, fn in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["FALIP_CACHE_DIR"] = str(Path(tmp) / "cache")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    outcome = fn(Path(tmp))
+            except Exception:
+                traceback.print_exc(limit=1, file=sys.stderr)
+                outcome = "traceback"
+        rows.append((group, name, outcome))
+        print(f"{outcome:>12}  {group:<8} {name}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main_cli() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    args = parser.parse_args()
+    rows = run_all()
+    counts = Counter(o for _, _, o in rows)
+    summary = f"{len(rows)} cases: " + ", ".join(f"{n} {k}" for k, n in counts.most_common())
+    if args.markdown:
+        print("| area | case | outcome |\n|---|---|---|")
+        for group, name, outcome in rows:
+            print(f"| {group} | {name} | {outcome} |")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli())
