@@ -98,10 +98,10 @@ def file_digest(path) -> str:
 def describe_inputs(models=(), files: Optional[dict] = None, image_root=None) -> dict:
     """The inputs that determine a run's answers besides its settings (stored and checked on resume).
 
-    models: FalipModels (their weights digest); files: ``{name: path}`` of annotation files (a
+    models: FalipModels (their weights digest; None for a stand-in without one); files: ``{name: path}`` of annotation files (a
     digest each; folders by absolute path); image_root: by absolute path.
     """
-    out: dict = {"weights": [m.weights_digest() for m in models]}
+    out: dict = {"weights": [m.weights_digest() if hasattr(m, "weights_digest") else None for m in models]}
     for name, path in sorted((files or {}).items()):
         if path is None:
             continue
