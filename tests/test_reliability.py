@@ -485,3 +485,16 @@ def test_binary_01_and_alpha_masks_are_read_and_empty_masks_are_named(tmp_path, 
     code = main(["score", str(tmp_path / "i.png"), "--mask", str(tmp_path / "dim.png"), "--text", "x", "--model", "falip-toy"])
     err = capsys.readouterr().err
     assert code == 2 and "dim.png is empty" in err and "> 127" in err
+
+
+def test_a_replaced_image_file_is_computed_again_on_resume(tmp_path, generic):
+    model = falip.load(str(save_checkpoint(tmp_path / "m.pt")))
+    first = classify_run(model, generic, tmp_path / "r.json")
+    Image.fromarray(random_image(np.random.default_rng(5), 64, 48)).save(generic / "images" / "b.png")
+    os.utime(generic / "images" / "b.png", ns=(1, 1))  # a different mtime even on coarse clocks
+    with pytest.warns(UserWarning, match="1 resumed predictions are computed again"):
+        second = classify_run(model, generic, tmp_path / "r.json")
+    assert second["speed"]["recomputed_changed_images"] == 1 and second["speed"]["regions"] == 1
+    assert second["metrics"]["n"] == first["metrics"]["n"] == 3
+    records = [json.loads(line) for line in predictions_path(tmp_path / "r.json").read_text().splitlines()[1:]]
+    assert sorted(r["id"] for r in records) == ["1", "2", "3"]  # one line per sample after the recompute

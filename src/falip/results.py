@@ -95,6 +95,16 @@ def file_digest(path) -> str:
         return digest
 
 
+def file_stamp(path) -> Optional[str]:
+    """``"<size>:<mtime_ns>"`` of a file (None when it is missing): a cheap per-record identity of an
+    image, so a resume recomputes the samples whose image file was replaced."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def describe_inputs(models=(), files: Optional[dict] = None, image_root=None) -> dict:
     """The inputs that determine a run's answers besides its settings (stored and checked on resume).
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, RotationNotice, load_image
 from ..methods import Method, encode_with_method, parse_method
-from ..results import RunRecorder, describe_inputs
+from ..results import RunRecorder, describe_inputs, file_stamp
 from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
 
 T = TypeVar("T")
@@ -308,7 +309,22 @@ def evaluate(
 
     classifier = text_classifier(model, classnames, templates, method)  # (C, E), once per run
     rotated = RotationNotice()
-    todo = [s for s in dataset.samples if s.id not in rec.done]
+    stamps: dict[Path, Optional[str]] = {}
+
+    def stamp(path: Path) -> Optional[str]:
+        if path not in stamps:
+            stamps[path] = file_stamp(path)
+        return stamps[path]
+
+    def changed(s: RegionSample) -> bool:
+        """A resumed prediction whose image file was replaced since (it is computed again)."""
+        done = rec.done.get(s.id)
+        return done is not None and done.get("image_stamp") not in (None, stamp(s.image))
+
+    todo = [s for s in dataset.samples if s.id not in rec.done or changed(s)]
+    n_changed = sum(s.id in rec.done for s in todo)
+    if n_changed:
+        warnings.warn(f"{n_changed} resumed predictions are computed again: their image files changed", stacklevel=2)
     groups = group_by_image(todo)
     bar = tqdm(
         total=len(dataset.samples),
@@ -339,7 +355,7 @@ def evaluate(
                             correct=top[0] == truth,
                             correct5=truth in top,
                         )
-                        rec.add(s.id, **fields, **({"group": s.group} if s.group else {}))
+                        rec.add(s.id, **fields, image_stamp=stamp(s.image), **({"group": s.group} if s.group else {}))
                     images.add(group.image_path)
                     regions += len(done)
             for s, err in failed:
@@ -360,6 +376,7 @@ def evaluate(
         regions_per_s=round(regions / seconds, 2) if regions and seconds > 0 else None,
         resumed=rec.resumed,
         exif_rotated_images=rotated.count,
+        recomputed_changed_images=n_changed,
     )
     extra = dict(dataset=dataset.name, split=dataset.split, method=method.name, speed=speed)
     if group_table:

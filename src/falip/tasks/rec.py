@@ -43,7 +43,7 @@ from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, RotationNotice, load_image
 from ..methods import METHOD_HELP, Method, encode_with_method, parse_method
 from ..prompts import STYLES
-from ..results import RunRecorder, describe_inputs
+from ..results import RunRecorder, describe_inputs, file_stamp
 
 PROMPT = "a photo of {}"
 AGGREGATES = ("sum", "max")
@@ -243,9 +243,14 @@ def ground(
 CLAMP_WARNING_SHARE = 0.1  # clamped proposals above this share of all proposals suggest xyxy boxes read as xywh
 
 
+def _image_paths(data: RecDataset, image_root, image_id: str) -> list[Path]:
+    """The files an image may be stored as (the first existing one is used)."""
+    return [Path(image_root) / n for n in data.images.get(image_id) or []]
+
+
 def _open_image(data: RecDataset, image_root, image_id: str, on_rotation=None):
     """The image as RGB PIL, or ``(reason, detail)`` when it is missing or cannot be decoded."""
-    paths = [Path(image_root) / n for n in data.images.get(image_id) or []]
+    paths = _image_paths(data, image_root, image_id)
     existing = [p for p in paths if p.is_file()]
     if not existing:
         tried = " or ".join(str(p) for p in paths) or "no file name in the annotations"
@@ -351,9 +356,22 @@ def evaluate(
         whole_images=0,
         whole_expressions=0,
     )
+    stamps: dict[str, Optional[str]] = {}
+
+    def stamp(image_id: str) -> Optional[str]:
+        """Size and mtime of the image's file, read once per image."""
+        if image_id not in stamps:
+            found = [p for p in _image_paths(data, image_root, image_id) if p.is_file()]
+            stamps[image_id] = file_stamp(found[0]) if found else None
+        return stamps[image_id]
+
+    def changed(s: RecSample) -> bool:
+        """A resumed prediction whose image file was replaced since (it is computed again)."""
+        done = rec.done.get(s.id)
+        return done is not None and done.get("image_stamp") not in (None, stamp(s.image_id))
 
     def pending(s: RecSample) -> bool:
-        return s.id not in rec.done or "skipped" in rec.done[s.id]
+        return s.id not in rec.done or "skipped" in rec.done[s.id] or changed(s)
 
     def skip(s: RecSample, reason: str, detail: str) -> None:
         rec.add(s.id, skipped=reason, detail=detail, image_id=s.image_id, sentence=s.sentence)
@@ -418,6 +436,7 @@ def evaluate(
                 pred_index=k,
                 pred_box=list(pred),
                 pred_ann_id=proposals[k].ann_id,
+                image_stamp=stamp(image_id),
                 iou=round(overlap, 4),
                 n_proposals=len(proposals),
                 scores=[round(float(v), 4) for v in row],
@@ -439,6 +458,9 @@ def evaluate(
         if counts["scored"]:
             bar.set_postfix(acc=f"{100.0 * counts['correct'] / counts['scored']:.2f}")
 
+    n_changed = sum(changed(s) for s in samples)
+    if n_changed:
+        warnings.warn(f"{n_changed} resumed predictions are computed again: their image files changed", stacklevel=2)
     started = time.perf_counter()
     bar = tqdm(
         total=len(samples),
@@ -478,6 +500,7 @@ def evaluate(
     run = dict(
         computed=counts["expressions"],
         resumed=rec.resumed,
+        recomputed_changed_images=n_changed,
         images_encoded=counts["images"],
         proposals_clamped=counts["clamped"],
         proposals_dropped=counts["dropped"],
