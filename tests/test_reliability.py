@@ -102,9 +102,12 @@ def test_a_call_that_raises_leaves_the_model_intact(tiny_model):
     torch.testing.assert_close(tiny_model.encode_regions(image, [[0, 0, 32, 32]]), before, rtol=0, atol=0)
 
 
-def test_score_regions_returns_no_grad_tensors(tiny_model):
+def test_score_regions_and_score_with_method_return_no_grad_tensors(tiny_model):
     scores = tiny_model.score_regions(random_image(np.random.default_rng(2), 64, 64), [[0, 0, 30, 30]], texts=["x"])
     assert not scores.requires_grad
+    from falip.methods import score_with_method
+
+    assert not score_with_method(tiny_model, np.zeros((64, 64, 3), np.uint8), ["x"], "crop", boxes=[[0, 0, 30, 30]]).requires_grad
 
 
 # ----------------------------------------------------------------------------------------------

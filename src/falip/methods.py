@@ -107,6 +107,7 @@ def encode_with_method(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def score_with_method(
     model,
     image,
