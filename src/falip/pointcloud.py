@@ -17,14 +17,20 @@ Conventions (tested in ``tests/test_pointcloud.py``):
 - Views: :data:`VIEWS_6` (front, right, back, left, top, bottom) and :data:`VIEWS_10` (those six
   and four views from 30° above, at azimuths 45°, 135°, 225° and 315°).
 
-Two projections, after PointCLIP (Zhang et al., CVPR 2022) and PointCLIP V2 (Zhu et al., ICCV 2023):
+Two families of projections:
 
-- ``sparse``: every point lands on one pixel (scatter-min of its depth);
-- ``realistic``: the cloud is voxelised on a coarser ``grid × grid`` raster per view (nearest
-  depth per cell); densified: each cell takes the nearest depth of its ``densify × densify``
-  neighbourhood (the front-most projection of the voxel grid dilated by a cube, up to a constant
-  depth shift), and the grown silhouette is eroded back (a morphological closing: holes fill, the
-  outline stays); smoothed by a Gaussian over the foreground only; upsampled to S.
+- the authors' (:func:`render_views`): ``pointclip`` (PointCLIP, Zhang et al., CVPR 2022,
+  github:ZrrSkywalker/PointCLIP ``trainers/mv_utils_zs.py`` ``PCViews``) and ``pointclip_v2``
+  (PointCLIP V2, Zhu et al., ICCV 2023, github:yangyangyang127/PointCLIP_V2
+  ``zeroshot_cls/trainers/mv_utils_zs.py`` ``Realistic_Projection``), reimplemented here in pure
+  PyTorch and equal (≤ 1e-4, ``tests/test_pointcloud_authors.py``) to the images their zero-shot
+  trainers give CLIP — which is *not* normalised with CLIP's mean/std;
+- our own orthographic ones (:func:`project`): ``ortho_sparse`` (every point lands on one pixel,
+  scatter-min of its depth) and ``ortho_dense`` (the cloud voxelised on a coarser ``grid × grid``
+  raster per view, nearest depth per cell; densified: each cell takes the nearest depth of its
+  ``densify × densify`` neighbourhood and the grown silhouette is eroded back (a closing); smoothed
+  by a Gaussian over the foreground only; upsampled to S). They were called ``sparse`` and
+  ``realistic``; neither is PointCLIP's nor PointCLIP V2's projection.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ import torch.nn.functional as F
 
 from .errors import FalipError
 
-PROJECTIONS = ("sparse", "realistic")
+ORTHO_PROJECTIONS = ("ortho_sparse", "ortho_dense")
+AUTHOR_PROJECTIONS = ("pointclip", "pointclip_v2")
+PROJECTIONS = AUTHOR_PROJECTIONS + ORTHO_PROJECTIONS
+RENAMED = {"sparse": "ortho_sparse", "realistic": "ortho_dense"}
 MARGIN = 0.05  # fraction of the image left empty on each side around the unit sphere
 MIN_RANGE = 0.5  # smallest depth range that depth_to_image spreads over its grey levels
 
@@ -169,7 +178,7 @@ def _gaussian_kernel(sigma: float, device) -> torch.Tensor:
 def project(
     points,
     views: Union[int, Sequence[View]] = 6,
-    projection: str = "sparse",
+    projection: str = "ortho_sparse",
     size: int = 224,
     up: str = "y",
     grid: Optional[int] = None,
@@ -179,20 +188,19 @@ def project(
     """Depth maps ``(B, V, size, size)`` of a batch of clouds ``(B, P, 3)`` (or ``(V, size, size)`` of one ``(P, 3)``).
 
     The clouds are validated and normalised here (:func:`normalize_points`). ``projection`` is
-    ``sparse`` or ``realistic``; the realistic options are ``grid`` (raster side, default
+    ``ortho_sparse`` or ``ortho_dense`` (for the authors' projections see :func:`render_views`); the dense options are ``grid`` (raster side, default
     ``round(size / 3.5)``, 64 at 224), ``densify`` (odd neighbourhood side, default 3) and
     ``smooth`` (Gaussian sigma in grid cells, 0 = off). Runs on the clouds' device in one
     vectorised call.
     """
-    if projection not in PROJECTIONS:
-        raise PointCloudError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    check_projection(projection, ORTHO_PROJECTIONS)
     if size < 8:
         raise PointCloudError(f"size must be at least 8 pixels, got {size}")
     pts = validate_points(points)
     single = pts.ndim == 2
     pts = normalize_points(pts[None] if single else pts, up=up)
     views = get_views(views)
-    if projection == "sparse":
+    if projection == "ortho_sparse":
         depth = _scatter_depth(pts, views, size)
     else:
         depth = _realistic(pts, views, size, grid or round(size / 3.5), densify, smooth)
@@ -202,7 +210,7 @@ def project(
 def _realistic(points: torch.Tensor, views: Sequence[View], size: int, grid: int, densify: int, smooth: float) -> torch.Tensor:
     if grid < 4 or densify < 1 or densify % 2 == 0 or smooth < 0:
         raise PointCloudError(
-            f"realistic projection needs grid >= 4, an odd densify >= 1 and smooth >= 0; got {grid}, {densify}, {smooth}"
+            f"ortho_dense projection needs grid >= 4, an odd densify >= 1 and smooth >= 0; got {grid}, {densify}, {smooth}"
         )
     B, V = points.shape[0], len(views)
     coarse = _scatter_depth(points, views, grid).view(B * V, 1, grid, grid)
@@ -224,6 +232,17 @@ def _realistic(points: torch.Tensor, views: Sequence[View], size: int, grid: int
     up_fg = F.interpolate(fg, size=(size, size), mode="nearest") > 0.5
     out = torch.where(up_fg, up_depth.clamp(0, 1), torch.full_like(up_depth, math.inf))
     return out.view(B, V, size, size)
+
+
+def check_projection(projection: str, allowed: Sequence[str] = PROJECTIONS) -> None:
+    """Raise :class:`PointCloudError` for a projection name outside ``allowed`` (naming renamed ones' new names)."""
+    if projection in RENAMED:
+        raise PointCloudError(
+            f"projection {projection!r} was renamed {RENAMED[projection]!r} (it is our own orthographic projection, "
+            "not PointCLIP's or PointCLIP V2's: those are 'pointclip' and 'pointclip_v2')"
+        )
+    if projection not in allowed:
+        raise PointCloudError(f"projection must be one of {tuple(allowed)}, got {projection!r}")
 
 
 def foreground(depth: torch.Tensor, dilation: int = 0) -> torch.Tensor:
@@ -266,3 +285,159 @@ def views_grid(images: torch.Tensor, names: Sequence[str], columns: Optional[int
         if labels:
             draw.text((x + 4, y + 3), names[i], fill=(255, 200, 0))
     return sheet
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' projections: PointCLIP and PointCLIP V2, as their zero-shot trainers feed CLIP.
+# Written from reading their code (cited above); every float operation that decides a pixel
+# (rotation products, scaling, ceil) is done in their order so that the rasters agree exactly.
+
+
+@dataclass(frozen=True)
+class AuthorProjection:
+    """One of the authors' pipelines: view names (where the viewer stands, in this module's axes),
+    the pixel value of the background, and the raster side before the resize to S."""
+
+    name: str
+    views: tuple[str, ...]
+    background: float
+    raster: int
+
+
+# PointCLIP: a perspective camera 1.6 from the centre along each axis; images are mirrored (+x of
+# the camera frame to the right of a viewer looking along −x). V2: azimuth (0 = +z, 90 = +x) and
+# elevation of the side each view shows; it keeps the farthest point along its camera axis.
+AUTHOR_INFO = {
+    "pointclip": AuthorProjection("pointclip", ("back", "left", "front", "right", "top", "bottom"), 0.0, 128),
+    "pointclip_v2": AuthorProjection(
+        "pointclip_v2",
+        tuple(f"az{a} el+20" for a in (45, 135, 225, 315, 0, 90, 180, 270)) + ("az0 el-78", "az180 el+78"),
+        1.0,
+        110,
+    ),
+}
+FOREGROUND_TOLERANCE = 1e-4  # a pixel further than this from the background value is foreground
+
+
+def _euler_matrices(angles: Sequence[Sequence[float]], device) -> torch.Tensor:
+    """``(V, 3, 3)`` float32 ``Rx(a) @ Ry(b) @ Rz(c)`` of ``(a, b, c)`` rows, computed in float32 as the authors do."""
+    a = torch.tensor(np.asarray(angles, dtype=np.float64)).float()
+    x, y, z = a[:, 0], a[:, 1], a[:, 2]
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+
+    def mat(*entries):
+        return torch.stack(entries, dim=1).reshape(-1, 3, 3)
+
+    rz = mat(torch.cos(z), -torch.sin(z), zero, torch.sin(z), torch.cos(z), zero, zero, zero, one)
+    ry = mat(torch.cos(y), zero, torch.sin(y), zero, one, zero, -torch.sin(y), zero, torch.cos(y))
+    rx = mat(one, zero, zero, zero, torch.cos(x), -torch.sin(x), zero, torch.sin(x), torch.cos(x))
+    return (rx @ ry @ rz).to(device)
+
+
+def _pointclip(points: torch.Tensor) -> torch.Tensor:
+    """PointCLIP's 6 depth maps ``(B·V, 128, 128)``: perspective, each pixel the harmonic mean of the
+    depths of every point projected into it (hidden ones included), 0 where none falls."""
+    res, trans, eps = 128, -1.6, torch.tensor([1e-12], device=points.device)
+    half = math.pi / 2
+    angles = [[0, 0, half], [half, 0, half], [2 * half, 0, half], [3 * half, 0, half], [0, -half, half], [0, half, half]]
+    rot = _euler_matrices(angles, points.device).transpose(1, 2)
+    B, V = points.shape[0], rot.shape[0]
+    translation = torch.tensor([0.0, 0.0, trans], device=points.device)
+    cam = torch.matmul(points.repeat_interleave(V, dim=0), rot.repeat(B, 1, 1)) - translation  # (B·V, P, 3)
+    depth = cam[..., 2]
+    u = ((cam[..., 0] / (depth + eps)) * (res / res) + 1) * res / 2  # camera x → image row
+    v = ((cam[..., 1] / (depth + eps)) + 1) * res / 2  # camera y → image column
+    rows, cols = (u - 0.5).ceil(), (v - 0.5).ceil()  # the pixel whose centre is nearest
+    inside = (rows >= 0) & (rows <= res - 1) & (cols >= 0) & (cols <= res - 1) & (depth >= 0)
+    weight = inside.float() * (1 / (depth + eps))
+    index = ((rows % res) * res + (cols % res)).long()
+    total = torch.zeros(B * V, res * res, device=points.device).scatter_add(1, index, depth * weight)
+    weights = torch.zeros(B * V, res * res, device=points.device).scatter_add(1, index, weight)
+    weights = weights + (weights == 0).float()
+    return (total / weights).view(B * V, res, res)
+
+
+def _gaussian_3x3(sigma: float, device) -> torch.Tensor:
+    """``(1, 1, 3, 3)`` float32 Gaussian normalised to sum 1 (V2 normalises it twice; so do we)."""
+    xs = np.arange(3, dtype=np.float32) - 1
+    k1 = np.exp(-(xs**2) / (2 * sigma**2))
+    k2 = torch.from_numpy(k1[:, None] @ k1[None, :])
+    k2 = k2 / k2.sum()
+    return (k2 / k2.sum()).to(device)[None, None]
+
+
+def _pointclip_v2(points: torch.Tensor) -> torch.Tensor:
+    """PointCLIP V2's 10 "realistic" views ``(B·V, 110, 110)`` in [0, 1], background 1.
+
+    Per view: rotate; scale the rotated cloud's bounding box to [-1, 1] (x, y shrunk by 0.8); quantise
+    to a 112 × 112 × 8 grid keeping the largest depth bin value per voxel (scatter-max); densify with
+    a 7 × 7 max-pool (padding 2, so 110 × 110 out); smooth each depth slice with a 3 × 3 Gaussian
+    (σ = 3, background included); take the max over the slices; ``1 − value / max`` per view.
+    """
+    res, bins, ratio, depth_bias = 112, 8, 0.8, 0.2
+    q, s, t = math.pi / 4, math.pi / 9, math.pi / 15
+    angles = [[k * q, 0, 2 * q] for k in (1, 3, 5, 7)] + [[k * 2 * q, 0, 2 * q] for k in range(4)]
+    angles += [[0, -2 * q, 2 * q], [0, 2 * q, 2 * q]]
+    rot = _euler_matrices(angles, points.device).transpose(1, 2)
+    tilt = _euler_matrices([[0, s, 0]] * 8 + [[0, t, 0]] * 2, points.device).transpose(1, 2)
+    B, V = points.shape[0], rot.shape[0]
+    translation = torch.tensor([-0.5, -0.5, -1.5], device=points.device)
+    cam = torch.matmul(torch.matmul(points.repeat_interleave(V, dim=0), rot.repeat(B, 1, 1)), tilt.repeat(B, 1, 1))
+    cam = cam - translation  # (B·V, P, 3); the framing below cancels it, kept for equal rounding
+    pmax, pmin = cam.max(dim=1)[0], cam.min(dim=1)[0]
+    centre = ((pmax + pmin) / 2)[:, None, :]
+    extent = (pmax - pmin).max(dim=-1)[0][:, None, None]
+    cam = (cam - centre) / extent * 2.0
+    cam = torch.cat([cam[..., :2] * ratio, cam[..., 2:]], dim=-1)
+    x = ((cam[..., 0] + 1) / 2 * res).ceil().clip(1, res - 2)
+    y = ((cam[..., 1] + 1) / 2 * res).ceil().clip(1, res - 2)
+    z = ((cam[..., 2] + 1) / 2 + depth_bias) / (1 + depth_bias) * (bins - 2)
+    index = (z.ceil() * res * res + y * res + x).long()
+    grid = torch.zeros(B * V, bins * res * res, device=points.device)
+    grid.scatter_reduce_(1, index, z.clip(1, bins - 2), reduce="amax", include_self=True)
+    grid = grid.view(B * V * bins, 1, res, res).transpose(2, 3)  # rows: camera x, columns: camera y
+    dense = F.max_pool2d(grid, 7, stride=1, padding=2)
+    smooth = F.conv2d(dense, _gaussian_3x3(3.0, points.device), padding=1)
+    img = smooth.view(B * V, bins, res - 2, res - 2).amax(dim=1)
+    return 1 - img / img.amax(dim=(-2, -1), keepdim=True)
+
+
+def render_views(points, projection: str = "pointclip_v2", max_points: Optional[int] = 1024, size: int = 224) -> torch.Tensor:
+    """The images the authors' zero-shot code gives CLIP: ``(P, 3)`` → ``(V, 3, size, size)``, ``(B, P, 3)`` → ``(B, V, 3, size, size)``.
+
+    projection: ``pointclip`` (6 views, raw depth, background 0) or ``pointclip_v2`` (10 views,
+    ``1 − depth/max``, background 1); view order and names in :data:`AUTHOR_INFO`. The clouds are used
+    as given — PointCLIP's camera assumes the unit sphere, as in the PointNet HDF5 files; V2 frames each
+    view itself. max_points: only the first N points of each cloud are used (their data loader's rule,
+    default 1024; ``None`` = all). Resized bilinearly with ``align_corners=True`` to ``size`` (their 224).
+    **No** CLIP mean/std: the authors feed these pixels to the ViT as they are. Pure PyTorch on the
+    clouds' device, one vectorised call per batch.
+    """
+    check_projection(projection, AUTHOR_PROJECTIONS)
+    if max_points is not None and max_points < 1:
+        raise PointCloudError(f"max_points must be >= 1 or None, got {max_points}")
+    if size < 8:
+        raise PointCloudError(f"size must be at least 8 pixels, got {size}")
+    pts = validate_points(points)
+    single = pts.ndim == 2
+    pts = (pts[None] if single else pts)[:, :max_points].contiguous()
+    if ((pts.amax(dim=1) - pts.amin(dim=1)).amax(dim=-1) <= 0).any():
+        raise PointCloudError("a point cloud has all its (first max_points) points at one place (zero extent)")
+    maps = _pointclip(pts) if projection == "pointclip" else _pointclip_v2(pts)  # (B·V, r, r)
+    V = len(AUTHOR_INFO[projection].views)
+    images = F.interpolate(maps[:, None].expand(-1, 3, -1, -1), size=(size, size), mode="bilinear", align_corners=True)
+    images = images.view(pts.shape[0], V, 3, size, size)
+    return images[0] if single else images
+
+
+def view_foreground(images: torch.Tensor, projection: str, dilation: int = 0) -> torch.Tensor:
+    """Boolean masks ``(..., S, S)`` of the pixels of :func:`render_views` images ``(..., 3, S, S)`` that
+    differ from the projection's background (0 for ``pointclip``, 1 for ``pointclip_v2``) by more than
+    :data:`FOREGROUND_TOLERANCE` — the object as the image shows it — grown by ``dilation`` pixels."""
+    check_projection(projection, AUTHOR_PROJECTIONS)
+    mask = (images[..., 0, :, :] - AUTHOR_INFO[projection].background).abs() > FOREGROUND_TOLERANCE
+    if dilation <= 0:
+        return mask
+    shape = mask.shape
+    grown = F.max_pool2d(mask.reshape(-1, 1, shape[-2], shape[-1]).float(), 2 * dilation + 1, stride=1, padding=dilation)
+    return (grown > 0.5).view(shape)
