@@ -11,7 +11,15 @@ import torch
 from conftest import tiny_clip, wrap
 from falip import FalipError, FovealConfig
 from falip.cli import main
-from falip.datasets.pointclouds import DatasetError, load_cloud, load_dataset, load_modelnet40, load_scanobjectnn, read_h5
+from falip.datasets.pointclouds import (
+    SCANOBJECTNN_CLASSES,
+    DatasetError,
+    load_cloud,
+    load_dataset,
+    load_modelnet40,
+    load_scanobjectnn,
+    read_h5,
+)
 from falip.pointcloud import (
     MARGIN,
     VIEWS_6,
@@ -22,9 +30,11 @@ from falip.pointcloud import (
     foreground,
     normalize_points,
     project,
+    render_views,
     validate_points,
+    view_foreground,
 )
-from falip.tasks.pointcloud import PointCloudClassifier, classify_points
+from falip.tasks.pointcloud import PointCloudClassifier, classify_points, v2_preset_key, v2_presets
 
 
 @pytest.fixture(autouse=True)
@@ -114,17 +124,17 @@ def markers_match(depth_views, size=64) -> bool:
 
 
 def test_points_land_on_documented_pixels_and_depths():
-    depth = project(MARKERS, 6, "sparse", size=64)
+    depth = project(MARKERS, 6, "ortho_sparse", size=64)
     assert depth.shape == (6, 64, 64) and markers_match(depth)
 
 
 def test_flipped_or_transposed_views_fail_the_check():
-    depth = project(MARKERS, 6, "sparse", size=64)
+    depth = project(MARKERS, 6, "ortho_sparse", size=64)
     assert not markers_match(torch.flip(depth, dims=[-1]))  # mirrored left-right
     assert not markers_match(torch.flip(depth, dims=[-2]))  # upside down
     assert not markers_match(depth.transpose(-1, -2))  # x and y swapped
     assert not markers_match(depth[[1, 0, 2, 3, 4, 5]])  # views in the wrong order
-    assert not markers_match(project(MARKERS[:, [0, 2, 1]], 6, "sparse", size=64))  # y and z swapped
+    assert not markers_match(project(MARKERS[:, [0, 2, 1]], 6, "ortho_sparse", size=64))  # y and z swapped
 
 
 def test_each_view_looks_from_its_stated_direction():
@@ -134,7 +144,7 @@ def test_each_view_looks_from_its_stated_direction():
         t, p = math.radians(view.azimuth), math.radians(view.elevation)
         eye = np.array([math.sin(t) * math.cos(p), math.sin(p), math.cos(t) * math.cos(p)])
         # A point on the viewer's side hides its antipode: the centre pixel holds depth 0.
-        depth = project(np.stack([eye, -eye]), [view], "sparse", size=64)[0]
+        depth = project(np.stack([eye, -eye]), [view], "ortho_sparse", size=64)[0]
         assert depth[np.isfinite(depth.numpy())].tolist() == pytest.approx([0.0], abs=1e-6)
         assert depth[32, 32] == pytest.approx(0.0, abs=1e-6)
         if abs(view.elevation) < 90:  # image "up" is the world's +y side
@@ -143,8 +153,8 @@ def test_each_view_looks_from_its_stated_direction():
 
 def test_depth_increases_away_from_the_viewer():
     near_far = np.array([[-0.5, 0, 0.5], [0.5, 0, -0.5]])  # left point nearer to the front viewer
-    front = project(near_far, [VIEWS_6[0]], "sparse", size=64)[0]
-    back = project(near_far, [VIEWS_6[2]], "sparse", size=64)[0]
+    front = project(near_far, [VIEWS_6[0]], "ortho_sparse", size=64)[0]
+    back = project(near_far, [VIEWS_6[2]], "ortho_sparse", size=64)[0]
     r_left, c_left = pixel(-0.5 / math.sqrt(0.5), 0, 64)
     r_right, c_right = pixel(0.5 / math.sqrt(0.5), 0, 64)
     assert front[r_left, c_left] < front[r_right, c_right]
@@ -160,12 +170,12 @@ def test_depth_increases_away_from_the_viewer():
     assert depth_to_image(flat)[2, 2] == pytest.approx(1 - 0.75 * 0.01 / 0.5)
 
 
-@pytest.mark.parametrize("projection", ["sparse", "realistic"])
+@pytest.mark.parametrize("projection", ["ortho_sparse", "ortho_dense"])
 def test_cube_projects_to_a_centred_square_in_every_orthogonal_view(rng, projection):
     pts = box_surface(rng, (-1, -1, -1), (1, 1, 1), 40000)
     depth = project(pts, 6, projection, size=64)
     half = 1 / math.sqrt(3) * 64 * (1 - 2 * MARGIN) / 2  # half side in pixels
-    tol = 1.5 if projection == "sparse" else 64 / round(64 / 3.5) + 0.5  # a pixel, or a realistic grid cell
+    tol = 1.5 if projection == "ortho_sparse" else 64 / round(64 / 3.5) + 0.5  # a pixel, or a realistic grid cell
     for v in range(6):
         fg = torch.isfinite(depth[v]).numpy()
         r0, r1, c0, c1 = bbox(fg)
@@ -178,14 +188,14 @@ def test_cube_projects_to_a_centred_square_in_every_orthogonal_view(rng, project
         assert ((inside - (0.5 - 0.5 / math.sqrt(3))).abs() < 0.03).float().mean() > 0.97
 
 
-@pytest.mark.parametrize("projection", ["sparse", "realistic"])
+@pytest.mark.parametrize("projection", ["ortho_sparse", "ortho_dense"])
 def test_sphere_projects_to_a_disk_whose_depth_grows_to_the_rim(rng, projection):
     pts = sphere_surface(rng, 100000)
     size, radius = 64, 64 * (1 - 2 * MARGIN) / 2
     depth = project(pts, 10, projection, size=size)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     dist = np.hypot(yy - size / 2, xx - size / 2)
-    tol = 1.5 if projection == "sparse" else size / round(size / 3.5) * math.sqrt(2) + 0.5  # a pixel or a grid cell
+    tol = 1.5 if projection == "ortho_sparse" else size / round(size / 3.5) * math.sqrt(2) + 0.5  # a pixel or a grid cell
     for v in range(10):
         fg = torch.isfinite(depth[v]).numpy()
         assert not fg[dist > radius + tol].any()
@@ -194,14 +204,14 @@ def test_sphere_projects_to_a_disk_whose_depth_grows_to_the_rim(rng, projection)
         assert np.mean(d[(dist < 3) & fg] < 0.03) > 0.9  # (a rare hole shows the far side)
         rings = [d[(dist >= a * radius) & (dist < b * radius) & fg].mean() for a, b in ((0, 0.3), (0.3, 0.6), (0.6, 0.8))]
         assert rings[0] < rings[1] < rings[2]
-        if projection == "sparse":  # exact: depth (1 - sqrt(1 - r²)) / 2 at normalised radius r
+        if projection == "ortho_sparse":  # exact: depth (1 - sqrt(1 - r²)) / 2 at normalised radius r
             rim = d[(dist > radius - 3) & (dist < radius - 1.5) & fg]
             assert np.median(rim) > (1 - math.sqrt(1 - ((radius - 3) / radius) ** 2)) / 2 - 0.02
 
 
 def test_cylinder_is_a_tall_rectangle_from_the_side_and_a_disk_from_above(rng):
     pts = cylinder_surface(rng, 40000, radius=0.25, height=1.0)
-    depth = project(pts, 6, "sparse", size=64)
+    depth = project(pts, 6, "ortho_sparse", size=64)
     names = [v.name for v in VIEWS_6]
     for side in ("front", "right", "back", "left"):
         fg = torch.isfinite(depth[names.index(side)]).numpy()
@@ -223,7 +233,7 @@ def test_asymmetric_l_shape_keeps_its_orientation(rng):
             box_surface(rng, (-0.3, -0.8, -0.1), (0.6, -0.5, 0.1), 12000),
         ]
     )
-    front, right, back, left, top, bottom = (torch.isfinite(d).numpy() for d in project(pts, 6, "sparse", size=64))
+    front, right, back, left, top, bottom = (torch.isfinite(d).numpy() for d in project(pts, 6, "ortho_sparse", size=64))
     r0, r1, c0, c1 = bbox(front)
     mid_r, mid_c = (r0 + r1) // 2, (c0 + c1) // 2
     assert front[r0 : r0 + 5, c0 : c0 + 5].any() and not front[r0 : r0 + 5, c1 - 4 : c1 + 1].any()  # post at top-left
@@ -239,7 +249,7 @@ def test_asymmetric_l_shape_keeps_its_orientation(rng):
 
 def test_realistic_projection_fills_gaps_that_sparse_leaves(rng):
     pts = box_surface(rng, (-1, -1, -1), (1, 1, 1), 2048)
-    sparse, realistic = project(pts, 6, "sparse", size=224), project(pts, 6, "realistic", size=224)
+    sparse, realistic = project(pts, 6, "ortho_sparse", size=224), project(pts, 6, "ortho_dense", size=224)
     r0, r1, c0, c1 = bbox(torch.isfinite(realistic[0]))
     assert torch.isfinite(sparse[0, r0:r1, c0:c1]).float().mean() < 0.2
     assert torch.isfinite(realistic[0, r0:r1, c0:c1]).float().mean() > 0.95
@@ -249,7 +259,7 @@ def test_realistic_projection_fills_gaps_that_sparse_leaves(rng):
 
 def test_batched_projection_equals_one_by_one(rng):
     clouds = np.stack([sphere_surface(rng, 512) * s + o for s, o in ((1, 0), (2, 3), (0.5, -1))]).astype(np.float32)
-    for projection in ("sparse", "realistic"):
+    for projection in ("ortho_sparse", "ortho_dense"):
         batch = project(clouds, 10, projection, size=64)
         assert batch.shape == (3, 10, 64, 64)
         for i in range(3):
@@ -295,7 +305,7 @@ def test_projection_rejects_bad_input():
     with pytest.raises(PointCloudError, match="projection"):
         project(good, projection="splat")
     with pytest.raises(PointCloudError, match="odd densify"):
-        project(good, projection="realistic", densify=2)
+        project(good, projection="ortho_dense", densify=2)
     with pytest.raises(PointCloudError, match="up must be"):
         project(good, up="x")
     with pytest.raises(PointCloudError, match="cloud chair.npy"):
@@ -448,32 +458,67 @@ def small_model():
     return wrap(tiny_clip(64, 16, layers=4))
 
 
-def test_classify_points_shapes_and_view_weights(small_model, rng):
-    clouds = np.stack([sphere_surface(rng, 256), box_surface(rng, (-1, -1, -1), (1, 1, 1), 256)]).astype(np.float32)
+def test_encode_pixels_normalizes_only_when_told(small_model, rng):
+    image = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None]
+    assert torch.allclose(small_model.encode_pixels(pixels, normalized=False), small_model.encode_image(image), atol=1e-5)
+    raw = torch.nn.functional.normalize(small_model.runtime.run(pixels).float(), dim=-1)
+    assert torch.allclose(small_model.encode_pixels(pixels, normalized=True), raw, atol=1e-6)
+    mask = np.zeros((64, 64), bool)
+    mask[10:40, 5:30] = True
+    config = FovealConfig(alpha=2.0)
+    biased = small_model.encode_pixels(pixels, normalized=False, masks=torch.from_numpy(mask)[None], config=config)
+    assert torch.allclose(biased, small_model.encode_regions(image, masks=[mask], config=config), atol=1e-5)
+    with pytest.raises(TypeError):
+        small_model.encode_pixels(pixels)  # normalized= must be said
+    with pytest.raises(ValueError, match="pixels must be"):
+        small_model.encode_pixels(pixels[:, :, :32], normalized=True)
+
+
+def test_classify_points_shapes_and_the_authors_view_combination(small_model, rng):
+    clouds = np.stack([sphere_surface(rng, 256), box_surface(rng, (-1, -1, -1), (1, 1, 1), 256)]).astype(np.float32) * 0.9
     names = ["sphere", "cube", "flower_pot"]
     batch = classify_points(small_model, clouds, names)
     assert batch.shape == (2, 3) and torch.isfinite(batch).all()
     assert torch.allclose(classify_points(small_model, clouds[1], names), batch[1], atol=1e-5)
-    clf = PointCloudClassifier(small_model, names, views=10, projection="realistic", method="none", view_weights=[0] * 9 + [2])
-    emb = clf.view_embeddings(clouds)
-    assert emb.shape == (2, 10, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(2, 10), atol=1e-5)
-    expected = small_model.runtime.logit_scale.float() * emb[:, 9] @ clf.text.T
-    assert torch.allclose(clf.logits(clouds), expected, atol=1e-4)
+    for projection, views, V in (("ortho_dense", 10, 10), ("pointclip_v2", None, 10), ("pointclip", None, 6)):
+        weights = [0] * (V - 1) + [2]
+        clf = PointCloudClassifier(small_model, names, projection=projection, views=views, method="none", view_weights=weights)
+        emb = clf.view_embeddings(clouds)
+        assert emb.shape == (2, V, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(2, V), atol=1e-5)
+        # logit_scale · Σ_v w_v cos_v / √V: PointCLIP's / V2's concatenated, normalised features
+        expected = small_model.runtime.logit_scale.float() * 2 * emb[:, V - 1] @ clf.text.T / math.sqrt(V)
+        assert torch.allclose(clf.logits(clouds), expected, atol=1e-4)
 
 
-def test_falip_views_use_each_views_foreground(small_model, rng):
-    cloud = cylinder_surface(rng, 2048)[None].astype(np.float32)
+@pytest.mark.parametrize("projection", ["pointclip", "pointclip_v2"])
+def test_authors_views_reach_the_vit_without_mean_std(small_model, rng, projection):
+    cloud = (cylinder_surface(rng, 1500) * 0.9).astype(np.float32)[None]
+    clf = PointCloudClassifier(small_model, ["a", "b"], projection=projection, method="none")
+    pixels, masks = clf.render(cloud)
+    assert torch.equal(pixels[0], render_views(cloud[0], projection, size=64))  # first 1024 points, 64 px for this model
+    raw = torch.nn.functional.normalize(small_model.runtime.run(pixels[0]).float(), dim=-1)
+    assert torch.allclose(clf.view_embeddings(cloud)[0], raw, atol=1e-5)
+    assert torch.equal(masks[0], view_foreground(pixels[0], projection, clf.mask_dilation))
+    assert clf.mask_dilation == (4 if projection == "pointclip" else 0)
+
+
+@pytest.mark.parametrize("projection", ["pointclip_v2", "ortho_sparse"])
+def test_falip_views_use_each_views_foreground(small_model, rng, projection):
+    cloud = (cylinder_surface(rng, 2048) * 0.9)[None].astype(np.float32)
     names = ["a", "b"]
-    plain = PointCloudClassifier(small_model, names, method="none").view_embeddings(cloud)
-    zero = PointCloudClassifier(small_model, names, method="falip", config=FovealConfig(alpha=0.0)).view_embeddings(cloud)
+    plain = PointCloudClassifier(small_model, names, projection=projection, method="none").view_embeddings(cloud)
+    zero = PointCloudClassifier(small_model, names, projection=projection, config=FovealConfig(alpha=0.0)).view_embeddings(cloud)
     assert torch.allclose(zero, plain, atol=1e-5)  # no bias ≡ the plain image
-    falip = PointCloudClassifier(small_model, names, method="falip", config=FovealConfig(alpha=2.0))
+    config = FovealConfig(alpha=2.0)
+    falip = PointCloudClassifier(small_model, names, projection=projection, method="falip", config=config)
     biased = falip.view_embeddings(cloud)
     assert (biased - plain).abs().max() > 1e-3
-    images, masks = falip.render(cloud)
-    assert images.shape == (1, 6, 64, 64) and images.dtype == np.uint8 and masks.dtype == bool
-    assert falip.mask_dilation == 4 and masks[0, 0].sum() > np.count_nonzero(images[0, 0])
-    expected = small_model.encode_regions(images[0, 4], masks=[masks[0, 4]], config=FovealConfig(alpha=2.0))
+    pixels, masks = falip.render(cloud)
+    assert pixels.dtype == torch.float32 and masks.dtype == torch.bool and masks.shape == pixels.shape[:2] + (64, 64)
+    assert masks[0].any(dim=(-2, -1)).all() and not masks[0].all()
+    normalized = projection == "pointclip_v2"
+    expected = small_model.encode_pixels(pixels[0, 4:5], normalized=normalized, masks=masks[0, 4:5], config=config)
     assert torch.allclose(biased[0, 4], expected[0].cpu(), atol=1e-5)
 
 
@@ -484,8 +529,27 @@ def test_classifier_rejects_bad_options(small_model):
         PointCloudClassifier(small_model, ["a"], view_weights=[1, 1])
     with pytest.raises(FalipError, match="view weights"):
         PointCloudClassifier(small_model, ["a"], view_weights=[0] * 6)
+    with pytest.raises(PointCloudError, match="own fixed views"):
+        PointCloudClassifier(small_model, ["a"], projection="pointclip_v2", views=6)
+    with pytest.raises(PointCloudError, match="renamed 'ortho_dense'"):
+        PointCloudClassifier(small_model, ["a"], projection="realistic")
+    with pytest.raises(PointCloudError, match="up='z'"):
+        PointCloudClassifier(small_model, ["a"], up="z")
     with pytest.raises(PointCloudError, match="NaN"):
         classify_points(small_model, np.full((5, 3), np.nan), ["a"])
+
+
+def test_v2_presets_hold_the_authors_prompts_and_weights():
+    presets = v2_presets()
+    assert sorted(presets) == ["modelnet40_vit_b16", "modelnet40_vit_b32", "scanobjectnn_vit_b16", "scanobjectnn_vit_b32"]
+    mn = presets["modelnet40_vit_b16"]
+    assert mn["view_weights"] == [0.75, 0.75, 0.75, 0.25, 0.75, 1.0, 0.25, 1.0, 0.75, 0.25]
+    assert len(mn["prompts"]) == 40 and mn["prompts"]["airplane"].startswith("A three-dimensional model of an airplane")
+    assert list(presets["scanobjectnn_vit_b16"]["prompts"]) == list(SCANOBJECTNN_CLASSES)
+    assert v2_preset_key("modelnet40", "ViT-B-16") == "modelnet40_vit_b16"
+    assert v2_preset_key("scanobjectnn", "ViT-B-32-quickgelu") == "scanobjectnn_vit_b32"
+    with pytest.raises(FalipError, match="--v2-preset"):
+        v2_preset_key("modelnet40", "ViT-L-14")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,18 +564,37 @@ def cli_files(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("views,projection,method", [(6, "sparse", "falip"), (10, "realistic", "none")])
-def test_cli_runs_end_to_end_and_resumes(cli_files, tmp_path, capsys, views, projection, method):
+@pytest.mark.parametrize(
+    "projection,extra,method",
+    [
+        ("pointclip", [], "falip"),
+        ("pointclip_v2", ["--v2-preset", "modelnet40_vit_b16"], "none"),
+        ("ortho_dense", ["--views", "10"], "none"),
+    ],
+)
+def test_cli_runs_end_to_end_and_resumes(cli_files, tmp_path, capsys, projection, extra, method):
     out = tmp_path / "res.json"
-    args = ["pointcloud", "--dataset", "modelnet40", "--data-root", str(cli_files / "data"), "--views", str(views),
-            "--projection", projection, "--method", method, "--model", str(cli_files / "tiny.pt"),
-            "--batch-size", "4", "--output", str(out)]  # fmt: skip
+    args = ["pointcloud", "--dataset", "modelnet40", "--data-root", str(cli_files / "data"), "--projection", projection,
+            "--method", method, "--model", str(cli_files / "tiny.pt"), "--batch-size", "4", "--output", str(out), *extra]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result["task"] == "pointcloud" and result["dataset"] == "modelnet40"
     assert result["metrics"]["n"] == 6 and result["metrics"]["skipped"] == 2
     assert result["skipped"]["by_reason"] == {"bad points": 1, "bad label": 1}
-    assert result["config"]["views"] == views and result["config"]["method"] == method
+    config = result["config"]
+    assert (
+        config["projection"] == projection
+        and config["method"] == method
+        and len(config["views"]) == (6 if projection == "pointclip" else 10)
+    )
+    if projection == "pointclip_v2":
+        assert (
+            config["v2_preset"] == "modelnet40_vit_b16"
+            and config["view_weights"] == v2_presets()["modelnet40_vit_b16"]["view_weights"]
+        )
+        assert config["max_points"] == 1024 and "no CLIP mean/std" in config["pixels"]
+    if projection == "pointclip":
+        assert config["templates"] == ["point cloud depth map of a {}."] and config["view_weights"] == [1.0] * 6
     lines = [json.loads(x) for x in (tmp_path / "res.predictions.jsonl").read_text().splitlines()]
     preds = [r for r in lines[1:] if "skipped" not in r]
     assert result["metrics"]["acc"] == pytest.approx(100 * sum(r["correct"] for r in preds) / 6)
@@ -525,41 +608,51 @@ def test_cli_runs_end_to_end_and_resumes(cli_files, tmp_path, capsys, views, pro
 
 def test_cli_limit_and_errors(cli_files, tmp_path, capsys):
     base = ["pointcloud", "--dataset", "modelnet40", "--model", str(cli_files / "tiny.pt"), "--output", str(tmp_path / "r.json")]
-    assert main(base + ["--data-root", str(cli_files / "data"), "--limit", "2", "--method", "none"]) == 0
+    data = ["--data-root", str(cli_files / "data")]
+    assert main(base + data + ["--limit", "2", "--method", "none"]) == 0
     metrics = json.loads((tmp_path / "r.json").read_text())["metrics"]
     assert (metrics["n"], metrics["skipped"]) == (1, 1)  # the second cloud has a NaN point
     assert main(base + ["--data-root", str(tmp_path / "nowhere")]) == 2
     assert "shape_names.txt" in capsys.readouterr().err
-    assert main(base + ["--data-root", str(cli_files / "data"), "--variant", "obj_bg"]) == 2
+    assert main(base + data + ["--variant", "obj_bg"]) == 2
     assert "no variants" in capsys.readouterr().err
+    assert main(base + data + ["--projection", "pointclip_v2"]) == 2  # a model file: no preset to pick
+    assert "--v2-preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(base + data + ["--projection", "sparse"])
+    assert info.value.code == 2 and "renamed 'ortho_sparse'" in capsys.readouterr().err
 
 
-def test_render_depth_writes_a_picture(tmp_path, rng, capsys):
+def test_render_depth_writes_a_picture_of_every_projection(tmp_path, rng, capsys):
+    from PIL import Image
+
     np.save(tmp_path / "cyl.npy", cylinder_surface(rng, 2048))
-    for views, projection in ((6, "sparse"), (10, "realistic")):
-        out = tmp_path / f"v{views}.png"
+    for projection, extra, V in (
+        ("pointclip", [], 6),
+        ("pointclip_v2", [], 10),
+        ("ortho_sparse", [], 6),
+        ("ortho_dense", ["--views", "10"], 10),
+    ):
+        out = tmp_path / f"{projection}.png"
         assert (
             main(
                 [
                     "render-depth",
                     str(tmp_path / "cyl.npy"),
-                    "--views",
-                    str(views),
                     "--projection",
                     projection,
                     "--size",
                     "64",
                     "--output",
                     str(out),
+                    *extra,
                 ]
             )
             == 0
         )
-        from PIL import Image
-
+        assert f"{V} {projection} views" in capsys.readouterr().out
         with Image.open(out) as im:
-            cols = 6 if views == 6 else 5
-            rows = 1 if views == 6 else 2
+            cols, rows = (6, 1) if V == 6 else (5, 2)
             assert im.size == (cols * 64 + (cols - 1) * 4, rows * 64 + (rows - 1) * 4)
     (tmp_path / "bad.npy").write_bytes(b"nonsense")
     assert main(["render-depth", str(tmp_path / "bad.npy"), "--output", str(tmp_path / "x.png")]) == 2
@@ -575,17 +668,14 @@ def test_cli_scanobjectnn_with_prompt_file_and_view_weights(cli_files, tmp_path,
     )
     (tmp_path / "prompts.txt").write_text("a depth map of a {}.\na rendering of a {}.\n")
     out = tmp_path / "sonn.json"
-    args = ["pointcloud", "--dataset", "scanobjectnn", "--variant", "obj_only", "--data-root", str(tmp_path), "--views", "10",
-            "--templates", str(tmp_path / "prompts.txt"), "--view-weights", "1,1,1,1,1,1,2,2,2,2",
-            "--model", str(cli_files / "tiny.pt"), "--output", str(out)]  # fmt: skip
-    assert main(args) == 0
+    base = ["pointcloud", "--dataset", "scanobjectnn", "--variant", "obj_only", "--data-root", str(tmp_path), "--projection",
+            "ortho_dense", "--views", "10", "--templates", str(tmp_path / "prompts.txt"), "--model", str(cli_files / "tiny.pt"),
+            "--output", str(out)]  # fmt: skip
+    assert main(base + ["--view-weights", "1,1,1,1,1,1,2,2,2,2"]) == 0
     result = json.loads(out.read_text())
     assert result["metrics"]["n"] == 3 and result["config"]["variant"] == "obj_only"
-    assert result["config"]["view_weights"] == pytest.approx([1 / 14] * 6 + [2 / 14] * 4)
+    assert result["config"]["view_weights"] == pytest.approx([1] * 6 + [2] * 4)
     lines = [json.loads(x) for x in (tmp_path / "sonn.predictions.jsonl").read_text().splitlines()[1:]]
     assert [r["label_name"] for r in lines] == ["bag", "chair", "toilet"]
-    assert (
-        main(args[:-8] + ["--view-weights", "1,2", "--model", str(cli_files / "tiny.pt"), "--output", str(out), "--no-resume"])
-        == 2
-    )
+    assert main(base + ["--view-weights", "1,2", "--no-resume"]) == 2
     assert "view weights must be 10" in capsys.readouterr().err

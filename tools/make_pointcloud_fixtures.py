@@ -176,7 +176,10 @@ def presets(best_param, post_search) -> dict:
         "license": "MIT, Copyright (c) 2023 Xiangyang ZHU, Renrui ZHANG",
         "presets": {},
     }
-    for dataset, names in (("modelnet40", post_search.class_names["ModelNet40"]), ("scanobjectnn", post_search.class_names["ScanObjectNN"])):
+    for dataset, names in (
+        ("modelnet40", post_search.class_names["ModelNet40"]),
+        ("scanobjectnn", post_search.class_names["ScanObjectNN"]),
+    ):
         for key, backbone in V2_BACKBONES.items():
             prompts = table[f"{dataset}_{key}_test_prompts"]
             assert len(prompts) == len(names), (dataset, key)

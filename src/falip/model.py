@@ -147,6 +147,45 @@ class FalipModel:
             out.append(F.normalize(self._finite(self.runtime.run(pixels)).float(), dim=-1))
         return torch.cat(out)
 
+    def encode_pixels(
+        self,
+        pixels: torch.Tensor,
+        *,
+        normalized: bool,
+        masks: Optional[torch.Tensor] = None,
+        config: Optional[FovealConfig] = None,
+        mode: str = "exact",
+        batch_size: int = 32,
+    ) -> torch.Tensor:
+        """L2-normalised embeddings ``(B, E)`` of images given as pixels ``(B, 3, S, S)`` at the model's input size.
+
+        normalized (required): ``False`` — RGB in [0, 1], the model's mean/std are applied here;
+        ``True`` — the pixels go to the ViT as they are (already normalised, or deliberately not, as
+        PointCLIP and PointCLIP V2 feed their depth views). masks: ``(B, S, S)`` bool — each image is
+        encoded with the foveal bias on its mask (``config``, ``mode`` as in :meth:`encode_regions`);
+        ``None``: plain images.
+        """
+        S = self.image_size
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, S, S):
+            raise ValueError(f"pixels must be a tensor (B, 3, {S}, {S}), got {getattr(pixels, 'shape', type(pixels))}")
+        if masks is not None and tuple(masks.shape) != (pixels.shape[0], S, S):
+            raise ValueError(f"masks must be (B, {S}, {S}) for {pixels.shape[0]} images, got {tuple(masks.shape)}")
+        pixels = pixels.float().cpu()
+        if not normalized:
+            mean = torch.tensor(self.runtime.mean).view(1, 3, 1, 1)
+            std = torch.tensor(self.runtime.std).view(1, 3, 1, 1)
+            pixels = (pixels - mean) / std
+        if masks is None:
+            out = [self.runtime.run(pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)]
+            return F.normalize(torch.cat(out).float(), dim=-1)
+        transform = self.transform_for((S, S), "squash")  # the identity on an S×S image
+        plan = self.plan(config)
+        out = []
+        for image, mask in zip(pixels, masks.cpu().numpy()):
+            bias = self.region_biases(transform, masks=[mask], config=config)
+            out.append(encode_biased(self.runtime, image[None], bias, plan, mode=mode))
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
     @torch.no_grad()
     def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
         """L2-normalised embeddings ``(T, E)`` of one text or a list of texts (CLIP BPE tokenizer)."""

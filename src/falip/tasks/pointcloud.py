@@ -1,16 +1,27 @@
-"""Zero-shot point-cloud recognition from depth maps, with a foveal bias on each view's foreground.
+"""Zero-shot point-cloud recognition from depth views, with a foveal bias on each view's foreground.
 
-PointCLIP's recipe (Zhang et al., CVPR 2022; V2: Zhu et al., ICCV 2023) with FALIP's region
-bias: project the cloud to V depth maps (:mod:`falip.pointcloud`), encode each view with CLIP —
-``none``: the plain image; ``falip``: the image with the bias on the view's foreground mask —
-score every view against the class prompts and sum the view logits with per-view weights.
+The protocols of PointCLIP (Zhang et al., CVPR 2022) and PointCLIP V2 (Zhu et al., ICCV 2023),
+with FALIP's region bias: render the cloud to V views (:mod:`falip.pointcloud`), encode each view
+with CLIP — ``none``: the plain view; ``falip``: the view with the bias on its foreground — score
+every view against the class prompts and combine the view scores with per-view weights as the
+authors do: ``logit_scale · Σ_v w_v · cos(view_v, class) / √V`` (their concatenated, normalised
+features; PointCLIP: w = 1; V2: its searched weights).
+
+- ``pointclip``: 6 views, prompt ``"point cloud depth map of a {}."``, uniform weights.
+- ``pointclip_v2``: 10 views, one searched prompt per class and searched view weights — a preset
+  of :data:`V2_PRESETS_FILE` (data from PointCLIP V2's ``best_param.py``, MIT licence), chosen by
+  dataset and backbone — or the user's prompt file and weights.
+- ``ortho_sparse`` / ``ortho_dense``: our own orthographic projections (6 or 10 views).
 
 CLI (:mod:`falip.cli.pointcloud`): ``falip pointcloud`` (evaluate on ModelNet40 / ScanObjectNN) and ``falip render-depth``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
@@ -20,23 +31,45 @@ from tqdm import tqdm
 from ..bias import FovealConfig
 from ..datasets.pointclouds import PointCloudDataset
 from ..errors import FalipError
-from ..methods import encode_with_method
 from ..pointcloud import (
-    PROJECTIONS,
+    AUTHOR_INFO,
+    AUTHOR_PROJECTIONS,
     PointCloudError,
     View,
+    check_projection,
     depth_to_image,
     foreground,
     get_views,
     normalize_points,
     project,
+    render_views,
     validate_points,
+    view_foreground,
 )
 from ..results import RunRecorder, describe_inputs
 from ..zeroshot import Templates, load_templates, zero_shot_classifier
 
-DEFAULT_TEMPLATES = ["point cloud depth map of a {}."]
+DEFAULT_TEMPLATES = ["point cloud depth map of a {}."]  # PointCLIP's trainers/zeroshot.py CUSTOM_TEMPLATES
 METHODS = ("none", "falip")
+V2_PRESETS_FILE = Path(__file__).resolve().parents[1] / "assets" / "pointclip_v2_presets.json"
+SPARSE_VIEWS = ("pointclip", "ortho_sparse")  # views made of isolated points: their foreground is dilated by default
+
+
+def v2_presets() -> dict:
+    """PointCLIP V2's searched prompts and view weights: ``{key: {dataset, backbone, prompts {class: prompt}, view_weights}}``."""
+    return json.loads(V2_PRESETS_FILE.read_text(encoding="utf-8"))["presets"]
+
+
+def v2_preset_key(dataset: str, model_name: str) -> str:
+    """``("modelnet40", "ViT-B-16")`` → ``"modelnet40_vit_b16"``; raises :class:`FalipError` where V2 has no preset."""
+    backbone = {"vitb16": "vit_b16", "vitb32": "vit_b32"}.get(model_name.lower().replace("-", "").replace("/", "")[:6])
+    key = f"{dataset}_{backbone}"
+    if backbone is None or key not in v2_presets():
+        raise FalipError(
+            f"PointCLIP V2 searched prompts/weights exist for {sorted(v2_presets())}, not for dataset {dataset!r} with model "
+            f"{model_name!r}: pass --v2-preset KEY, or your own --templates and --view-weights"
+        )
+    return key
 
 
 def resolve_templates(spec: Optional[str]) -> Templates:
@@ -45,14 +78,19 @@ def resolve_templates(spec: Optional[str]) -> Templates:
 
 
 class PointCloudClassifier:
-    """Zero-shot classifier of point clouds through V depth views of one CLIP model.
+    """Zero-shot classifier of point clouds through V views of one CLIP model.
 
     model: a :class:`falip.FalipModel`; classnames: C names (``_`` is read as a space in prompts);
-    views: 6, 10 or a list of :class:`falip.pointcloud.View`; projection: ``sparse`` or ``realistic``; method: ``none`` or ``falip``;
-    templates: prompt templates (default ``"point cloud depth map of a {}."``);
-    view_weights: V non-negative weights (default uniform); config/mode: the foveal bias and its
-    execution (``falip`` only); mask_dilation: pixels by which each view's foreground grows
-    (default: a quarter patch for sparse maps, whose points are single pixels; 0 for realistic).
+    projection: ``pointclip``, ``pointclip_v2`` (the authors' views, fed to the ViT without mean/std,
+    as they do) or ``ortho_sparse`` / ``ortho_dense`` (ours, with the model's mean/std); views: 6, 10
+    or a list of :class:`falip.pointcloud.View` (ortho projections only; default 6); method: ``none``
+    or ``falip``; templates: prompt templates or ``{class: [prompts]}`` (default
+    ``"point cloud depth map of a {}."``); view_weights: V non-negative weights (default all 1);
+    config/mode: the foveal bias and its execution (``falip`` only); up: the clouds' up axis (ortho
+    only: the authors' projections take clouds as the HDF5 files give them); max_points: the authors'
+    first-N-points rule (default 1024; ortho projections use every point); mask_dilation: pixels by
+    which each view's foreground grows (default: a quarter patch for views of isolated points —
+    ``pointclip``, ``ortho_sparse`` — else 0).
     """
 
     def __init__(
@@ -60,76 +98,89 @@ class PointCloudClassifier:
         model,
         classnames: Sequence[str],
         *,
-        views: Union[int, Sequence[View]] = 6,
-        projection: str = "sparse",
+        projection: str = "pointclip",
+        views: Union[int, Sequence[View], None] = None,
         method: str = "falip",
         templates: Optional[Templates] = None,
         view_weights: Optional[Sequence[float]] = None,
         config: Optional[FovealConfig] = None,
         mode: str = "exact",
         up: str = "y",
+        max_points: Optional[int] = 1024,
         mask_dilation: Optional[int] = None,
     ):
         if method not in METHODS:
             raise FalipError(f"point-cloud method must be one of {METHODS}, got {method!r}")
-        if projection not in PROJECTIONS:
-            raise PointCloudError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        check_projection(projection)
+        self.authors = projection in AUTHOR_PROJECTIONS
+        if self.authors:
+            if views is not None:
+                raise PointCloudError(f"{projection} has its own fixed views; views= applies to ortho projections only")
+            if up != "y":
+                raise PointCloudError(f"up={up!r} applies to ortho projections; {projection} takes the clouds as given (y up)")
+            self.view_names = AUTHOR_INFO[projection].views
+            self.views = None
+        else:
+            self.views = get_views(6 if views is None else views)
+            self.view_names = tuple(v.name for v in self.views)
         self.model = model
-        self.views = get_views(views)
         self.projection, self.method, self.config, self.mode, self.up = projection, method, config, mode, up
-        weights = (
-            torch.ones(len(self.views)) if view_weights is None else torch.as_tensor(list(view_weights), dtype=torch.float32)
-        )
-        if weights.shape != (len(self.views),) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-            raise FalipError(
-                f"view weights must be {len(self.views)} non-negative numbers, not all 0; got {list(view_weights or [])}"
-            )
-        self.view_weights = weights / weights.sum()
+        self.max_points = max_points
+        V = len(self.view_names)
+        weights = torch.ones(V) if view_weights is None else torch.as_tensor(list(view_weights), dtype=torch.float32)
+        if weights.shape != (V,) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise FalipError(f"view weights must be {V} non-negative numbers, not all 0; got {list(view_weights or [])}")
+        self.view_weights = weights
         if mask_dilation is None:
-            mask_dilation = model.patch_size // 4 if projection == "sparse" else 0
+            mask_dilation = model.patch_size // 4 if projection in SPARSE_VIEWS else 0
         self.mask_dilation = mask_dilation
         names = [str(c).replace("_", " ") for c in classnames]
+        if isinstance(templates, dict):
+            templates = {str(k).replace("_", " "): v for k, v in templates.items()}
         self.classnames = list(classnames)
         self.text = zero_shot_classifier(model, names, resolve_templates(None) if templates is None else templates)  # (C, E)
 
-    def render(self, points) -> tuple[np.ndarray, np.ndarray]:
-        """``(B, P, 3)`` clouds → images ``(B, V, S, S)`` uint8 and foreground masks ``(B, V, S, S)`` bool."""
+    def render(self, points) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, P, 3)`` clouds → the pixels the ViT gets ``(B, V, 3, S, S)`` float32 (for ortho projections
+        before the model's mean/std; for the authors' exactly) and foreground masks ``(B, V, S, S)`` bool."""
         pts = validate_points(points).to(self.model.device)
-        depth = project(pts, self.views, self.projection, size=self.model.image_size, up=self.up)
-        images = (depth_to_image(depth) * 255).round().to(torch.uint8).cpu().numpy()
-        masks = foreground(depth, self.mask_dilation).cpu().numpy()
-        return images, masks
+        S = self.model.image_size
+        if self.authors:
+            pixels = render_views(pts, self.projection, max_points=self.max_points, size=S)
+            masks = view_foreground(pixels, self.projection, self.mask_dilation)
+        else:
+            depth = project(pts, self.views, self.projection, size=S, up=self.up)
+            pixels = depth_to_image(depth)[:, :, None].expand(-1, -1, 3, -1, -1)
+            masks = foreground(depth, self.mask_dilation)
+        return pixels.cpu(), masks.cpu()
 
     @torch.no_grad()
     def view_embeddings(self, points) -> torch.Tensor:
         """L2-normalised embeddings ``(B, V, E)`` of every view of a batch of clouds ``(B, P, 3)``."""
-        images, masks = self.render(points)
-        B, V = images.shape[:2]
-        flat_images = list(images.reshape(B * V, *images.shape[2:]))
-        if self.method == "none":
-            emb = self.model.encode_image(flat_images)
-        else:
-            flat_masks = masks.reshape(B * V, *masks.shape[2:])
-            emb = torch.cat(
-                [
-                    encode_with_method(self.model, img, "falip", masks=[m], config=self.config, mode=self.mode)
-                    for img, m in zip(flat_images, flat_masks)
-                ]
-            )
+        pixels, masks = self.render(points)
+        B, V = pixels.shape[:2]
+        emb = self.model.encode_pixels(
+            pixels.flatten(0, 1),
+            normalized=self.authors,  # the authors give CLIP their views without its mean/std
+            masks=None if self.method == "none" else masks.flatten(0, 1),
+            config=self.config,
+            mode=self.mode,
+        )
         return emb.cpu().reshape(B, V, -1)
 
     def logits(self, points) -> torch.Tensor:
-        """Class logits ``(B, C)``: the weighted mean over views of logit_scale · cosine (weights sum to 1)."""
+        """Class logits ``(B, C)`` = logit_scale · Σ_v w_v · cos(view v, class) / √V (the authors' combination)."""
         emb = self.view_embeddings(points)  # (B, V, E)
-        per_view = self.model.runtime.logit_scale.float().cpu() * emb @ self.text.T  # (B, V, C)
-        return (per_view * self.view_weights[None, :, None]).sum(dim=1)
+        per_view = emb @ self.text.T  # (B, V, C)
+        combined = (per_view * self.view_weights[None, :, None]).sum(dim=1) / math.sqrt(emb.shape[1])
+        return self.model.runtime.logit_scale.float().cpu() * combined
 
 
 def classify_points(model, points, classnames: Sequence[str], **options) -> torch.Tensor:
     """Zero-shot class logits of one cloud ``(P, 3)`` → ``(C,)``, or of a batch ``(B, P, 3)`` → ``(B, C)``.
 
-    ``options`` are those of :class:`PointCloudClassifier` (``views``, ``projection``, ``method``,
-    ``templates``, ``view_weights``, ``config``, ``mode``, ``up``, ``mask_dilation``).
+    ``options`` are those of :class:`PointCloudClassifier` (``projection``, ``views``, ``method``,
+    ``templates``, ``view_weights``, ``config``, ``mode``, ``up``, ``max_points``, ``mask_dilation``).
     """
     pts = validate_points(points)
     single = pts.ndim == 2
