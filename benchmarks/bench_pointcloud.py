@@ -3,9 +3,11 @@
     python benchmarks/bench_pointcloud.py                        # CPU, ViT-B/16 with random weights
     python benchmarks/bench_pointcloud.py --device cuda --model ViT-B-16 --pretrained openai
 
-Projection: batches of ``--batch`` random 2048-point clouds (surface samples of random boxes), both
-projections, 6 and 10 views, one vectorised call per batch. End to end: ``--clouds`` clouds through
-:class:`falip.tasks.pointcloud.PointCloudClassifier` (projection, rendering, CLIP on every view,
+Projection: batches of ``--batch`` random 2048-point clouds (surface samples of random boxes, inside
+the unit sphere), one vectorised call per batch: the authors' ``pointclip`` (6 views) and
+``pointclip_v2`` (10 views) with their first-1024-points rule and the resize to 224 (the tensors CLIP
+gets), and our ``ortho_sparse`` / ``ortho_dense`` (6 and 10 views, depth maps). End to end: ``--clouds``
+clouds through :class:`falip.tasks.pointcloud.PointCloudClassifier` (projection, CLIP on every view,
 40 class prompts) with ``none`` and ``falip``. Timings are the minimum over ``--repeats`` runs.
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 import falip
-from falip.pointcloud import project
+from falip.pointcloud import project, render_views
 from falip.tasks.pointcloud import PointCloudClassifier
 
 
@@ -34,7 +36,7 @@ def random_clouds(n: int, points: int, seed: int = 0) -> np.ndarray:
         p = rng.uniform(-half, half, (points, 3))
         axis = rng.integers(0, 3, points)
         p[np.arange(points), axis] = np.where(rng.random(points) < 0.5, -half[axis], half[axis])
-        out[i] = p
+        out[i] = p / np.linalg.norm(half)
     return out
 
 
@@ -63,8 +65,12 @@ def main() -> None:
 
     rows = []
     clouds = torch.from_numpy(random_clouds(args.batch, 2048)).to(args.device)
-    project(clouds[:2], 6, "sparse")  # warm-up
-    for projection in ("sparse", "realistic"):
+    for projection, views in (("pointclip", 6), ("pointclip_v2", 10)):
+        render_views(clouds[:2], projection)  # warm-up
+        t = best_time(lambda p=projection: render_views(clouds, p), args.repeats, sync)
+        rows.append(dict(stage="projection", projection=projection, views=views, method="", clouds_per_s=args.batch / t))
+    project(clouds[:2], 6, "ortho_sparse")  # warm-up
+    for projection in ("ortho_sparse", "ortho_dense"):
         for views in (6, 10):
             t = best_time(lambda v=views, p=projection: project(clouds, v, p), args.repeats, sync)
             rows.append(dict(stage="projection", projection=projection, views=views, method="", clouds_per_s=args.batch / t))
@@ -74,8 +80,8 @@ def main() -> None:
         model = falip.load(args.model, pretrained=args.pretrained, device=args.device)
     names = [f"class {i}" for i in range(40)]
     small = random_clouds(args.clouds, 2048, seed=1)
-    settings = [(m, p, v) for m in ("none", "falip") for p, v in (("sparse", 6), ("realistic", 10))]
-    classifiers = [PointCloudClassifier(model, names, views=v, projection=p, method=m) for m, p, v in settings]
+    settings = [(m, p, v) for m in ("none", "falip") for p, v in (("pointclip", 6), ("pointclip_v2", 10))]
+    classifiers = [PointCloudClassifier(model, names, projection=p, method=m) for m, p, v in settings]
     for clf in classifiers:
         clf.logits(small[:1])  # warm-up
     best = [float("inf")] * len(settings)

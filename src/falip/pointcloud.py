@@ -357,13 +357,31 @@ def _pointclip(points: torch.Tensor) -> torch.Tensor:
     return (total / weights).view(B * V, res, res)
 
 
-def _gaussian_3x3(sigma: float, device) -> torch.Tensor:
-    """``(1, 1, 3, 3)`` float32 Gaussian normalised to sum 1 (V2 normalises it twice; so do we)."""
+def _gaussian_3x3(sigma: float) -> torch.Tensor:
+    """``(3, 3)`` float32 Gaussian normalised to sum 1 (V2 normalises it twice; so do we)."""
     xs = np.arange(3, dtype=np.float32) - 1
     k1 = np.exp(-(xs**2) / (2 * sigma**2))
     k2 = torch.from_numpy(k1[:, None] @ k1[None, :])
     k2 = k2 / k2.sum()
-    return (k2 / k2.sum()).to(device)[None, None]
+    return k2 / k2.sum()
+
+
+def _sliding_max_7(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Max over windows of 7 along ``dim`` (size n → n − 6) by doubling: 3 elementwise maxima instead of 7."""
+    n = x.shape[dim]
+    m2 = torch.maximum(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1))  # windows of 2
+    m4 = torch.maximum(m2.narrow(dim, 0, n - 3), m2.narrow(dim, 2, n - 3))  # of 4
+    return torch.maximum(m4.narrow(dim, 0, n - 6), m4.narrow(dim, 3, n - 6))  # of 7 (4 + 4 overlapping by 1)
+
+
+def _densify_smooth(grid: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """V2's 7 × 7 max-pool (stride 1, padding 2) then 3 × 3 convolution (zero padding 1) of every depth
+    slice of ``grid (N, bins, r, r)`` (values >= 0) → ``(N, bins, r − 2, r − 2)``. The max-pool is done
+    separably by doubling — max is exact in any order, and with values >= 0 zero padding equals the
+    pool's −inf padding — several times faster on a CPU than ``max_pool2d`` over thousands of maps."""
+    dense = _sliding_max_7(_sliding_max_7(F.pad(grid, (2, 2, 2, 2)), -1), -2)
+    bins = grid.shape[1]
+    return F.conv2d(dense, kernel[None, None].expand(bins, 1, 3, 3), padding=1, groups=bins)
 
 
 def _pointclip_v2(points: torch.Tensor) -> torch.Tensor:
@@ -395,10 +413,9 @@ def _pointclip_v2(points: torch.Tensor) -> torch.Tensor:
     index = (z.ceil() * res * res + y * res + x).long()
     grid = torch.zeros(B * V, bins * res * res, device=points.device)
     grid.scatter_reduce_(1, index, z.clip(1, bins - 2), reduce="amax", include_self=True)
-    grid = grid.view(B * V * bins, 1, res, res).transpose(2, 3)  # rows: camera x, columns: camera y
-    dense = F.max_pool2d(grid, 7, stride=1, padding=2)
-    smooth = F.conv2d(dense, _gaussian_3x3(3.0, points.device), padding=1)
-    img = smooth.view(B * V, bins, res - 2, res - 2).amax(dim=1)
+    # Pooling and the (symmetric) Gaussian commute with transposing; transposing last keeps memory contiguous.
+    img = _densify_smooth(grid.view(B * V, bins, res, res), _gaussian_3x3(3.0).to(points.device)).amax(dim=1)
+    img = img.transpose(1, 2)  # (B·V, res − 2, res − 2); rows: camera x, columns: camera y
     return 1 - img / img.amax(dim=(-2, -1), keepdim=True)
 
 
@@ -425,8 +442,9 @@ def render_views(points, projection: str = "pointclip_v2", max_points: Optional[
         raise PointCloudError("a point cloud has all its (first max_points) points at one place (zero extent)")
     maps = _pointclip(pts) if projection == "pointclip" else _pointclip_v2(pts)  # (B·V, r, r)
     V = len(AUTHOR_INFO[projection].views)
-    images = F.interpolate(maps[:, None].expand(-1, 3, -1, -1), size=(size, size), mode="bilinear", align_corners=True)
-    images = images.view(pts.shape[0], V, 3, size, size)
+    # Their resize runs on the 3 identical channels; resizing one and repeating it is the same, 3× cheaper.
+    images = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=True)
+    images = images.view(pts.shape[0], V, 1, size, size).repeat(1, 1, 3, 1, 1)
     return images[0] if single else images
 
 
