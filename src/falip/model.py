@@ -177,14 +177,14 @@ class FalipModel:
             pixels = (pixels - mean) / std
         if masks is None:
             out = [self.runtime.run(pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)]
-            return F.normalize(torch.cat(out).float(), dim=-1)
+            return F.normalize(self._finite(torch.cat(out)).float(), dim=-1)
         transform = self.transform_for((S, S), "squash")  # the identity on an S×S image
         plan = self.plan(config)
         out = []
         for image, mask in zip(pixels, masks.cpu().numpy()):
             bias = self.region_biases(transform, masks=[mask], config=config)
             out.append(encode_biased(self.runtime, image[None], bias, plan, mode=mode))
-        return F.normalize(torch.cat(out).float(), dim=-1)
+        return F.normalize(self._finite(torch.cat(out)).float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
