@@ -27,6 +27,15 @@ def tiny_clip(image_size=224, patch_size=16, layers=6, width=128, seed=0) -> tor
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Zero-shot classifiers are cached under a temporary folder, never in the user's ~/.cache/falip."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FALIP_CACHE_DIR", str(tmp_path_factory.mktemp("falip-cache")))
+    yield
+    patch.undo()
+
+
 def wrap(clip, preprocess="crop", config=None) -> FalipModel:
     return FalipModel(OpenClipRuntime(clip), open_clip.SimpleTokenizer(context_length=77), preprocess=preprocess, config=config)
 

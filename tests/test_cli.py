@@ -85,8 +85,9 @@ def test_info_and_bias(files, capsys):
     assert info["grid"] == [7, 7] and info["bias_layers"] == [4, 5]
     assert main(["bias", "--image-size", "448,448", "--box", "33,33,64,64"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split()[1] == "0.200"  # row 1, col 1 only
-    assert sum(line.count("0.200") for line in lines[1:]) == 1
+    assert lines[0].startswith("settings: preprocess squash, bias {")
+    assert lines[3].split()[1] == "0.200"  # row 1, col 1 only
+    assert sum(line.count("0.200") for line in lines[2:]) == 1
 
 
 def test_index_lists():

@@ -1,5 +1,6 @@
 """Per-head decomposition, unleashing, head response and attention maps (issue #6)."""
 
+import argparse
 import json
 
 import numpy as np
@@ -12,8 +13,9 @@ from falip import FovealConfig, InvalidRegionError, UnsupportedModelError
 from falip.bias import Unleash
 from falip.cli import build_parser, main
 from falip.cli.common import config_from_args, parse_head_spec, parse_unleash
-from falip.heads import head_delta, prompt_response, rank_heads, trace
+from falip.heads import encode_unleashed, head_delta, prompt_response, rank_heads, trace
 from falip.methods import encode_with_method
+from falip.prompts import apply_edit
 from falip.viz import attention_figure_size, attention_maps, draw_attention, draw_head_heatmap, heatmap_size, rollout
 
 BOXES = [(20, 30, 150, 140), (170, 90, 310, 230)]
@@ -180,8 +182,56 @@ def test_method_layer_honours_unleashing(model, image):
     emb = encode_with_method(model, image, "falip", boxes=BOXES, config=cfg)
     torch.testing.assert_close(emb, model.encode_regions(image, BOXES, config=cfg), atol=1e-6, rtol=0)
     assert (emb - encode_with_method(model, image, "falip", boxes=BOXES, config=FovealConfig(alpha=1.0))).abs().max() > 1e-4
-    circle = encode_with_method(model, image, "circle", boxes=BOXES, config=cfg)  # no bias: nothing to unleash
-    torch.testing.assert_close(circle, encode_with_method(model, image, "circle", boxes=BOXES), atol=0, rtol=0)
+
+
+# -- Eq. 6: Σ_h [G'_h + λ(G'_h − G_h)] on the [CLS] attention output ----------------------------------
+
+
+def test_eq6_with_the_bias_equals_attention_space_unleashing(model, image):
+    # G_h at the same block input without the bias: the head-term form equals P + λ(P − P0), in every block
+    for cfg in (unleashed(1.0), unleashed(2.0, layers=(5,), heads=(1, 3)), unleashed(-0.5, layers=(4,), heads=(0,))):
+        general = encode_unleashed(model, image, "falip", boxes=BOXES, config=cfg, reference="same-input")
+        torch.testing.assert_close(general, model.encode_regions(image, BOXES, config=cfg, mode="naive"), atol=1e-5, rtol=0)
+    # G_h from the clean image's own pass: the same in the first biased block (its input is still the clean one) ...
+    first = FovealConfig(alpha=1.0, layers=(4, 5), unleash=(Unleash((4,)),))
+    clean = encode_unleashed(model, image, "falip", boxes=BOXES, config=first)
+    torch.testing.assert_close(clean, model.encode_regions(image, BOXES, config=first), atol=1e-5, rtol=0)
+    # ... but not in block 5, whose input the bias of block 4 has already changed
+    both = unleashed(1.0)
+    assert (
+        encode_unleashed(model, image, "falip", boxes=BOXES, config=both) - model.encode_regions(image, BOXES, config=both)
+    ).abs().max() > 1e-5
+
+
+def test_eq6_for_an_image_edit_takes_g_from_the_clean_image(model, image):
+    runtime = model.runtime
+    lam = torch.tensor([1.0, 0.0, 2.0, 0.0])  # heads 0 and 2 of the last block
+    cfg = FovealConfig(unleash=(Unleash((5,), (0,), 1.0), Unleash((5,), (2,), 2.0)))
+    circle = encode_with_method(model, image, "circle", boxes=BOXES, config=cfg)
+    clean = trace(model, model.preprocess_image(image)[0]).cls_terms[0, 5]  # (H, D): G_h, the clean image's block-5 terms
+    for k, box in enumerate(BOXES):
+        pixels = model.preprocess_image(apply_edit(image, "circle", box, None).image)[0]
+
+        def trunk(x):
+            for i in range(5):
+                x = runtime.block(i, x)
+            r = runtime.block_heads(5, x, x, keep_terms=True)
+            attended = r.terms.sum(2) + r.out_bias
+            attended[:, 0] += (lam[:, None] * (r.terms[0, 0] - clean)).sum(0)  # Σ_h λ_h (G'_h − G_h)
+            return runtime.block_tail(5, x, attended)
+
+        expected = torch.nn.functional.normalize(runtime.run(pixels, trunk), dim=-1)[0]
+        torch.testing.assert_close(circle[k], expected, atol=1e-5, rtol=0)
+    plain = encode_with_method(model, image, "circle", boxes=BOXES)
+    assert (circle - plain).abs().max() > 1e-4
+    zero = FovealConfig(unleash=(Unleash((5,), None, 0.0),))  # λ = 0: the edited image unchanged
+    torch.testing.assert_close(encode_with_method(model, image, "circle", boxes=BOXES, config=zero), plain, atol=1e-5, rtol=0)
+    early = FovealConfig(unleash=(Unleash((0,)),))  # an edit changes every block, so any block can be unleashed
+    assert (encode_with_method(model, image, "circle", boxes=BOXES, config=early) - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="same-input"):
+        encode_unleashed(model, image, "circle", boxes=BOXES, config=cfg, reference="same-input")
+    with pytest.raises(ValueError, match="nothing to unleash"):
+        encode_unleashed(model, image, "circle", boxes=BOXES, config=FovealConfig())
 
 
 def test_unleash_parsing_config_and_errors(clip):
@@ -200,14 +250,17 @@ def test_unleash_parsing_config_and_errors(clip):
     assert "unleash" not in FovealConfig().to_dict()  # unchanged serialisation without the option
     assert config_from_args(build_parser().parse_args(["score", "x.png", "--text", "a"])).unleash is None
     for bad in ("8-11", "x:all", "8:all:nan", "8:all:abc"):
-        with pytest.raises(Exception, match="unleash|indices"):
+        with pytest.raises(argparse.ArgumentTypeError, match="unleash|indices"):
             parse_unleash(bad)
     with pytest.raises(ValueError, match="unleash layer 7 is out of range"):
         FovealConfig(unleash=[Unleash((7,))]).unleash_gains(6, 4)
     with pytest.raises(ValueError, match="unleash head 4 is out of range"):
         FovealConfig(unleash=[Unleash((5,), (4,))]).unleash_gains(6, 4)
+    unbiased = wrap(clip, config=FovealConfig(unleash=[Unleash((1,))]))  # fine for image-edit prompts ...
     with pytest.raises(ValueError, match="unleash layer 1 carries no bias"):
-        wrap(clip, config=FovealConfig(unleash=[Unleash((1,))]))
+        unbiased.plan()  # ... but the bias has no change to amplify in block 1
+    with pytest.raises(ValueError, match="unleash layer 6 is out of range"):
+        wrap(clip, config=FovealConfig(unleash=[Unleash((6,))]))
     with pytest.raises(ValueError, match="empty"):
         Unleash(())
 

@@ -1,15 +1,21 @@
 """Results files: resume, skipped accounting, aggregation; zero-shot classifiers and their cache."""
 
+import copy
 import json
+import os
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
 from conftest import tiny_clip, wrap
+from falip import FalipModel
 from falip.cli import main
 from falip.errors import FalipError
 from falip.results import ResumeMismatchError, RunRecorder, aggregate, predictions_path
-from falip.zeroshot import class_prompts, load_templates, zero_shot_classifier
+from falip.runtimes import OpenClipRuntime
+from falip.zeroshot import cache_dir, class_prompts, load_templates, text_fingerprint, zero_shot_classifier
 
 
 def run(path, config, ids, fail=()):
@@ -98,3 +104,33 @@ def test_zero_shot_classifier_averages_prompts_and_caches(tmp_path, monkeypatch)
     assert not torch.allclose(zero_shot_classifier(other, ["cat", "dog"], ["a {}.", "the {}!"]), weights)
     with pytest.raises(FalipError, match="unique"):
         zero_shot_classifier(model, ["cat", "cat"])
+
+
+def test_zero_shot_cache_key_covers_the_whole_text_tower_dtype_and_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("FALIP_CACHE_DIR", str(tmp_path))
+    clip = tiny_clip(224, 32, layers=2)
+    base = text_fingerprint(wrap(clip))
+    assert text_fingerprint(wrap(clip)) == base  # deterministic
+    changed = copy.deepcopy(clip)
+    with torch.no_grad():
+        changed.transformer.resblocks[-1].mlp.c_proj.weight[-1, -1] += 1e-3  # one weight deep in the last text block
+    assert text_fingerprint(wrap(changed)) != base
+    seeing = copy.deepcopy(clip)
+    with torch.no_grad():
+        seeing.visual.proj.mul_(2)  # the image tower does not change text embeddings
+    assert text_fingerprint(wrap(seeing)) == base
+    shorter = FalipModel(OpenClipRuntime(clip), open_clip.SimpleTokenizer(context_length=16))
+    assert text_fingerprint(shorter) != base  # a different tokenizer (context length)
+    half = copy.deepcopy(clip).to(torch.bfloat16)
+    assert text_fingerprint(wrap(half)) != base  # the same values in another dtype
+    zero_shot_classifier(wrap(clip), ["cat"], ["a {}."])
+    zero_shot_classifier(wrap(changed), ["cat"], ["a {}."])
+    assert len(list((tmp_path / "zeroshot").glob("*.pt"))) == 2
+
+
+def test_tests_never_write_to_the_home_cache():
+    assert (
+        os.environ["FALIP_CACHE_DIR"]
+        and Path(os.environ["FALIP_CACHE_DIR"]).resolve() != Path("~/.cache/falip").expanduser().resolve()
+    )
+    assert cache_dir() == Path(os.environ["FALIP_CACHE_DIR"]) / "zeroshot"  # set by conftest for the whole session

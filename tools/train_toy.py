@@ -1,6 +1,6 @@
 """Train ``falip-toy``: a small open_clip-architecture CLIP on synthetic shape scenes (CPU, seeded).
 
-    python tools/train_toy.py --steps 3000 --batch-size 64 --output src/falip/assets   # 20 min on 2 CPU cores
+    python tools/train_toy.py --steps 3000 --batch-size 64 --eval-every 500 --output src/falip/assets   # 20 min on 2 CPU cores
 
 Model: ViT 64 px / patch 8 (8×8 grid), width 128, 6 blocks, 2 heads; text transformer width 64,
 4 blocks, context 24, the real CLIP BPE tokenizer; embed dim 64; QuickGELU (OpenAI layout, so the
@@ -13,8 +13,10 @@ file loads through falip's OpenAI-checkpoint path). Data, generated on the fly f
 Captions are wrapped in a random template ("{}", "a photo of {}", "a photo of a {}"...). Loss:
 symmetric CLIP cross-entropy where every sample whose canonical caption is identical counts as a
 positive (batches contain repeated captions). AdamW, warm-up then cosine decay.
-Writes ``falip-toy.safetensors`` (fp16 weights) and ``falip-toy.json`` (architecture, recipe,
-training log) to ``--output``.
+Writes ``falip-toy.safetensors`` (fp16 weights) and ``falip-toy.json`` (architecture, recipe and
+the command that ran it, training log) to ``--output``, then tunes the FALIP settings on the saved
+weights (``tools/tune_toy.py``: the α × blocks sweep, printed) and writes them into the card
+(``falip``, ``falip_tuning``) — the complete shipped artifact.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -119,7 +122,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -180,13 +183,22 @@ def main() -> None:
         tokenizer="CLIP BPE (open_clip SimpleTokenizer), context 24",
         preprocess="squash",
         scene_size=SCENE_SIZE,
-        recipe=dict(vars(args), mixture="35% single objects, 25% object crops, 40% 2-4 object scenes", templates=TEMPLATES),
+        recipe=dict(
+            vars(args),
+            mixture="35% single objects, 25% object crops, 40% 2-4 object scenes",
+            templates=TEMPLATES,
+            command=" ".join(["python tools/train_toy.py", *sys.argv[1:]]),
+        ),
         training_log=log,
         train_seconds=round(time.time() - start, 1),
         torch=torch.__version__,
     )
     (out / "falip-toy.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {out / 'falip-toy.safetensors'} and {out / 'falip-toy.json'}")
+    import falip
+    from tune_toy import tune  # tools/tune_toy.py (this script's folder is on sys.path)
+
+    tune(falip.load(str(out / "falip-toy.safetensors"), preprocess="squash"), out / "falip-toy.json")
 
 
 if __name__ == "__main__":

@@ -149,11 +149,12 @@ class FovealConfig:
             scales[int(h)] = float(s)
         return scales
 
-    def unleash_gains(self, depth: int, num_heads: int) -> Optional[dict[int, torch.Tensor]]:
+    def unleash_gains(self, depth: int, num_heads: int, biased_only: bool = True) -> Optional[dict[int, torch.Tensor]]:
         """``{block: gain (num_heads,) float32}`` for the unleashed blocks, or ``None`` when off.
 
-        Raises ValueError for blocks or heads the model lacks, and for blocks without the bias
-        (there is no prompt-induced change to amplify there).
+        Raises ValueError for blocks or heads the model lacks, and (``biased_only``, for the bias
+        alone) for blocks without the bias: there is no prompt-induced change to amplify there.
+        Image-edit prompts change every block (:func:`falip.heads.encode_unleashed`).
         """
         if self.unleash is None:
             return None
@@ -164,7 +165,7 @@ class FovealConfig:
                 j = i + depth if i < 0 else i
                 if not 0 <= j < depth:
                     raise ValueError(f"unleash layer {i} is out of range for a ViT with {depth} blocks")
-                if j not in biased:
+                if biased_only and j not in biased:
                     raise ValueError(
                         f"unleash layer {i} carries no bias (biased blocks: {list(biased)}), so there is no "
                         "prompt-induced change to amplify; unleash biased blocks or add the block to layers"

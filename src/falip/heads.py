@@ -9,8 +9,12 @@ probabilities) for an image with or without a FALIP bias; :func:`prompt_response
 terms of a prompted input (an image edit of :data:`falip.prompts.EDITS`, the FALIP bias, or both)
 with those of the original image; :func:`head_response` averages that over a regions file.
 
-Unleashing (amplifying the bias-induced change of chosen heads) is a field of the bias config,
-:class:`falip.bias.Unleash`; it is honoured by every encoding path and by :func:`trace`.
+Unleashing (the paper's Eq. 6) is a field of the bias config, :class:`falip.bias.Unleash`. In an
+unleashed block the [CLS] attention output becomes ``Σ_h [G'_h + λ_h (G'_h − G_h)] + b_O`` with
+``G'_h`` head h's term with the prompt and ``G_h`` without it. For the FALIP bias alone, ``G_h`` is
+the term at the same block input without the bias — equal to amplifying the attention
+probabilities, ``P + λ(P − P0)``, which every encoding path and :func:`trace` do. For prompts with
+an image edit, :func:`encode_unleashed` takes ``G_h`` from the clean image's own pass.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .bias import FovealConfig, full_attention_mask
+from .bias import FovealConfig, Unleash, full_attention_mask
 from .errors import FalipError, ImageLoadError
 from .geometry import validate_boxes, validate_masks
 from .images import RotationNotice, load_image
-from .methods import Method, parse_method
+from .methods import Method, mask_box, parse_method
 from .prompts import apply_edit
 
 STATISTICS = ("l2", "relative", "cosine")
@@ -116,7 +120,9 @@ def head_delta(prompted: torch.Tensor, plain: torch.Tensor, statistic: str = "l2
     return diff
 
 
-def prompted_input(model, image: Image.Image, method: Method, box=None, mask: Optional[np.ndarray] = None, config=None):
+def prompted_input(
+    model, image: Image.Image, method: Method, box=None, mask: Optional[np.ndarray] = None, config=None, edit_style: str = "clean"
+):
     """``(pixels (1, 3, S, S), bias (1, L) or None)`` of ``image`` prompted by ``method`` for one region.
 
     The region is a ``box`` (xyxy pixels) or a boolean ``mask (H, W)`` (edits use its bounding box).
@@ -131,7 +137,7 @@ def prompted_input(model, image: Image.Image, method: Method, box=None, mask: Op
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
     region_mask = None if masks is None else masks[0]
     if method.edit is not None:
-        edited = apply_edit(image, method.edit, box, region_mask)
+        edited = apply_edit(image, method.edit, box, region_mask, style=edit_style)
         image, box, region_mask = edited.image, edited.box, edited.mask
     pixels, transform = model.preprocess_image(image)
     if not method.foveal:
@@ -251,3 +257,85 @@ def head_response(
         prompt=method.name,
         skipped=skipped,
     )
+
+
+REFERENCES = ("clean", "same-input")
+
+
+def _unleashed_trunk(runtime, mask, layers, gains: dict, clean: Optional[torch.Tensor]):
+    """The block stack of one prompted pass (bias ``mask`` in ``layers``), unleashed in the blocks of ``gains``.
+
+    clean: the clean pass's [CLS] terms ``(layers, H, D)``, or None to take G_h at the same input without the bias.
+    """
+
+    def trunk(x: torch.Tensor) -> torch.Tensor:
+        for i in range(runtime.num_layers):
+            m = mask if mask is not None and i in layers else None
+            if i not in gains:
+                x = runtime.block_heads(i, x, x, m).out
+                continue
+            r = runtime.block_heads(i, x, x, m, keep_terms=True)
+            prompted = r.terms[:, 0]  # (1, H, D): G'_h
+            plain = clean[i][None] if clean is not None else runtime.block_heads(i, x, x, None, keep_terms=True).terms[:, 0]
+            shift = (gains[i].to(prompted).view(1, -1, 1) * (prompted - plain.to(prompted))).sum(1)  # Σ_h λ_h (G'_h − G_h)
+            attended = r.terms.sum(2) + r.out_bias  # (1, L, D)
+            attended = torch.cat([attended[:, :1] + shift[:, None], attended[:, 1:]], dim=1)
+            x = runtime.block_tail(i, x, attended)
+        return x
+
+    return trunk
+
+
+@torch.no_grad()
+def encode_unleashed(
+    model,
+    image,
+    method: Union[str, Method],
+    boxes=None,
+    masks: Optional[Sequence[np.ndarray]] = None,
+    config: Optional[FovealConfig] = None,
+    unleash: Optional[Sequence[Unleash]] = None,
+    reference: str = "clean",
+    edit_style: str = "clean",
+) -> torch.Tensor:
+    """L2-normalised embeddings ``(K, E)`` of K regions under ``method``, unleashed as the paper's Eq. 6.
+
+    In each unleashed block ℓ of the prompted pass, the [CLS] attention output is replaced by
+    ``Σ_h [G'_h + λ_h (G'_h − G_h)] + b_O``: ``G'_h`` is head h's [CLS] term in the prompted pass
+    (the edited image, with the bias for ``falip`` methods), ``G_h`` its term without the prompt —
+    ``reference="clean"``: in the clean image's own pass (no edit, no bias; the only choice for an
+    edit); ``"same-input"``: at the prompted pass's block input without the bias (bias-only
+    methods; equal to the attention-space unleashing of :meth:`FalipModel.encode_regions`).
+    Patch tokens are not changed; the change propagates to later blocks. Heads not named keep λ = 0.
+    unleash: the entries (default: ``config.unleash``, default the model's); any block may be
+    unleashed. Runs head by head (numerically the ``naive`` mode). ``edit_style``: as :func:`falip.prompts.apply_edit`'s ``style``.
+    """
+    method = parse_method(method) if isinstance(method, str) else method
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if reference == "same-input" and method.edit is not None:
+        raise ValueError(f"reference 'same-input' needs a bias-only method; {method.name!r} edits the image: use 'clean'")
+    config = config or model.config
+    entries = unleash if unleash is not None else config.unleash
+    if not entries:
+        raise ValueError("nothing to unleash: give Unleash entries (or a config with unleash=...)")
+    runtime = model.runtime
+    gains = FovealConfig(unleash=tuple(entries)).unleash_gains(runtime.num_layers, runtime.num_heads, biased_only=False)
+    pil = load_image(image)
+    if boxes is None and masks is None:
+        raise ValueError("give boxes=..., masks=... or both")
+    mask_list = validate_masks(masks, pil.size) if masks is not None else None
+    box_arr = validate_boxes(boxes, pil.size) if boxes is not None else np.array([mask_box(m) for m in mask_list])
+    clean = trace(model, model.preprocess_image(pil)[0]).cls_terms[0] if reference == "clean" else None  # (layers, H, D)
+    plan = model.plan(config) if method.foveal else None
+    out = []
+    for k, box in enumerate(box_arr):
+        pixels, bias = prompted_input(model, pil, method, box, None if mask_list is None else mask_list[k], config, edit_style)
+        mask = None
+        if bias is not None:
+            mask = full_attention_mask(bias.to(runtime.device, torch.float32), plan.rows, runtime.num_heads, plan.head_scales)
+
+        layers = plan.layers if plan is not None else ()
+        trunk = _unleashed_trunk(runtime, mask, layers, gains, clean)
+        out.append(runtime.run(pixels, trunk).float())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)

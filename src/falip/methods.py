@@ -51,7 +51,7 @@ def parse_method(name: str) -> Method:
     return Method(name="+".join(parts), edit=edit, foveal=foveal)
 
 
-def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     ys, xs = np.nonzero(mask)
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
@@ -72,6 +72,9 @@ def encode_with_method(
     Regions are ``boxes (K, 4)`` xyxy pixels, or ``masks`` (K of ``(H, W)``); with both, the
     boxes drive the edits and the masks the bias. An edit without boxes uses each mask's bounding box.
     ``edit_style``: how edits are drawn, ``clean`` or ``reference`` (see :mod:`falip.prompts`).
+    With ``unleash`` in the config, ``falip`` amplifies the bias's change at the same input (any
+    ``mode``), and a method with an edit goes through :func:`falip.heads.encode_unleashed` (G_h
+    from the clean image; head by head, ``mode`` does not apply). ``none`` prompts nothing to unleash.
     """
     method = parse_method(method) if isinstance(method, str) else method
     if edit_style not in STYLES:
@@ -80,7 +83,7 @@ def encode_with_method(
     if boxes is None and masks is None:
         raise ValueError("give boxes=..., masks=... or both")
     mask_list = validate_masks(masks, pil.size) if masks is not None else None
-    box_arr = validate_boxes(boxes, pil.size) if boxes is not None else np.array([_mask_box(m) for m in mask_list])
+    box_arr = validate_boxes(boxes, pil.size) if boxes is not None else np.array([mask_box(m) for m in mask_list])
     if mask_list is not None and len(mask_list) != len(box_arr):
         raise ValueError(f"{len(box_arr)} boxes but {len(mask_list)} masks")
     K = len(box_arr)
@@ -92,6 +95,10 @@ def encode_with_method(
             return model.encode_regions(pil, masks=mask_list, config=config, mode=mode)
         return model.encode_regions(pil, box_arr, config=config, mode=mode)
 
+    if (config or model.config).unleash:  # Eq. 6 for an edit prompt: G_h from the clean image's pass
+        from .heads import encode_unleashed
+
+        return encode_unleashed(model, pil, method, boxes=box_arr, masks=mask_list, config=config, edit_style=edit_style)
     edited = [
         apply_edit(pil, method.edit, box_arr[k], None if mask_list is None else mask_list[k], style=edit_style) for k in range(K)
     ]

@@ -18,20 +18,26 @@ from .images import load_image
 from .loading import create_clip
 from .runtimes.open_clip import OpenClipRuntime
 
+# The defaults of a model without its own settings (a model card's ``preprocess`` and ``falip``
+# override them): squash preprocessing (the FALIP reference code's; no region is cropped away)
+# and ``FovealConfig()`` (α 0.2, σ 100, [CLS] row, the last third of the blocks: the reference's
+# settings for ViT-B/16).
+DEFAULT_PREPROCESS = "squash"
+
 
 class FalipModel:
     """A CLIP ViT with foveal attention. Build it with :func:`falip.load`.
 
-    Attributes: ``runtime`` (the adapter), ``preprocess`` (``crop``/``squash``/``pad``),
-    ``config`` (the default :class:`FovealConfig`), ``image_size`` S, ``patch_size`` p,
-    ``grid`` (gh, gw), ``num_layers``, ``num_heads``.
+    Attributes: ``runtime`` (the adapter), ``preprocess`` (``squash``/``crop``/``pad``),
+    ``config`` (the default :class:`FovealConfig`; assigning one checks it against the model),
+    ``image_size`` S, ``patch_size`` p, ``grid`` (gh, gw), ``num_layers``, ``num_heads``.
     """
 
     def __init__(
         self,
         runtime: OpenClipRuntime,
         tokenizer,
-        preprocess: str = "crop",
+        preprocess: str = DEFAULT_PREPROCESS,
         config: Optional[FovealConfig] = None,
         name: str = "",
         pretrained: Optional[str] = None,
@@ -42,13 +48,22 @@ class FalipModel:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.preprocess = preprocess
-        self.config = config or FovealConfig()
         self.name = name
         self.pretrained = pretrained
         self.weights_file = weights_file
         self._digest: Optional[str] = None
-        self.config.resolve_layers(runtime.num_layers)  # fail early on layers the model lacks
-        self.config.unleash_gains(runtime.num_layers, runtime.num_heads)  # ... and on bad unleash entries
+        self.config = config or FovealConfig()
+
+    @property
+    def config(self) -> FovealConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: FovealConfig) -> None:
+        config.resolve_layers(self.runtime.num_layers)  # fail early on layers the model lacks
+        # ... and on unleash entries naming blocks or heads it lacks (unbiased blocks fail when the bias is used)
+        config.unleash_gains(self.runtime.num_layers, self.runtime.num_heads, biased_only=False)
+        self._config = config
 
     # -- geometry -------------------------------------------------------------------------------
     image_size = property(lambda self: self.runtime.image_size)
@@ -239,7 +254,7 @@ def load(
     pretrained: Optional[str] = None,
     device: str = "cpu",
     precision: str = "fp32",
-    preprocess: str = "crop",
+    preprocess: Optional[str] = None,
     config: Optional[FovealConfig] = None,
     quick_gelu: Optional[bool] = None,
 ) -> FalipModel:
@@ -247,18 +262,25 @@ def load(
 
     name_or_path: an open_clip name (``"ViT-B-16"``), an OpenAI name (``"ViT-B/16"``,
         ``"ViT-L/14@336px"``), ``"hf-hub:org/repo"``, a local OpenAI-layout checkpoint file, or
-        ``"falip-toy"`` (the small CLIP shipped with falip; its tuned FALIP settings are the default config).
+        ``"falip-toy"`` (the small CLIP shipped with falip, with its own tuned settings).
     pretrained: an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"`` …) or a weights file;
         ``None`` gives random weights (with a warning) for a name.
-    precision: ``fp32``, ``fp16`` or ``bf16``. preprocess: ``crop`` (CLIP default), ``squash``
-        (the FALIP reference code) or ``pad``. config: default :class:`FovealConfig`.
+    precision: ``fp32``, ``fp16`` or ``bf16``.
+    preprocess: ``squash`` (the FALIP reference code), ``crop`` (CLIP's default) or ``pad``;
+        ``None``: the model's own (its card's ``preprocess``, else :data:`DEFAULT_PREPROCESS`, squash).
+    config: the model's default :class:`FovealConfig`; ``None``: the model's own (its card's
+        ``falip`` settings, else ``FovealConfig()``). To change a few fields of the model's own
+        settings, assign ``model.config = dataclasses.replace(model.config, alpha=...)``.
     quick_gelu: override the activation (default: QuickGELU for OpenAI weights and files).
     """
     import open_clip
 
     clip, info = create_clip(name_or_path, pretrained, device, precision, quick_gelu)
-    if config is None and info["card"] and "falip" in info["card"]:
-        config = FovealConfig(**info["card"]["falip"])
+    card = info["card"] or {}
+    if config is None and "falip" in card:
+        config = FovealConfig(**card["falip"])
+    if preprocess is None:
+        preprocess = card.get("preprocess", DEFAULT_PREPROCESS)
     runtime = OpenClipRuntime(clip, mean=info["mean"], std=info["std"])
     if info["arch"] is not None:
         tokenizer = open_clip.SimpleTokenizer(context_length=info["arch"]["text_cfg"]["context_length"])

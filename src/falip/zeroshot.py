@@ -5,8 +5,8 @@ ImageNet templates shipped with open_clip) and ``simple`` (``"a photo of a {}."`
 is either a JSON list of templates, a JSON object ``{class: [prompt, ...]}`` with ready prompts
 per class, or a text file with one template per line.
 
-Classifiers are cached on disk (``$FALIP_CACHE_DIR`` or ``~/.cache/falip``), keyed by the text
-tower's weights, the class names and the prompts.
+Classifiers are cached on disk (``$FALIP_CACHE_DIR`` or ``~/.cache/falip``), keyed by a hash of
+the full text tower's weights, its dtype, the tokenizer, the class names and the prompts.
 """
 
 from __future__ import annotations
@@ -75,13 +75,27 @@ def class_prompts(classnames: Sequence[str], templates: Templates) -> list[list[
     return [[t.replace("{}", c) for t in templates] for c in classnames]
 
 
-def _text_fingerprint(model) -> str:
-    clip = model.runtime.clip
+# Strings whose token ids identify a tokenizer (vocabulary, BPE merges, casing, context length, padding).
+TOKENIZER_PROBE = ["a photo of a dog.", "Zebra-crossing at 3:45pm, naïve café!", "the " * 100]
+
+
+def text_fingerprint(model) -> str:
+    """Hash of everything that determines text embeddings: every text-tower tensor (name, dtype, shape,
+    values), the model's dtype, and the tokenizer (its class and the token ids of fixed probe strings)."""
     h = hashlib.sha256()
-    for name in ("text_projection", "positional_embedding", "token_embedding.weight"):
-        tensor = clip.get_parameter(name) if "." in name else getattr(clip, name)
-        h.update(tensor.detach().float().cpu().numpy()[:64].tobytes())
-    return h.hexdigest()[:16]
+    clip = model.runtime.clip
+    tensors = list(clip.named_parameters()) + list(clip.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        if name.startswith("visual.") or name.startswith("logit_"):
+            continue  # the image tower and the logit scale/bias do not change text embeddings
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(str(model.runtime.dtype).encode())
+    tokenizer = model.tokenizer
+    h.update(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
+    h.update(torch.as_tensor(tokenizer(TOKENIZER_PROBE)).to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def cache_dir() -> Path:
@@ -104,7 +118,7 @@ def zero_shot_classifier(
         raise FalipError("class names must be unique")
     templates = load_templates() if templates is None else templates
     prompts = class_prompts(classnames, templates)
-    key = hashlib.sha256(json.dumps([_text_fingerprint(model), prompts]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([text_fingerprint(model), prompts]).encode()).hexdigest()[:24]
     path = cache_dir() / f"{key}.pt"
     if use_cache and path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -12,7 +12,7 @@ from ..methods import METHOD_HELP, parse_method
 from ..results import check_output_path
 from ..tasks.classify import evaluate, rename_classes
 from ..zeroshot import load_templates
-from .common import add_bias_args, add_model_args, config_from_args, load_from_args
+from .common import add_bias_args, add_model_args, load_from_args, settings_line
 
 
 def dataset_from_args(args: argparse.Namespace) -> RegionDataset:
@@ -44,12 +44,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.limit is not None:
         dataset = replace(dataset, samples=dataset.samples[: args.limit])
     templates = load_templates(args.templates)
-    config = config_from_args(args)
-    model = load_from_args(args, config)
+    model = load_from_args(args)
+    print(settings_line(model))
     run_config = dict(
         model=args.model,
         pretrained=args.pretrained,
-        preprocess=args.preprocess,
+        preprocess=model.preprocess,
         precision=args.precision,
         templates=args.templates,
         region=args.region,
@@ -61,7 +61,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         args.output,
         method=method,
         templates=templates,
-        config=config,
+        config=model.config,
         mode=args.mode,
         run_config=run_config,
         resume=not args.no_resume,

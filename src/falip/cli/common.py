@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -78,6 +80,9 @@ def parse_pair(text: str) -> tuple[int, int]:
     return a, b
 
 
+MODEL_DEFAULTS = "default: the model's own (its card's settings, e.g. falip-toy's; else the library default)"
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument(
@@ -89,19 +94,29 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.add_argument(
-        "--preprocess", default="crop", choices=PREPROCESS_MODES, help="crop (CLIP default), squash (FALIP reference) or pad"
+        "--preprocess",
+        default=None,
+        choices=PREPROCESS_MODES,
+        help=f"squash (FALIP reference), crop (CLIP) or pad ({MODEL_DEFAULTS}: squash)",
     )
 
 
+# The FovealConfig fields the bias options set; an option left out keeps the model's own value.
+BIAS_FIELDS = ("alpha", "sigma", "shape", "rows", "layers", "heads", "unleash", "numerics")
+
+
 def add_bias_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("foveal bias")
-    g.add_argument("--alpha", type=float, default=0.2, help="peak bias (default 0.2)")
-    g.add_argument("--sigma", type=float, default=100.0, help="Gaussian width in tokens (default 100)")
-    g.add_argument("--shape", default="gaussian", choices=SHAPES)
-    g.add_argument("--rows", default="cls", choices=ROWS, help="queries that get the bias (default: cls)")
-    g.add_argument("--layers", type=parse_index_list, default=None, help="biased blocks, e.g. 8-11 (default: last third)")
+    g = parser.add_argument_group(f"foveal bias (each option overrides one field of the model's own settings; {MODEL_DEFAULTS})")
+    g.add_argument("--alpha", type=float, default=None, help="peak bias (library default 0.2)")
+    g.add_argument("--sigma", type=float, default=None, help="Gaussian width in tokens (library default 100)")
+    g.add_argument("--shape", default=None, choices=SHAPES, help="library default gaussian")
+    g.add_argument("--rows", default=None, choices=ROWS, help="queries that get the bias (library default cls)")
+    g.add_argument("--layers", type=parse_index_list, default=None, help="biased blocks, e.g. 8-11 (library default: last third)")
     g.add_argument(
-        "--heads", type=parse_head_spec, default=None, help="biased heads, e.g. 0,3, or per-head scales 0:2,3:0.5 (default: all)"
+        "--heads",
+        type=parse_head_spec,
+        default=None,
+        help="biased heads, e.g. 0,3, or per-head scales 0:2,3:0.5 (library default: all)",
     )
     g.add_argument(
         "--unleash",
@@ -113,39 +128,43 @@ def add_bias_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--numerics",
-        default="float64",
+        default=None,
         choices=NUMERICS,
-        help="bump arithmetic: float64 (default), or the reference code's float32 steps as NumPy 1.x (its pinned "
+        help="bump arithmetic: float64 (library default), or the reference code's float32 steps as NumPy 1.x (its pinned "
         "environment) or NumPy >= 2 runs them",
     )
     g.add_argument("--mode", default="exact", choices=MODES, help="execution: exact (default), naive, approx")
 
 
-def config_from_args(args: argparse.Namespace) -> FovealConfig:
-    unleash = getattr(args, "unleash", None)
-    return FovealConfig(
-        alpha=args.alpha,
-        sigma=args.sigma,
-        shape=args.shape,
-        rows=args.rows,
-        layers=args.layers,
-        heads=args.heads,
-        unleash=tuple(unleash) if unleash else None,
-        numerics=args.numerics,
-    )
+def bias_overrides(args: argparse.Namespace) -> dict:
+    """The FovealConfig fields given on the command line: ``{field: value}`` (options left out are absent)."""
+    out = {name: getattr(args, name, None) for name in BIAS_FIELDS}
+    if out["unleash"] is not None:
+        out["unleash"] = tuple(out["unleash"])
+    return {k: v for k, v in out.items() if v is not None}
 
 
-def load_from_args(args: argparse.Namespace, config: Optional[FovealConfig] = None):
+def config_from_args(args: argparse.Namespace, base: Optional[FovealConfig] = None) -> FovealConfig:
+    """``base`` (default ``FovealConfig()``) with the bias options given on the command line applied."""
+    return replace(base if base is not None else FovealConfig(), **bias_overrides(args))
+
+
+def load_from_args(args: argparse.Namespace):
+    """The model of ``--model``/``--pretrained``, with its own preprocessing and settings unless overridden.
+
+    ``--preprocess`` replaces the model's preprocessing; each bias option replaces one field of
+    the model's own :class:`FovealConfig` (``model.config`` is the config that runs).
+    """
     from ..model import load
 
-    return load(
-        args.model,
-        pretrained=args.pretrained,
-        device=args.device,
-        precision=args.precision,
-        preprocess=args.preprocess,
-        config=config,
-    )
+    model = load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, preprocess=args.preprocess)
+    model.config = config_from_args(args, model.config)
+    return model
+
+
+def settings_line(model) -> str:
+    """``settings: preprocess squash, bias {...}`` — what a command runs with, printed before its output."""
+    return f"settings: preprocess {model.preprocess}, bias {json.dumps(model.config.to_dict())}"
 
 
 def read_mask(path: str) -> np.ndarray:

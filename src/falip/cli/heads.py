@@ -12,7 +12,7 @@ from ..heads import STATISTICS, head_response, rank_heads
 from ..methods import METHOD_HELP, parse_method
 from ..results import RunRecorder, describe_inputs
 from ..viz import attention_maps, draw_attention, draw_head_heatmap
-from .common import add_bias_args, add_model_args, config_from_args, load_from_args, parse_box, parse_index_list
+from .common import add_bias_args, add_model_args, load_from_args, parse_box, parse_index_list, settings_line
 
 
 def _refuse_mode(args: argparse.Namespace) -> None:
@@ -27,9 +27,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
     _refuse_mode(args)
     if args.tile < 16:
         raise FalipError(f"--tile must be at least 16 pixels, got {args.tile}")
-    config = config_from_args(args)
-    model = load_from_args(args, config)
-    maps = attention_maps(model, args.image, args.box, layers=args.show_layers, config=config)
+    model = load_from_args(args)
+    print(settings_line(model))
+    maps = attention_maps(model, args.image, args.box, layers=args.show_layers, config=model.config)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     draw_attention(maps, tile=args.tile).save(output)
@@ -53,8 +53,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise FalipError(f"--limit must be at least 1, got {args.limit}")
         samples = samples[: args.limit]
-    config = config_from_args(args)
-    model = load_from_args(args, config)
+    model = load_from_args(args)
+    config = model.config
+    print(settings_line(model))
     out = Path(args.output)
     run_config = {
         "task": "heads",
@@ -62,7 +63,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
         "statistic": args.statistic,
         "model": args.model,
         "pretrained": args.pretrained,
-        "preprocess": args.preprocess,
+        "preprocess": model.preprocess,
         "annotations": str(args.annotations),
         "image_root": str(args.image_root),
         "limit": args.limit,

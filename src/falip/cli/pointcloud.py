@@ -32,7 +32,7 @@ from ..tasks.pointcloud import (
     v2_presets,
 )
 from ..zeroshot import Templates, load_templates
-from .common import add_bias_args, add_model_args, config_from_args, load_from_args
+from .common import add_bias_args, add_model_args, load_from_args, settings_line
 
 
 def parse_weights(text: str) -> list[float]:
@@ -69,23 +69,23 @@ def protocol_from_args(args: argparse.Namespace, dataset: str) -> tuple[Template
 
 
 def cmd_pointcloud(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
     dataset = load_dataset(args.dataset, args.data_root, args.variant, args.split)
     templates, weights, source = protocol_from_args(args, dataset.name)
-    model = load_from_args(args, config)
+    model = load_from_args(args)
+    print(settings_line(model))
     classifier = PointCloudClassifier(
         model, dataset.classnames, projection=args.projection, views=args.views, method=args.method, templates=templates,
-        view_weights=weights, config=config, mode=args.mode, up=args.up, max_points=args.max_points,
+        view_weights=weights, config=model.config, mode=args.mode, up=args.up, max_points=args.max_points,
     )  # fmt: skip
     run_config = dict(
         dataset=dataset.name, variant=dataset.variant, split=dataset.split, method=args.method, projection=args.projection,
         views=list(classifier.view_names), view_weights=classifier.view_weights.tolist(), up=args.up,
         max_points=args.max_points if classifier.authors else None, mask_dilation=classifier.mask_dilation,
         pixels="no CLIP mean/std (as the authors)" if classifier.authors else "CLIP mean/std", model=args.model,
-        pretrained=args.pretrained, preprocess=args.preprocess, precision=args.precision, **source,
+        pretrained=args.pretrained, preprocess=model.preprocess, precision=args.precision, **source,
     )  # fmt: skip
     if args.method == "falip":
-        run_config.update(bias=config.to_dict(), mode=args.mode)
+        run_config.update(bias=model.config.to_dict(), mode=args.mode)
     result = evaluate(classifier, dataset, args.output, run_config, args.batch_size, args.limit, resume=not args.no_resume)
     m = result["metrics"]
     print(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..bias import FovealConfig
 from ..datasets.refer import DATASETS, RecDataset, load_reclip, load_refer
 from ..errors import FalipError
 from ..methods import METHOD_HELP
 from ..prompts import STYLES
 from ..results import check_output_path
 from ..tasks.rec import AGGREGATES, N_CAPTIONS, NO_PROPOSALS, PROMPT, RegionScorer, draw_captions, evaluate, parse_methods
-from .common import add_bias_args, add_model_args, config_from_args, load_from_args
+from .common import add_bias_args, add_model_args, load_from_args, settings_line
 
 
 def _load_data(args: argparse.Namespace) -> RecDataset:
@@ -24,7 +23,8 @@ def _load_data(args: argparse.Namespace) -> RecDataset:
     return load_refer(args.data_root, args.dataset or "refcoco", args.split, split_by=args.split_by, detections=args.detections)
 
 
-def _load_models(args: argparse.Namespace, config: FovealConfig) -> list:
+def _load_models(args: argparse.Namespace) -> list:
+    """Every ``--model``, each with its own preprocessing and settings and the command line's overrides."""
     names = args.model or ["ViT-B-16"]
     tags = args.pretrained or [None]
     if len(tags) == 1:
@@ -32,22 +32,20 @@ def _load_models(args: argparse.Namespace, config: FovealConfig) -> list:
     if len(tags) != len(names):
         raise FalipError(f"give one --pretrained for all models or one per --model: got {len(names)} models and {len(tags)} tags")
     tags = [None if t in (None, "none", "") else t for t in tags]
-    return [
-        load_from_args(argparse.Namespace(**{**vars(args), "model": n, "pretrained": t}), config) for n, t in zip(names, tags)
-    ]
+    return [load_from_args(argparse.Namespace(**{**vars(args), "model": n, "pretrained": t})) for n, t in zip(names, tags)]
 
 
 def cmd_rec(args: argparse.Namespace) -> int:
     check_output_path(args.output)
-    config = config_from_args(args)
     methods = parse_methods(args.method)
     data = _load_data(args)
     captions = draw_captions(data.split_expressions(), args.captions, args.seed) if args.subtract else None
-    models = _load_models(args, config)
+    models = _load_models(args)
+    for model in models:
+        print(f"{model.name}: {settings_line(model)}")
     scorer = RegionScorer(
         models,
         methods,
-        config=config,
         mode=args.mode,
         aggregate=args.aggregate,
         template=args.template,
@@ -61,7 +59,7 @@ def cmd_rec(args: argparse.Namespace) -> int:
         split=data.split,
         data=data.source,
         proposals=data.proposal_source,
-        preprocess=args.preprocess,
+        preprocess=[m.preprocess for m in models],
         precision=args.precision,
         seed=args.seed if args.subtract else None,
         no_proposals=args.no_proposals,

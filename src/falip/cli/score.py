@@ -8,7 +8,16 @@ import json
 from ..errors import FalipError
 from ..geometry import PREPROCESS_MODES
 from ..methods import METHOD_HELP, parse_method, score_with_method
-from .common import add_bias_args, add_model_args, config_from_args, load_from_args, parse_box, parse_pair, read_mask
+from .common import (
+    add_bias_args,
+    add_model_args,
+    config_from_args,
+    load_from_args,
+    parse_box,
+    parse_pair,
+    read_mask,
+    settings_line,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -28,9 +37,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.box and args.mask:
         raise FalipError("give either --box or --mask regions, not both")
     regions = dict(boxes=args.box) if args.box else dict(masks=[read_mask(p) for p in args.mask])
-    config = config_from_args(args)
-    model = load_from_args(args, config)
-    scores = score_with_method(model, args.image, args.text, args.method, config=config, mode=args.mode, **regions)
+    model = load_from_args(args)
+    scores = score_with_method(model, args.image, args.text, args.method, config=model.config, mode=args.mode, **regions)
     names = [",".join(f"{v:g}" for v in b) for b in args.box] if args.box else list(args.mask)
     result = {
         "image": str(args.image),
@@ -45,6 +53,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(settings_line(model))
     width = max(len(n) for n in names)
     for j, text in enumerate(args.text):
         print(f"{text!r}")
@@ -55,16 +64,24 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_bias(args: argparse.Namespace) -> int:
+    """With ``--model``: that model's grid, patch size, preprocessing and settings (options override them);
+    without: a 14×14 grid of 16 px patches, squash and ``FovealConfig()`` (the library defaults)."""
     from ..bias import region_bias
+    from ..model import DEFAULT_PREPROCESS
 
-    config = config_from_args(args)
-    S = args.grid * args.patch
-    vec = region_bias(
-        args.box, tuple(args.image_size), (args.grid, args.grid), config, preprocess=args.preprocess, patch_size=args.patch
-    )
-    grid = vec[1:].view(args.grid, args.grid).numpy()
-    print(f"bias over the {args.grid}x{args.grid} patch grid ({S}px input, {args.preprocess}); [CLS] column = {vec[0].item():g}")
-    for row in grid:
+    if args.model is not None:
+        if args.grid is not None or args.patch is not None:
+            raise FalipError("--grid and --patch come from --model; give either --model or --grid/--patch")
+        model = load_from_args(args)
+        grid, patch, preprocess, config = model.grid[0], model.patch_size, model.preprocess, model.config
+    else:
+        grid, patch = args.grid or 14, args.patch or 16
+        preprocess, config = args.preprocess or DEFAULT_PREPROCESS, config_from_args(args)
+    vec = region_bias(args.box, tuple(args.image_size), (grid, grid), config, preprocess=preprocess, patch_size=patch)
+    print(f"settings: preprocess {preprocess}, bias {json.dumps(config.to_dict())}")
+    print(f"bias over the {grid}x{grid} patch grid ({grid * patch}px input, {preprocess}); [CLS] column = {vec[0].item():g}")
+    grid_values = vec[1:].view(grid, grid).numpy()
+    for row in grid_values:
         print(" ".join(f"{v:6.3f}" if v else "     ." for v in row))
     return 0
 
@@ -90,8 +107,14 @@ def register(sub) -> None:
     p = sub.add_parser("bias", help="print the bias a box gets on the patch grid (no model needed)")
     p.add_argument("--image-size", type=parse_pair, required=True, help="W,H of the original image")
     p.add_argument("--box", type=parse_box, required=True, help="x0,y0,x1,y1 in pixels")
-    p.add_argument("--grid", type=int, default=14, help="patches per side (default 14)")
-    p.add_argument("--patch", type=int, default=16, help="patch size in pixels (default 16)")
-    p.add_argument("--preprocess", default="squash", choices=PREPROCESS_MODES)
+    p.add_argument("--model", default=None, help="take grid, patch size, preprocessing and bias settings from this model")
+    p.add_argument("--pretrained", default=None, help="with --model: its pretrained tag or weights file")
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--grid", type=int, default=None, help="patches per side, without --model (default 14)")
+    p.add_argument("--patch", type=int, default=None, help="patch size in pixels, without --model (default 16)")
+    p.add_argument(
+        "--preprocess", default=None, choices=PREPROCESS_MODES, help="default: the model's own; squash without --model"
+    )
     add_bias_args(p)
     p.set_defaults(func=cmd_bias)

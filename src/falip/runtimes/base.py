@@ -81,3 +81,7 @@ class VisionRuntime(Protocol):
         ``P0`` under ``base_mask`` (None = no mask) — the prompt-induced change amplified ("unleashed").
         Masks: ``(B·H, Q, Lk)``, ``(H, Q, Lk)`` when B = 1, or ``(Q, Lk)``.
         """
+
+    def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of block ``index`` after attention: output tokens ``(B, Q, D)`` from the block's input
+        ``query (B, Q, D)`` and an attention output ``attended (B, Q, D)`` (e.g. ``terms.sum(2) + out_bias``)."""

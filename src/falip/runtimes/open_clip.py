@@ -175,6 +175,10 @@ class OpenClipRuntime:
         terms = torch.einsum("bhqd,ehd->bqhe", heads, out_w.view(D, H, dh)) if keep_terms else None
         return BlockHeads(out=_residual_tail(blk, query, attended), probs=probs, terms=terms, out_bias=out_b)
 
+    def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Block ``index``'s residual and MLP tail on an attention output ``attended (B, Q, D)`` at ``query (B, Q, D)``."""
+        return _residual_tail(self.blocks[index], query, attended)
+
     def _heads_mask(self, mask: Optional[torch.Tensor], B: int, Q: int, Lk: int, dtype: torch.dtype):
         """An additive mask as ``(B or 1, H or 1, Q, Lk)`` (0 for None)."""
         if mask is None:

@@ -120,10 +120,9 @@ class RegionScorer:
 
     def describe(self) -> dict:
         """Everything that determines the scores, JSON-able (stored with results, checked on resume)."""
-        config = self.config.to_dict() if self.config is not None else None
         return dict(
             models=[{k: v for k, v in m.info().items() if k != "device"} for m in self.models],
-            bias=config,
+            bias=[(self.config or m.config).to_dict() for m in self.models],
             bias_layers=[list((self.config or m.config).resolve_layers(m.num_layers)) for m in self.models],
             mode=self.mode,
             methods=[m.name for m in self.methods],
