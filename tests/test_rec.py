@@ -594,12 +594,16 @@ def test_cli_both_formats_options_and_aggregate(data, checkpoint, tmp_path, caps
     assert a["dataset"] == "refcoco" and a["split"] == "testA" and a["proposals"] == "gold" and a["method"] == "falip"
     assert a["model"] == [str(checkpoint)] or a["model"][0].endswith("tiny.pt")
     assert (
-        a["config"]["bias"][0]["alpha"] == 0.2 and a["config"]["preprocess"] == ["squash"] and a["config"]["data"]["split_by"] == "unc"
+        a["config"]["bias"][0]["alpha"] == 0.2
+        and a["config"]["preprocess"] == ["squash"]
+        and a["config"]["data"]["split_by"] == "unc"
     )
     assert a["predictions"] == "a.jsonl" and {"acc", "n", "skipped", "expr_per_s"} <= set(a["metrics"])
     assert b["method"] == "crop,falip+blur:max+P" and b["proposals"] == "detector" and len(b["model"]) == 2
     assert (
-        [c["alpha"] for c in b["config"]["bias"]] == [0.5, 0.5] and b["config"]["bias_layers"] == [[1, 2], [1, 2]] and b["config"]["mode"] == "naive"
+        [c["alpha"] for c in b["config"]["bias"]] == [0.5, 0.5]
+        and b["config"]["bias_layers"] == [[1, 2], [1, 2]]
+        and b["config"]["mode"] == "naive"
     )
     assert b["config"]["subtract"]["captions"] == 3 and len(b["config"]["subtract"]["drawn"]) == 4 and b["config"]["seed"] == 1
     assert (tmp_path / "b.predictions.jsonl").is_file()
