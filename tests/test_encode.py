@@ -154,7 +154,8 @@ def test_approx_is_close_but_not_identical(rng, b16_tiny):
     boxes = random_boxes(rng, 300, 260, 4)
     exact = model.encode_regions(img, boxes, mode="exact")
     approx = model.encode_regions(img, boxes, mode="approx", chunk_size=3)
-    assert (exact - approx).abs().max() < 0.05
+    deviation = (exact - approx).abs().max().item()
+    assert 1e-5 < deviation < 0.05  # an approximation (4 biased blocks), not the exact computation under another name
 
 
 def test_approx_rejects_rows_other_than_cls(rng, b16_tiny):

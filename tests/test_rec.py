@@ -269,7 +269,7 @@ def test_ground_scores_like_score_regions(model, data):
         ground(model, image, [(10, 10, 5, 20)], "x")
 
 
-def test_every_method_runs_and_looks_where_it_should(model, data):
+def test_every_method_encodes_each_box_differently_and_only_reverse_blur_reads_masks(model, data):
     image = Image.open(data / "train2014" / file_name(1)).convert("RGB")
     boxes = np.array([(5, 5, 45, 35), (60, 40, 110, 80), (30, 50, 50, 70)], float)
     masks = [segmentation_mask(POLYGON_11, image.size), blob_mask(), np.zeros((90, 120), bool)]

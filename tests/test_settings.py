@@ -157,3 +157,20 @@ def test_load_honours_the_card_and_explicit_arguments():
     assert model.config.layers == (2, 3, 4, 5) and model.config.alpha == 0.5
     with pytest.raises(ValueError, match="out of range"):
         model.config = FovealConfig(layers=(9,))
+
+
+def test_rec_unleashes_an_edit_prompt_against_the_clean_image(data, tmp_path, capsys):
+    base = ["rec", "--dataset", "synthetic", "--split", "val", "--data-root", str(data["data_root"]), "--image-root",
+            str(data["image_root"]), "--model", "falip-toy", "--method", "circle", "--limit", "3", "--quiet"]  # fmt: skip
+    assert main(base + ["--output", str(tmp_path / "plain.json")]) == 0
+    assert main(base + ["--unleash", "4-5:all", "--output", str(tmp_path / "u.json")]) == 0
+    capsys.readouterr()
+    unleashed = json.loads((tmp_path / "u.json").read_text())
+    assert unleashed["config"]["bias"][0]["unleash"] == [{"layers": [4, 5], "heads": None, "lam": 1.0}]
+
+    def scores(name):
+        lines = (tmp_path / f"{name}.predictions.jsonl").read_text().splitlines()[1:]
+        return np.array([json.loads(line)["scores"] for line in lines])
+
+    assert scores("u").shape == scores("plain").shape == (3, 3)
+    assert np.abs(scores("u") - scores("plain")).max() > 1e-3  # Eq. 6 changed the red-circle embeddings
