@@ -76,16 +76,16 @@ def test_checkpoint_file_loads_with_inferred_architecture(tmp_path, source, imag
 
 
 def test_named_architecture_with_local_weights_file(tmp_path, image):
-    clip = open_clip.create_model("ViT-B-32")
+    clip = open_clip.create_model("ViT-S-32")  # a named architecture; the smallest ViT open_clip names
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(clip.state_dict(), path)
-    model = falip.load("ViT-B/32", pretrained=str(path))
+    model = falip.load("ViT-S-32", pretrained=str(path))
     torch.testing.assert_close(model.encode_image(image), reference_features(clip, model, image), atol=1e-6, rtol=0)
 
 
 def test_random_weights_warn():
     with pytest.warns(UserWarning, match="random"):
-        model = falip.load("ViT-B/32")
+        model = falip.load("ViT-S-32")
     assert model.info()["bias_layers"] == [8, 9, 10, 11]
 
 

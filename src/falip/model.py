@@ -275,6 +275,8 @@ def load(
     """
     import open_clip
 
+    if preprocess is not None and preprocess not in PREPROCESS_MODES:  # before building the model
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
     clip, info = create_clip(name_or_path, pretrained, device, precision, quick_gelu)
     card = info["card"] or {}
     if config is None and "falip" in card:
