@@ -225,9 +225,10 @@ def test_eq6_for_an_image_edit_takes_g_from_the_clean_image(model, image):
     plain = encode_with_method(model, image, "circle", boxes=BOXES)
     assert (circle - plain).abs().max() > 1e-4
     zero = FovealConfig(unleash=(Unleash((5,), None, 0.0),))  # λ = 0: the edited image unchanged
-    torch.testing.assert_close(encode_with_method(model, image, "circle", boxes=BOXES, config=zero), plain, atol=1e-5, rtol=0)
+    one = BOXES[:1]
+    torch.testing.assert_close(encode_with_method(model, image, "circle", boxes=one, config=zero), plain[:1], atol=1e-5, rtol=0)
     early = FovealConfig(unleash=(Unleash((0,)),))  # an edit changes every block, so any block can be unleashed
-    assert (encode_with_method(model, image, "circle", boxes=BOXES, config=early) - plain).abs().max() > 1e-4
+    assert (encode_with_method(model, image, "circle", boxes=one, config=early) - plain[:1]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="same-input"):
         encode_unleashed(model, image, "circle", boxes=BOXES, config=cfg, reference="same-input")
     with pytest.raises(ValueError, match="nothing to unleash"):

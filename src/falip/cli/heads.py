@@ -55,6 +55,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
         samples = samples[: args.limit]
     model = load_from_args(args)
     config = model.config
+    if method.foveal:
+        model.plan()  # fail before any output is written: e.g. --unleash on a block without the bias
     print(settings_line(model))
     out = Path(args.output)
     run_config = {
