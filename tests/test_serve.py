@@ -104,7 +104,7 @@ def cli_score(capsys, image_path: Path, boxes, texts, method: str, mode: str, re
     for t in texts:
         argv += ["--text", t]
     config = response["config"]
-    argv += ["--method", method, "--mode", mode, "--preprocess", "crop"]
+    argv += ["--method", method, "--mode", mode]  # the model's own preprocessing, as the server's
     argv += ["--alpha", repr(config["alpha"]), "--sigma", repr(config["sigma"]), "--shape", config["shape"]]
     argv += ["--rows", config["rows"], "--layers", ",".join(str(i) for i in response["bias_layers"])]
     if "numerics" in config:  # to_dict() leaves out the default (float64), as the CLI's default
