@@ -22,6 +22,7 @@ from PIL import Image
 
 from falip import RegionClampWarning
 from falip.cli import main
+from falip.loading import shipped_model
 from falip.synthetic import make_scene
 
 httpx = pytest.importorskip("httpx", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -91,7 +92,8 @@ def test_health_names_the_model_and_its_settings(client):
     r = client.get("/api/health")
     assert r.status_code == 200
     info = r.json()
-    assert info["model"] == "falip-toy" and info["bias_layers"] == [2, 3, 4, 5] and info["config"]["alpha"] == 2.0
+    card = shipped_model("falip-toy")[1]["falip"]  # the model card's own settings
+    assert info["model"] == "falip-toy" and info["bias_layers"] == card["layers"] and info["config"]["alpha"] == card["alpha"]
     assert info["limits"]["max_pixels"] == MAX_PIXELS and info["limits"]["max_boxes"] == MAX_BOXES
     assert "falip" in info["methods"] and "exact" in info["modes"] and info["examples"]
 
@@ -119,7 +121,7 @@ def cli_score(capsys, image_path: Path, boxes, texts, method: str, mode: str, re
 @pytest.mark.parametrize(
     "method,mode,options",
     [
-        ("falip", "exact", {}),  # the model's own FALIP settings (α 2 on blocks 2–5)
+        ("falip", "exact", {}),  # the model's own FALIP settings (α 4 on blocks 2–5)
         ("falip+blur", "naive", {"alpha": "0.7", "layers": "[3, 5]"}),
     ],
 )

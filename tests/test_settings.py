@@ -14,7 +14,7 @@ from falip.loading import shipped_model
 from falip.synthetic import write_all
 
 CARD = shipped_model("falip-toy")[1]
-OWN = json.loads(json.dumps(FovealConfig(**CARD["falip"]).to_dict()))  # alpha 2.0 on blocks 2-5, as JSON
+OWN = json.loads(json.dumps(FovealConfig(**CARD["falip"]).to_dict()))  # alpha 4 on blocks 2-5, as JSON
 OWN_PREPROCESS = CARD["preprocess"]  # squash
 
 

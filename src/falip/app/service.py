@@ -1,7 +1,9 @@
 """What the web server does with a request, without the web framework: check inputs, run the model.
 
-:class:`ScoringService` owns one model and a lock. The runtime swaps modules on the shared model
-object during a call, so two calls must never overlap: every model call here runs under the lock.
+:class:`ScoringService` owns one model and a lock. The runtime is re-entrant (``tests/test_reliability.py``
+hammers one model from a thread pool), so the lock is not there for correctness: it runs one model call at
+a time, because each call already uses every core torch is given and overlapping calls would only multiply
+peak memory. Every model call here runs under the lock.
 The server calls these methods from worker threads, so its event loop stays free while one runs.
 """
 
