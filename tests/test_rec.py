@@ -525,25 +525,9 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_both_formats_options_and_aggregate(data, checkpoint, tmp_path, capsys):
     common = ["--image-root", str(data / "train2014"), "--model", str(checkpoint), "--quiet"]
-    assert (
-        main(
-            [
-                "rec",
-                "--dataset",
-                "refcoco",
-                "--split",
-                "testA",
-                "--data-root",
-                str(data / "refer"),
-                *common,
-                "--output",
-                str(tmp_path / "a.json"),
-                "--predictions",
-                str(tmp_path / "a.jsonl"),
-            ]
-        )
-        == 0
-    )
+    refcoco_a = ["rec", "--dataset", "refcoco", "--split", "testA", "--data-root", str(data / "refer"), *common]
+    refcoco_a += ["--output", str(tmp_path / "a.json"), "--predictions", str(tmp_path / "a.jsonl")]
+    assert main(refcoco_a) == 0
     out = capsys.readouterr().out
     assert "refcoco testA [falip, gold proposals]: acc" in out and "'missing image': 1" in out
     assert (
@@ -619,25 +603,7 @@ def test_cli_both_formats_options_and_aggregate(data, checkpoint, tmp_path, caps
     )
     assert "| rec | refcoco | testA | crop,falip+blur:max+P |" in table[3] and "| detector |" in table[3]
     # the same command again resumes: nothing is recomputed
-    assert (
-        main(
-            [
-                "rec",
-                "--dataset",
-                "refcoco",
-                "--split",
-                "testA",
-                "--data-root",
-                str(data / "refer"),
-                *common,
-                "--output",
-                str(tmp_path / "a.json"),
-                "--predictions",
-                str(tmp_path / "a.jsonl"),
-            ]
-        )
-        == 0
-    )
+    assert main(refcoco_a) == 0
     again = json.loads((tmp_path / "a.json").read_text())
     assert again["run"]["resumed"] == 7 and again["run"]["computed"] == 0 and again["metrics"]["n"] == a["metrics"]["n"]
 
