@@ -269,3 +269,69 @@ def test_default_chunk_size_bounds_the_mask_memory():
     assert default_chunk_size(SimpleNamespace(grid=(14, 14), num_heads=12)) == 32  # ViT-B/16
     assert default_chunk_size(SimpleNamespace(grid=(24, 24), num_heads=16)) == 12  # ViT-L/14@336
     assert default_chunk_size(SimpleNamespace(grid=(64, 64), num_heads=16)) == 1
+
+
+@pytest.mark.parametrize("heads", [None, (1.0, 0.0, 2.5, 0.5)], ids=["shared", "per-head"])
+def test_block_cls_biased_equals_the_block_with_a_row_0_mask(heads):
+    runtime = wrap(tiny_clip(224, 32, layers=2, width=256)).runtime
+    H, L = runtime.num_heads, 50
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, L, 256, generator=gen)
+    bias = torch.randn(3, L, generator=gen)
+    bias[1, 5:20] = -100.0  # hard-shape values outside a region
+    scales = None if heads is None else torch.tensor(heads)
+    full = torch.zeros(3, H, L, L)
+    full[:, :, 0] = bias[:, None] * (1.0 if scales is None else scales[:, None])
+    expected = runtime.block(1, x, full.view(3 * H, L, L))
+    cls_rows = bias[:, None, None] if scales is None else bias[:, None, None] * scales[None, :, None, None]
+    close(runtime.block_cls_biased(1, x, cls_rows), expected)
+    assert (expected - runtime.block(1, x)).abs().max() > 1e-3  # the mask matters
+
+
+LEAN_CONFIGS = {
+    "default": FovealConfig(alpha=1.0),
+    "official": FovealConfig.official(),
+    "uniform-layers-1-3": FovealConfig(alpha=1.0, shape="uniform", layers=(1, 3)),
+    "hard": FovealConfig(shape="hard"),
+    "head-0": FovealConfig(alpha=1.0, heads=(0,)),
+    "head-1x3": FovealConfig(alpha=1.0, heads={1: 3.0}, layers=(0, 5)),
+    "last-block-only": FovealConfig(alpha=1.0, layers=(-1,)),
+}
+
+
+@pytest.mark.parametrize("name", list(LEAN_CONFIGS))
+def test_exact_with_rows_cls_builds_no_full_mask_and_equals_the_full_mask_naive_path(rng, monkeypatch, name):
+    """Lean exact (no (k·H, L, L) mask; last block at [CLS] only) ≡ naive, which runs every block on full masks."""
+    import falip.encode
+
+    config = LEAN_CONFIGS[name]
+    layers = 12 if name == "official" else 6
+    model = wrap(tiny_clip(224, 32, layers=layers, width=128), config=config)
+    img = random_image(rng, 256, 256)
+    boxes = random_boxes(rng, 256, 256, 5)
+    naive = model.encode_regions(img, boxes, mode="naive")
+    assert (naive - model.encode_image(img)).abs().max() > 1e-4  # the bias really acts
+
+    def no_full_mask(*args, **kwargs):
+        raise AssertionError("exact mode built a full (k·H, L, L) mask for rows=cls")
+
+    monkeypatch.setattr(falip.encode, "full_attention_mask", no_full_mask)
+    close(model.encode_regions(img, boxes, mode="exact"), naive)
+    close(model.encode_regions(img, boxes, mode="exact", chunk_size=2), naive)
+
+
+@pytest.mark.parametrize("rows", ["cls", "all"])
+def test_exact_runs_the_last_block_at_the_cls_query_only(rng, monkeypatch, rows):
+    model = wrap(tiny_clip(224, 32, layers=4), config=FovealConfig(alpha=1.0, rows=rows, layers=(1, 2, 3)))
+    runtime = model.runtime
+    seen = []
+    for name in ("block", "block_cls_biased", "block_query"):
+        method = getattr(runtime, name)
+
+        def record(index, x, *args, _method=method, _name=name, **kwargs):
+            seen.append((_name, index, x.shape[1]))
+            return _method(index, x, *args, **kwargs)
+
+        monkeypatch.setattr(runtime, name, record)
+    model.encode_regions(random_image(rng, 200, 200), random_boxes(rng, 200, 200, 3), mode="exact")
+    assert [s for s in seen if s[1] == 3] == [("block_query", 3, 1)]  # one [CLS] query, no full last block

@@ -5,7 +5,10 @@
 - ``exact``: blocks before the first biased block run once per image; in the first biased block
   the patch tokens do not depend on the bias (rows=cls), so they are computed once and the K
   [CLS] rows are evaluated as K queries of that one sequence; the remaining blocks run batched
-  over regions, in chunks of ``chunk_size``. Equal to ``naive`` up to float rounding.
+  over regions, in chunks of ``chunk_size``. With rows=cls no ``(k·H, L, L)`` mask is built: the
+  later biased blocks take the [CLS] bias row alone (:meth:`block_cls_biased`, memory O(K·H·L)).
+  The last block runs at the [CLS] query only, the one token pooled. Equal to ``naive`` up to
+  float rounding.
 - ``approx``: only [CLS] goes through the biased blocks, attending to the *unbiased* patch tokens
   of one plain pass; the K [CLS] tokens share one sequence and are kept independent by ``-inf``
   on each other's keys. Cost ≈ one image pass for any number of regions. Not FALIP exactly: its
@@ -124,30 +127,59 @@ def _chunks(n: int, size: int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def _cls_row_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """The [CLS] query's additive mask ``(K, H or 1, 1, L)`` from biases ``(K, L)`` (rows=cls)."""
+    mask = bias[:, None, None, :]
+    if head_scales is not None:
+        mask = mask * head_scales.to(mask)[None, :, None, None]
+    return mask
+
+
 def _exact_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, chunk_size: int):
-    first, depth, H = plan.layers[0], runtime.num_layers, runtime.num_heads
+    first, last, H = plan.layers[0], runtime.num_layers - 1, runtime.num_heads
+    lean = plan.rows == "cls"
+    unleashed = set(plan.unleash or ())
 
     def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (1, L, D), shared by every region
         for i in range(first):
             x = runtime.block(i, x)
         # With rows=cls the first biased block changes only [CLS]'s row: its patch tokens are
-        # computed once, and the K [CLS] rows as K queries of the one shared sequence.
-        shared_first = runtime.block(first, x) if plan.rows == "cls" else None
+        # computed once (and not at all when it is the last block), and the K [CLS] rows as K
+        # queries of the one shared sequence.
+        shared_first = runtime.block(first, x) if lean and first < last else None
         outs = []
         for sl in _chunks(bias.shape[0], chunk_size):
             b = bias[sl]
             k = b.shape[0]
-            mask = full_attention_mask(b, plan.rows, H, plan.head_scales)
-            if plan.rows == "cls":
+            full = None  # the (k·H, L, L) mask, built only for a block that needs it (rows≠cls, unleashed)
+            if lean:
+                cls_rows = _cls_row_mask(b, H, plan.head_scales)
                 queries = x[:, :1].expand(1, k, -1)
                 cls = _block_query(runtime, plan, first, queries, x, query_rows_mask(b, H, plan.head_scales))
+                if first == last:
+                    outs.append(cls.transpose(0, 1))
+                    continue
                 y = torch.cat([cls.transpose(0, 1), shared_first[:, 1:].expand(k, -1, -1)], dim=1)
                 start = first + 1
             else:
                 y, start = x.expand(k, -1, -1), first
-            for i in range(start, depth):
-                y = _block(runtime, plan, i, y, mask if i in plan.layers else None)
-            outs.append(y[:, :1])
+            for i in range(start, last):
+                if i not in plan.layers:
+                    y = runtime.block(i, y)
+                elif lean and i not in unleashed:
+                    # [CLS] with its bias row, the patch queries unmasked (they still see the biased [CLS]).
+                    y = runtime.block_cls_biased(i, y, cls_rows)
+                else:
+                    full = full_attention_mask(b, plan.rows, H, plan.head_scales) if full is None else full
+                    y = _block(runtime, plan, i, y, full)
+            # Only [CLS] leaves the ViT (the runtime pools token 0), so the last block runs at that query alone.
+            row0 = None
+            if last in plan.layers:
+                if lean:
+                    row0 = cls_rows.expand(k, H, 1, -1).reshape(k * H, 1, -1)
+                else:
+                    row0 = (full_attention_mask(b, plan.rows, H, plan.head_scales) if full is None else full)[:, :1]
+            outs.append(_block_query(runtime, plan, last, y[:, :1], y, row0))
         return torch.cat(outs)
 
     return trunk

@@ -63,6 +63,14 @@ class VisionRuntime(Protocol):
         (queries do not interact), at a fraction of the cost. ``attn_mask``: ``(B·H, Q, L)``.
         """
 
+    def block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` on tokens ``(B, L, D)`` with an additive mask on the [CLS] query only.
+
+        ``cls_mask``: ``(B, H or 1, 1, L)``, the bias row of query 0; the patch queries attend unmasked.
+        Equal to ``block(x, m)`` with ``m (B·H, L, L)`` zero except row 0, without building ``m``
+        (memory O(B·H·L), not O(B·H·L²)).
+        """
+
     def block_heads(
         self,
         index: int,

@@ -14,9 +14,10 @@ It relies only on these seams of open_clip's ``VisionTransformer``:
 The last seam is checked numerically when the adapter is built, so an open_clip release that
 changes the block layout fails loudly instead of giving wrong embeddings.
 
-:meth:`OpenClipRuntime.block_heads` (per-head terms, attention probabilities, unleashing) also
-reads the attention's ``in_proj_weight``/``in_proj_bias``/``out_proj``; it is checked against the
-block's own forward the first time it is used.
+:meth:`OpenClipRuntime.block_heads` (per-head terms, attention probabilities, unleashing) and
+:meth:`OpenClipRuntime.block_cls_biased` (the lean [CLS]-row bias, two ``scaled_dot_product_attention``
+calls) also read the attention's ``in_proj_weight``/``in_proj_bias``/``out_proj``; they are checked
+against the block's own forward the first time either is used.
 """
 
 from __future__ import annotations
@@ -135,6 +136,30 @@ class OpenClipRuntime:
             attn = attn.transpose(0, 1)
         return _residual_tail(blk, query, attn)
 
+    def block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
+        if not self._heads_checked:
+            self._check_heads_seam()
+            self._heads_checked = True
+        return self._block_cls_biased(index, x, cls_mask)
+
+    def _block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[index]
+        attn = blk.attn
+        B, L, D = x.shape
+        H = self.num_heads
+        qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, H, D // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, dh)
+        mask = cls_mask.to(device=q.device, dtype=q.dtype)
+        if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] not in (1, H) or mask.shape[2:] != (1, L):
+            raise ValueError(f"[CLS] mask of shape {tuple(mask.shape)} does not fit (B={B}, H={H} or 1, 1, L={L})")
+        # The [CLS] query with its bias row and the patch queries without a mask: two fused attention
+        # calls over the same keys and values, so no (B·H, L, L) mask is ever materialised.
+        cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=mask)
+        patches = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
+        heads = torch.cat([cls, patches], dim=2).transpose(1, 2).reshape(B, L, D)
+        attended = F.linear(heads, attn.out_proj.weight, attn.out_proj.bias)
+        return _residual_tail(blk, x, attended)
+
     def block_heads(
         self,
         index: int,
@@ -218,7 +243,8 @@ class OpenClipRuntime:
 
     @torch.no_grad()
     def _check_heads_seam(self) -> None:
-        """Verify block_heads == block() and its per-head terms sum to the block's own attention output."""
+        """Verify block_heads == block(), its per-head terms sum to the block's own attention output, and
+        block_cls_biased == block() with a mask on row 0 only (all three read the packed in_proj weights)."""
         attn = self.blocks[0].attn
         if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
             raise UnsupportedModelError(
@@ -238,6 +264,12 @@ class OpenClipRuntime:
             attended = attended.transpose(0, 1)
         self._check_close("per-head evaluation (block output)", heads.out, full)
         self._check_close("per-head evaluation (attention output)", heads.terms.sum(2) + heads.out_bias, attended)
+        cls_mask = mask.view(2, self.num_heads, L, L)[:, :, :1]
+        row0 = torch.zeros_like(mask).view(2, self.num_heads, L, L)
+        row0[:, :, :1] = cls_mask
+        self._check_close(
+            "[CLS]-biased evaluation", self._block_cls_biased(0, x, cls_mask), self.block(0, x, row0.view(-1, L, L))
+        )
 
     def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the block's own."""
