@@ -33,7 +33,7 @@ from .bias import FovealConfig, Unleash, full_attention_mask
 from .errors import FalipError, ImageLoadError
 from .geometry import validate_boxes, validate_masks
 from .images import RotationNotice, load_image
-from .methods import Method, mask_box, parse_method
+from .methods import Method, mask_box, parse_method, validated_regions
 from .prompts import apply_edit
 
 STATISTICS = ("l2", "relative", "cosine")
@@ -133,8 +133,7 @@ def prompted_input(
     if box is not None:
         box = tuple(validate_boxes(box, image.size)[0])
     else:
-        ys, xs = np.nonzero(masks[0])
-        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        box = mask_box(masks[0])
     region_mask = None if masks is None else masks[0]
     if method.edit is not None:
         edited = apply_edit(image, method.edit, box, region_mask, style=edit_style)
@@ -322,12 +321,10 @@ def encode_unleashed(
     runtime = model.runtime
     gains = FovealConfig(unleash=tuple(entries)).unleash_gains(runtime.num_layers, runtime.num_heads, biased_only=False)
     pil = load_image(image)
-    if boxes is None and masks is None:
-        raise ValueError("give boxes=..., masks=... or both")
-    mask_list = validate_masks(masks, pil.size) if masks is not None else None
-    box_arr = validate_boxes(boxes, pil.size) if boxes is not None else np.array([mask_box(m) for m in mask_list])
+    box_arr, mask_list = validated_regions(pil.size, boxes, masks)
     clean = trace(model, model.preprocess_image(pil)[0]).cls_terms[0] if reference == "clean" else None  # (layers, H, D)
     plan = model.plan(config) if method.foveal else None
+    layers = plan.layers if plan is not None else ()
     out = []
     for k, box in enumerate(box_arr):
         pixels, bias = prompted_input(model, pil, method, box, None if mask_list is None else mask_list[k], config, edit_style)
@@ -335,7 +332,6 @@ def encode_unleashed(
         if bias is not None:
             mask = full_attention_mask(bias.to(runtime.device, torch.float32), plan.rows, runtime.num_heads, plan.head_scales)
 
-        layers = plan.layers if plan is not None else ()
         trunk = _unleashed_trunk(runtime, mask, layers, gains, clean)
         out.append(runtime.run(pixels, trunk).float())
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)

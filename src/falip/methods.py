@@ -56,6 +56,20 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
+def validated_regions(size: tuple[int, int], boxes=None, masks=None) -> tuple[np.ndarray, Optional[list[np.ndarray]]]:
+    """``(boxes (K, 4) xyxy, masks or None)`` checked against an image of ``size = (W, H)``.
+
+    Without boxes, each mask's bounding box stands in (edits draw on boxes); with both, their counts must agree.
+    """
+    if boxes is None and masks is None:
+        raise ValueError("give boxes=..., masks=... or both")
+    mask_list = validate_masks(masks, size) if masks is not None else None
+    box_arr = validate_boxes(boxes, size) if boxes is not None else np.array([mask_box(m) for m in mask_list])
+    if mask_list is not None and len(mask_list) != len(box_arr):
+        raise ValueError(f"{len(box_arr)} boxes but {len(mask_list)} masks")
+    return box_arr, mask_list
+
+
 def encode_with_method(
     model,
     image,
@@ -80,12 +94,7 @@ def encode_with_method(
     if edit_style not in STYLES:
         raise ValueError(f"edit_style must be one of {STYLES}, got {edit_style!r}")
     pil = load_image(image)
-    if boxes is None and masks is None:
-        raise ValueError("give boxes=..., masks=... or both")
-    mask_list = validate_masks(masks, pil.size) if masks is not None else None
-    box_arr = validate_boxes(boxes, pil.size) if boxes is not None else np.array([mask_box(m) for m in mask_list])
-    if mask_list is not None and len(mask_list) != len(box_arr):
-        raise ValueError(f"{len(box_arr)} boxes but {len(mask_list)} masks")
+    box_arr, mask_list = validated_regions(pil.size, boxes, masks)
     K = len(box_arr)
 
     if method.edit is None:
@@ -113,7 +122,6 @@ def encode_with_method(
     return torch.cat(out)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def score_with_method(
     model,
