@@ -394,48 +394,25 @@ def test_cli_attention_writes_the_picture(files, capsys):
     assert code == 0 and "box 1 20,30,150,140: no bias" in text and "-> FALIP" in text
     with Image.open(out) as img:
         assert img.size == attention_figure_size(2, 3, 64)
-    code = main(
-        [
+
+    def attention_argv(box, *options):
+        return [
             "attention",
             str(files / "img" / "a.png"),
             "--box",
-            "400,300,500,400",
+            box,
             "--model",
             str(files / "tiny.pt"),
+            *options,
             "--output",
             str(out),
         ]
-    )
+
+    code = main(attention_argv("400,300,500,400"))
     assert code == 2 and "box 0" in capsys.readouterr().err
-    code = main(
-        [
-            "attention",
-            str(files / "img" / "a.png"),
-            "--box",
-            "1,1,50,50",
-            "--model",
-            str(files / "tiny.pt"),
-            "--show-layers",
-            "9",
-            "--output",
-            str(out),
-        ]
-    )
+    code = main(attention_argv("1,1,50,50", "--show-layers", "9"))
     assert code == 2 and "layer 9 is out of range" in capsys.readouterr().err
-    code = main(
-        [
-            "attention",
-            str(files / "img" / "a.png"),
-            "--box",
-            "1,1,50,50",
-            "--model",
-            str(files / "tiny.pt"),
-            "--mode",
-            "approx",
-            "--output",
-            str(out),
-        ]
-    )
+    code = main(attention_argv("1,1,50,50", "--mode", "approx"))
     assert code == 2 and "--mode does not apply" in capsys.readouterr().err
 
 
