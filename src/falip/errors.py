@@ -23,3 +23,7 @@ class UnsupportedModelError(FalipError, ValueError):
 
 class RegionClampWarning(UserWarning):
     """A region extended past the image (or the centre crop) and was clamped."""
+
+
+class TextUnavailableError(FalipError, RuntimeError):
+    """The model was loaded without what text encoding needs (a tokenizer, or the text tower)."""

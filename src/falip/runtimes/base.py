@@ -1,13 +1,32 @@
-"""What an execution strategy needs from a CLIP implementation (the adapter boundary).
+"""The runtime protocol: everything falip needs from a CLIP implementation (the adapter boundary).
 
-A runtime exposes the ViT as: a stem+head wrapped around a replaceable *trunk* (the block stack),
-and the blocks themselves, callable with an additive attention mask. Every execution mode in
-:mod:`falip.encode` is written against this interface only, so adapters for HF transformers,
-OpenAI ``clip`` or timm only have to implement these few methods.
+A runtime is one loaded model behind one adapter (open_clip's OpenAI-style ViT, open_clip's timm
+towers, HF transformers CLIP/SigLIP …). It exposes the image tower as a stem and a pooling head
+wrapped around a replaceable *trunk* (the block stack), the blocks themselves (callable with an
+additive attention mask), the text tower with the model's own tokenizer, and the model's own score.
+Every execution mode in :mod:`falip.encode` and everything above it is written against this
+interface only: no module outside ``falip.runtimes`` imports open_clip / transformers / timm or
+touches a runtime's model object.
+
+Tokens: the trunk sees ``L = num_prefix + gh·gw`` tokens per image — ``num_prefix`` prefix tokens
+(the class token first when there is one, then register tokens), then the patch tokens row-major.
+A bias vector ``(L,)`` covers all of them (prefix entries are 0 for FALIP's bump).
+
+Masks: every ``attn_mask`` argument is an additive float mask in the layout ``(B·H, Q, L)`` (batch
+major, then heads; ``Q`` queries, ``L`` keys), as ``nn.MultiheadAttention`` takes it; an adapter
+converts it to whatever its model's attention wants.
+
+Pooling: ``pool == "cls"`` — the embedding is read from token 0 (the class token; FALIP biases its
+query row). ``pool == "attention_pool"`` — a learned probe (SigLIP's MAP head) attends over all the
+trunk's output tokens; FALIP's bias then goes on the probe's attention logits (``pool_bias``).
+
+Adapters register themselves with :func:`falip.runtimes.register` (see ``runtimes/__init__.py``);
+:func:`falip.load` asks each registered adapter, in order, whether it takes the name/path given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -35,20 +54,34 @@ class BlockHeads:
 
 
 class VisionRuntime(Protocol):
+    """One loaded CLIP-style model (image and text towers) behind an adapter."""
+
+    family: str  # adapter id, e.g. "open_clip", "open_clip-timm", "hf-clip", "hf-siglip"
     image_size: int  # S: model input is S×S
     patch_size: int  # p
     grid: tuple[int, int]  # (gh, gw)
+    num_prefix: int  # tokens before the patches: 1 ([CLS]) for CLIP; 1 + registers; 0 for SigLIP
+    pool: str  # "cls" or "attention_pool" (see the module docstring)
     num_layers: int
     num_heads: int
+    width: int  # D, the token width inside the blocks
+    embed_dim: int  # E, the joint image-text embedding width
+    mean: tuple[float, float, float]  # the model's own pixel normalisation
+    std: tuple[float, float, float]
     dtype: torch.dtype
     device: torch.device
+    score_kind: str  # "softmax" (CLIP: logits compared across texts) or "sigmoid" (SigLIP: each pair alone)
 
-    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None) -> torch.Tensor:
-        """Image embeddings ``(B', E)`` (not normalised) of ``pixels (B, 3, S, S)``.
+    # -- image tower ----------------------------------------------------------------------------
+    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image embeddings ``(B', E)`` (not normalised) of ``pixels (B, 3, S, S)`` (normalised pixels).
 
         The model's own stem turns pixels into tokens ``(B, L, D)``; ``trunk`` (default: the
-        plain block stack) maps them to tokens ``(B', L' ≥ 1, D)`` whose first token is pooled;
-        the model's own head (norm, projection) makes the embeddings.
+        plain block stack) maps them to tokens ``(B', L', D)``; the model's own head pools them
+        (token 0 for ``pool == "cls"``, then ``L' ≥ 1``; the probe over all ``L' = L`` tokens for
+        ``attention_pool``) and projects. ``pool_bias (B', L)``: additive bias on the probe's
+        attention logits over the tokens, the same for every probe head (``attention_pool`` only;
+        a ``cls`` runtime raises ValueError when given one).
         """
 
     def block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -93,3 +126,22 @@ class VisionRuntime(Protocol):
     def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of block ``index`` after attention: output tokens ``(B, Q, D)`` from the block's input
         ``query (B, Q, D)`` and an attention output ``attended (B, Q, D)`` (e.g. ``terms.sum(2) + out_bias``)."""
+
+    # -- text tower and score -------------------------------------------------------------------
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings ``(T, E)`` (not normalised) of ``texts``, tokenized with the model's own tokenizer
+        (its own context length and padding). Raises :class:`falip.errors.TextUnavailableError` naming
+        what is missing when the model was loaded without a tokenizer or without a text tower."""
+
+    def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The model's own logits ``(N, T)`` (float32, CPU) of L2-normalised ``image (N, E)`` and ``text (T, E)``:
+        ``logit_scale · cos`` for CLIP, ``logit_scale · cos + logit_bias`` for SigLIP (probabilities are
+        then the sigmoid of each entry, see ``score_kind``)."""
+
+    def digest(self, part: str = "all") -> str:
+        """Hex digest of the model's tensors (name, dtype, shape, values): ``"all"`` of everything, ``"text"`` of
+        what determines text embeddings (text tower and its tokenizer's identity) — for run fingerprints and
+        caches."""
+
+    def info(self) -> dict:
+        """JSON-able description of the runtime (family, geometry, pooling, prefix tokens, score)."""
