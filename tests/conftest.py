@@ -37,7 +37,8 @@ def _private_cache(tmp_path_factory):
 
 
 def wrap(clip, preprocess="crop", config=None) -> FalipModel:
-    return FalipModel(OpenClipRuntime(clip), open_clip.SimpleTokenizer(context_length=77), preprocess=preprocess, config=config)
+    runtime = OpenClipRuntime(clip, tokenizer=open_clip.SimpleTokenizer(context_length=77))
+    return FalipModel(runtime, preprocess=preprocess, config=config)
 
 
 @pytest.fixture(scope="session")

@@ -268,7 +268,7 @@ def test_generic_jsonl_reader_and_its_errors(tmp_path):
 
 
 def fake_model():
-    return SimpleNamespace(runtime=SimpleNamespace(logit_scale=torch.tensor(100.0)), config=FovealConfig())
+    return SimpleNamespace(runtime=SimpleNamespace(logits=lambda image, text: 100.0 * image @ text.T), config=FovealConfig())
 
 
 def test_top1_top5_and_groups_on_constructed_embeddings(tmp_path, monkeypatch):
@@ -346,7 +346,7 @@ def test_classify_api_boxes_masks_and_methods(model):
     assert torch.allclose(p_box, p_mask, atol=1e-5)
     p_none = cls.classify(model, image, box, names, templates="simple", method="none")
     clf = cls.text_classifier(model, names, "simple", "none")
-    expected = (model.runtime.logit_scale * model.encode_image(image) @ clf.T).softmax(-1)[0]
+    expected = (model.runtime.clip.logit_scale.exp() * model.encode_image(image) @ clf.T).softmax(-1)[0]
     assert torch.allclose(p_none, expected, atol=1e-5) and not torch.allclose(p_box, p_none, atol=1e-4)
     for method in ("crop", "falip+blur", "grayscale"):
         assert torch.isclose(cls.classify(model, image, mask, names, templates="simple", method=method).sum(), torch.tensor(1.0))

@@ -487,7 +487,7 @@ def test_classify_points_shapes_and_the_authors_view_combination(small_model, rn
         emb = clf.view_embeddings(clouds)
         assert emb.shape == (2, V, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(2, V), atol=1e-5)
         # logit_scale · Σ_v w_v cos_v / √V: PointCLIP's / V2's concatenated, normalised features
-        expected = small_model.runtime.logit_scale.float() * 2 * emb[:, V - 1] @ clf.text.T / math.sqrt(V)
+        expected = small_model.runtime.clip.logit_scale.exp() * 2 * emb[:, V - 1] @ clf.text.T / math.sqrt(V)
         assert torch.allclose(clf.logits(clouds), expected, atol=1e-4)
 
 

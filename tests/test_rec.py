@@ -355,7 +355,7 @@ def test_score_subtraction_is_seeded_and_excludes_the_own_expression(model, data
         negatives = [c for c in drawn if c != text][:10]
         assert len(negatives) == 10
         mean = model.encode_text([f"a photo of {c}" for c in negatives]).mean(0)
-        expected = plain.score(feats, [text])[0] - model.runtime.logit_scale * feats[0][0] @ mean
+        expected = plain.score(feats, [text])[0] - model.runtime.clip.logit_scale.exp() * feats[0][0] @ mean
         torch.testing.assert_close(sub.score(feats, [text])[0], expected, atol=1e-4, rtol=0)
 
 

@@ -119,7 +119,7 @@ def test_zero_shot_cache_key_covers_the_whole_text_tower_dtype_and_tokenizer(tmp
     with torch.no_grad():
         seeing.visual.proj.mul_(2)  # the image tower does not change text embeddings
     assert text_fingerprint(wrap(seeing)) == base
-    shorter = FalipModel(OpenClipRuntime(clip), open_clip.SimpleTokenizer(context_length=16))
+    shorter = FalipModel(OpenClipRuntime(clip, tokenizer=open_clip.SimpleTokenizer(context_length=16)))
     assert text_fingerprint(shorter) != base  # a different tokenizer (context length)
     half = copy.deepcopy(clip).to(torch.bfloat16)
     assert text_fingerprint(wrap(half)) != base  # the same values in another dtype

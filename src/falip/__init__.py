@@ -8,13 +8,15 @@ from .errors import (
     InvalidRegionError,
     ModelLoadError,
     RegionClampWarning,
+    TextUnavailableError,
     UnsupportedModelError,
 )
 from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
 from .images import load_image
-from .loading import normalize_model_name
 from .methods import encode_with_method, parse_method
 from .model import FalipModel, load
+from .runtimes import list_models as _runtime_models
+from .runtimes.open_clip_loading import normalize_model_name
 from .tasks.classify import classify
 from .tasks.pointcloud import classify_points
 from .tasks.rec import Grounding, ground
@@ -23,10 +25,8 @@ __version__ = "0.1.0"
 
 
 def list_models() -> list[str]:
-    """open_clip architecture names that falip can load (ViTs with a [CLS] token)."""
-    import open_clip
-
-    return [m for m in open_clip.list_models() if "ViT" in m]
+    """Model names falip's runtime adapters know (open_clip's ViT architectures); paths and hub ids load too."""
+    return _runtime_models()
 
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "ModelLoadError",
     "PREPROCESS_MODES",
     "RegionClampWarning",
+    "TextUnavailableError",
     "UnsupportedModelError",
     "bump",
     "encode_biased",

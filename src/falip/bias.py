@@ -1,7 +1,8 @@
 """The foveal bias: configuration, the bump, and the attention masks built from it.
 
-The one internal representation is a **bias vector** per region: ``(1 + gh·gw,)`` float32 values
-over the tokens ([CLS] first, then patches row-major). ``rows`` says which queries it is added to:
+The one internal representation is a **bias vector** per region: ``(num_prefix + gh·gw,)`` float32
+values over the tokens (the runtime's prefix tokens first — [CLS], then any register tokens — all 0;
+then the patches row-major). ``rows`` says which queries it is added to:
 
 - ``cls``: only the [CLS] query's logits (row 0 of ``M``) — the paper's choice;
 - ``all``: every query's logits (every row of ``M`` is the vector);
@@ -221,8 +222,8 @@ def bump(h: int, w: int, alpha: float, sigma: float, eps: float = 1e-6, numerics
     return out.astype(np.float64)
 
 
-def bias_from_weights(weights: np.ndarray, config: FovealConfig) -> torch.Tensor:
-    """Bias vector ``(1 + gh·gw,)`` float32 from token weights ``(gh, gw)`` in [0, 1].
+def bias_from_weights(weights: np.ndarray, config: FovealConfig, num_prefix: int = 1) -> torch.Tensor:
+    """Bias vector ``(num_prefix + gh·gw,)`` float32 from token weights ``(gh, gw)`` in [0, 1] (prefix entries 0).
 
     Region tokens are those with weight > 0; the bump spans their bounding rectangle and is
     multiplied by the weight (1 for boxes, the covered fraction for masks).
@@ -239,7 +240,9 @@ def bias_from_weights(weights: np.ndarray, config: FovealConfig) -> torch.Tensor
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         patch[r0:r1, c0:c1] = bump(r1 - r0, c1 - c0, config.alpha, config.sigma, config.eps, config.numerics)
         patch *= weights
-    vec = np.concatenate([[0.0], patch.reshape(-1)]).astype(np.float32)
+    if num_prefix < 0:
+        raise ValueError(f"num_prefix must be >= 0, got {num_prefix}")
+    vec = np.concatenate([np.zeros(num_prefix), patch.reshape(-1)]).astype(np.float32)
     return torch.from_numpy(vec)
 
 
@@ -250,11 +253,13 @@ def region_bias(
     config: Optional[FovealConfig] = None,
     preprocess: str = "squash",
     patch_size: int = 16,
+    num_prefix: int = 1,
 ) -> torch.Tensor:
-    """The float32 bias vector ``(1 + gh·gw,)`` added to the [CLS] query's logits for one box.
+    """The float32 bias vector ``(num_prefix + gh·gw,)`` added to the [CLS] query's logits for one box.
 
     ``box`` is ``(x0, y0, x1, y1)`` in original pixels of an image of ``image_size = (W, H)``;
-    ``grid = (gh, gw)`` patches of ``patch_size`` pixels. Index 0 is [CLS] (always 0).
+    ``grid = (gh, gw)`` patches of ``patch_size`` pixels. The first ``num_prefix`` entries ([CLS], then
+    register tokens) are always 0.
     With ``preprocess="squash"`` and :meth:`FovealConfig.official` this is SPEC §1.1 exactly.
     """
     config = config or FovealConfig.official()
@@ -266,7 +271,7 @@ def region_bias(
         raise ValueError(f"region_bias takes one box, got {box.shape[0]}")
     transform = make_transform(preprocess, image_size, gh * patch_size)
     weights = box_token_weights(transform.map_box(box[0]), gh * patch_size, patch_size, grid)
-    return bias_from_weights(weights, config)
+    return bias_from_weights(weights, config, num_prefix)
 
 
 def region_biases(
@@ -276,8 +281,9 @@ def region_biases(
     config: FovealConfig,
     boxes=None,
     masks=None,
+    num_prefix: int = 1,
 ) -> torch.Tensor:
-    """Bias vectors ``(K, 1 + gh·gw)`` for K boxes or K masks of one image under ``transform``."""
+    """Bias vectors ``(K, num_prefix + gh·gw)`` for K boxes or K masks of one image under ``transform`` (prefix entries 0)."""
     if (boxes is None) == (masks is None):
         raise ValueError("give exactly one of boxes=... or masks=...")
     S = transform.input_size
@@ -291,7 +297,7 @@ def region_biases(
             if not w.any():
                 raise InvalidRegionError(f"mask {i} lies entirely outside the centre crop (preprocess={transform.mode!r})")
             weights.append(w)
-    return torch.stack([bias_from_weights(w, config) for w in weights])
+    return torch.stack([bias_from_weights(w, config, num_prefix) for w in weights])
 
 
 def full_attention_mask(bias: torch.Tensor, rows: str, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
@@ -319,11 +325,12 @@ def query_rows_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[to
 
 
 def private_cls_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
-    """Additive mask ``(H, K, K + L - 1)`` for K [CLS] queries over keys ``[cls_1..cls_K, patches]``.
+    """Additive mask ``(H, K, K + L - 1)`` for K [CLS] queries over keys ``[cls_1..cls_K, rest]``.
 
-    Query k sees its own [CLS] key (bias ``bias[k, 0]``) and the shared patch keys (bias
-    ``bias[k, 1:]``); the other regions' [CLS] keys get ``-inf``, i.e. exactly zero weight. This
-    evaluates K independent [CLS] rows that share their patch tokens in one attention call.
+    Query k sees its own [CLS] key (bias ``bias[k, 0]``) and the shared keys after it — register
+    tokens, if any, then patches (bias ``bias[k, 1:]``); the other regions' [CLS] keys get ``-inf``,
+    i.e. exactly zero weight. This evaluates K independent [CLS] rows that share the other tokens in
+    one attention call.
     """
     K = bias.shape[0]
     scaled = query_rows_mask(bias, num_heads, head_scales)  # (H, K, L)

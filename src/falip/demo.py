@@ -45,7 +45,6 @@ def run_demo(
     """Score every box against every text with every method (REC prompt "a photo of {text}")."""
     pil = load_image(image)
     text_emb = model.encode_text([f"a photo of {t.lower()}" for t in texts])
-    scale = model.runtime.logit_scale.cpu()
     scores = {}
     for name in methods:
         method = parse_method(name)
@@ -53,7 +52,7 @@ def run_demo(
         suffixed = (
             model.encode_text([f"a photo of {t.lower()}{method.text_suffix}" for t in texts]) if method.text_suffix else text_emb
         )
-        scores[method.name] = scale * emb.cpu() @ suffixed.cpu().T
+        scores[method.name] = model.runtime.logits(emb, suffixed)
     return DemoResult(
         pil, [tuple(map(float, b)) for b in boxes], list(texts), list(targets or [None] * len(texts)), list(scores), scores
     )
@@ -114,7 +113,7 @@ td.best {{ background: #c8f0c8; font-weight: bold; }} figure {{ display: inline-
 img {{ image-rendering: pixelated; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Scores are logit_scale · cosine between the region's embedding and "a photo of &lt;expression&gt;".
+<p>Scores are the model's logits (logit_scale · cosine for CLIP) between the region's embedding and "a photo of &lt;expression&gt;".
 <b>none</b> encodes the whole image (every box ties); <b>crop</b>, <b>blur</b>, <b>circle</b> edit the image per box;
 <b>falip</b> leaves the image alone and biases the [CLS] attention towards the box.</p>
 <img src="{_png_data_uri(picture)}">

@@ -17,6 +17,10 @@
 Every mode honours ``BiasPlan.unleash``: biased blocks named there run through the runtime's
 ``block_heads`` with per-head gains (the prompt-induced attention change amplified); the others
 run exactly as without it.
+
+Tokens: for a ``cls``-pooled runtime token 0 is [CLS]; every other prefix token (registers) rides
+with the patch tokens — "patch tokens" below means all tokens after [CLS]. Nothing here assumes a
+number of prefix tokens.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ def encode_biased(
     mode: str = "exact",
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Embeddings ``(K, E)`` (not normalised) of one image ``pixels (1, 3, S, S)`` under K biases ``(K, L)``.
+    """Embeddings ``(K, E)`` (not normalised) of one image ``pixels (1, 3, S, S)`` under K biases ``(K, L)``,
+    ``L = runtime.num_prefix + gh·gw`` (see :func:`falip.bias.region_biases`).
 
     ``chunk_size``: regions per batched pass (default: :func:`default_chunk_size`).
     """
@@ -64,6 +69,12 @@ def encode_biased(
         chunk_size = default_chunk_size(runtime, lean=mode == "exact" and plan.rows == "cls" and not plan.unleash)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    L = runtime.num_prefix + runtime.grid[0] * runtime.grid[1]
+    if bias.ndim != 2 or bias.shape[1] != L:
+        raise ValueError(
+            f"biases must be (K, num_prefix + gh·gw) = (K, {L}) for this model, got {tuple(bias.shape)} "
+            "(build them with the model's region_biases)"
+        )
     bias = bias.to(runtime.device, torch.float32)
     if not plan.layers:
         return runtime.run(pixels).expand(bias.shape[0], -1)
@@ -93,7 +104,7 @@ def default_chunk_size(runtime: VisionRuntime, lean: bool = False) -> int:
     """
     if lean:
         return LEAN_CHUNK_SIZE
-    L = 1 + runtime.grid[0] * runtime.grid[1]
+    L = runtime.num_prefix + runtime.grid[0] * runtime.grid[1]
     return max(1, min(32, MASK_BUDGET_BYTES // (4 * runtime.num_heads * L * L)))
 
 

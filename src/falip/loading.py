@@ -1,184 +1,29 @@
-"""Loading CLIP ViTs: open_clip names and tags, and local checkpoint files.
-
-- ``load("ViT-B-16", pretrained="openai")``: an open_clip architecture with a pretrained tag. The
-  weights are looked up in the local caches first; if they are missing and the hub cannot be
-  reached (or ``HF_HUB_OFFLINE=1``), loading fails at once with what was tried.
-- ``load("ViT-B/16")``, ``load("ViT-L/14@336px")``: OpenAI spellings, normalised to open_clip's.
-- ``load("/path/ViT-B-16.pt")``: a local OpenAI-layout checkpoint — a TorchScript archive as
-  OpenAI distributes, a ``torch.save``-d state dict (also open_clip training checkpoints with
-  ``state_dict``/``module.``), or ``.safetensors`` — architecture inferred from the tensors.
-- ``load("ViT-B-16", pretrained="/path/open_clip_pytorch_model.bin")``: a named architecture with
-  weights from a local file.
+"""Loading helpers every runtime adapter shares: precisions, devices, the models shipped with falip,
+hub reachability, and checks on loaded weights. The adapters' own loaders live in ``falip.runtimes``
+(open_clip names, tags and OpenAI-layout checkpoint files: ``runtimes/open_clip_loading.py``).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
 import socket
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
 import torch
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHIPPED_MODELS = ("falip-toy",)  # weights in falip/assets/<name>.safetensors, card in <name>.json
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-OPENAI_HEAD_WIDTH = 64
-
-# Keys every OpenAI-layout CLIP ViT checkpoint has (resblock 0 stands for all blocks).
-REQUIRED_KEYS = (
-    "visual.conv1.weight",
-    "visual.class_embedding",
-    "visual.positional_embedding",
-    "visual.ln_pre.weight",
-    "visual.transformer.resblocks.0.attn.in_proj_weight",
-    "visual.ln_post.weight",
-    "visual.proj",
-    "token_embedding.weight",
-    "positional_embedding",
-    "transformer.resblocks.0.attn.in_proj_weight",
-    "ln_final.weight",
-    "text_projection",
-    "logit_scale",
-)
-
-
-def normalize_model_name(name: str) -> str:
-    """OpenAI spellings to open_clip's: ``ViT-B/16`` → ``ViT-B-16``, ``ViT-L/14@336px`` → ``ViT-L-14-336``."""
-    name = name.strip()
-    match = re.fullmatch(r"(.+?)@(\d+)px", name)
-    if match:
-        name = f"{match.group(1)}-{match.group(2)}"
-    return name.replace("/", "-")
 
 
 def looks_like_path(name: str) -> bool:
     """True for strings meant as files (OpenAI names like ``ViT-B/16`` contain a slash too)."""
     return name.startswith(("/", ".", "~")) or name.lower().endswith(CHECKPOINT_SUFFIXES)
-
-
-# ----------------------------------------------------------------------------------------------
-# Local checkpoint files
-
-
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict stored in ``path`` (TorchScript archive, torch.save file or safetensors)."""
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"checkpoint file {path} is empty")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        elif _is_torchscript(path):
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # torch/safetensors raise many types for corrupt or foreign files
-        raise ModelLoadError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise ModelLoadError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
-    # OpenAI's TorchScript archives carry these as tensors; they are not parameters.
-    for key in ("input_resolution", "context_length", "vocab_size"):
-        state.pop(key, None)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
-
-
-def _count_blocks(state: dict, prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for k in state if (m := pattern.match(k))}
-    if found != set(range(len(found))):
-        raise UnsupportedModelError(f"checkpoint blocks under {prefix!r} are not numbered 0..n-1: {sorted(found)}")
-    return len(found)
-
-
-def infer_openai_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
-    """open_clip ``CLIP`` kwargs (embed_dim, vision_cfg, text_cfg) inferred from an OpenAI-layout state dict.
-
-    Head counts cannot be read from tensors; they follow OpenAI's fixed head width of 64.
-    """
-    if "visual.layer1.0.conv1.weight" in state:
-        raise UnsupportedModelError(f"{source} is a ResNet CLIP; FALIP needs a vision transformer (ViT)")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
-    if missing:
-        raise UnsupportedModelError(f"{source} is not an OpenAI-layout CLIP ViT checkpoint: missing keys {missing}")
-    conv = state["visual.conv1.weight"]
-    width, patch = conv.shape[0], conv.shape[-1]
-    n_pos = state["visual.positional_embedding"].shape[0]
-    grid = round((n_pos - 1) ** 0.5)
-    if grid * grid != n_pos - 1:
-        raise UnsupportedModelError(f"{source}: {n_pos - 1} patch positions do not form a square grid")
-    text_width = state["ln_final.weight"].shape[0]
-    for label, w in (("vision", width), ("text", text_width)):
-        if w % OPENAI_HEAD_WIDTH:
-            raise UnsupportedModelError(
-                f"{source}: {label} width {w} is not a multiple of OpenAI's head width {OPENAI_HEAD_WIDTH}; "
-                "the head count cannot be inferred"
-            )
-    vision_cfg = dict(
-        layers=_count_blocks(state, "visual.transformer.resblocks."),
-        width=width,
-        head_width=OPENAI_HEAD_WIDTH,
-        mlp_ratio=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
-        patch_size=patch,
-        image_size=grid * patch,
-    )
-    text_cfg = dict(
-        context_length=state["positional_embedding"].shape[0],
-        vocab_size=state["token_embedding.weight"].shape[0],
-        width=text_width,
-        heads=text_width // OPENAI_HEAD_WIDTH,
-        layers=_count_blocks(state, "transformer.resblocks."),
-        mlp_ratio=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
-    )
-    return dict(embed_dim=state["text_projection"].shape[1], vision_cfg=vision_cfg, text_cfg=text_cfg)
-
-
-def build_from_state_dict(state: dict, precision: str, device: str, quick_gelu: bool, source: str):
-    """An open_clip ``CLIP`` with the inferred architecture and ``state`` loaded strictly."""
-    import open_clip
-    from open_clip.model import convert_weights_to_lp, get_cast_dtype
-
-    cfg = infer_openai_config(state, source)
-    model = open_clip.CLIP(**cfg, quick_gelu=quick_gelu, cast_dtype=get_cast_dtype(precision))
-    # TorchScript archives also store non-persistent buffers (the text causal mask).
-    buffers = dict(model.named_buffers())
-    state = {k: v for k, v in state.items() if k in model.state_dict() or k not in buffers}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # tensors of the wrong shape
-        raise ModelLoadError(f"{source} does not fit the CLIP ViT inferred from it: {_first_line(exc)}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise UnsupportedModelError(
-            f"{source} does not match the CLIP ViT inferred from it: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
-    model.to(device)
-    if precision != "fp32":
-        convert_weights_to_lp(model, PRECISIONS[precision])
-    return model, cfg
 
 
 def shipped_model(name: str) -> tuple[Path, dict]:
@@ -190,15 +35,11 @@ def shipped_model(name: str) -> tuple[Path, dict]:
     return weights, json.loads(card.read_text(encoding="utf-8"))
 
 
-# ----------------------------------------------------------------------------------------------
-# Pretrained tags
-
-
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _reachable(url: str, timeout: float = 3.0) -> Optional[str]:
+def reachable(url: str, timeout: float = 3.0) -> Optional[str]:
     """None if a TCP connection to the URL's host opens within ``timeout``, else the reason."""
     host = urlparse(url).hostname or url
     try:
@@ -206,154 +47,6 @@ def _reachable(url: str, timeout: float = 3.0) -> Optional[str]:
             return None
     except OSError as exc:
         return f"{host} is unreachable ({exc})"
-
-
-def _cached_weights(cfg: dict) -> tuple[Optional[str], list[str]]:
-    """(local path of the tag's weights or None, the places that were looked at)."""
-    looked = []
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(hub)
-        filename = filename or "open_clip_pytorch_model.bin"
-        names = [filename.replace("open_clip_pytorch_model.bin", "open_clip_model.safetensors")]
-        names += [filename.replace(".bin", ".safetensors"), filename]
-        for name in dict.fromkeys(names):
-            looked.append(f"Hugging Face cache: {repo}/{name}")
-            hit = try_to_load_from_cache(repo, name)
-            if isinstance(hit, str):
-                return hit, looked
-    url = cfg.get("url", "")
-    if url:
-        path = Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(url).path)
-        looked.append(str(path))
-        if path.is_file():
-            return str(path), looked
-    return None, looked
-
-
-def resolve_pretrained(name: str, tag: str) -> tuple[str, dict]:
-    """Local weights file for an open_clip (name, tag), downloading it only if the hub answers."""
-    import open_clip
-    from open_clip.pretrained import download_pretrained
-
-    cfg = open_clip.get_pretrained_cfg(name, tag)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        hint = difflib.get_close_matches(tag, tags, n=3)
-        raise ModelLoadError(
-            f"unknown pretrained tag {tag!r} for {name}"
-            + (f"; did you mean {hint}?" if hint else "")
-            + f" Available tags: {tags}. A local weights file path is accepted too."
-        )
-    path, looked = _cached_weights(cfg)
-    if path:
-        return path, cfg
-    source = f"https://huggingface.co/{os.path.split(cfg['hf_hub'])[0]}" if cfg.get("hf_hub") else cfg.get("url", "")
-    reason = "HF_HUB_OFFLINE is set" if _hub_offline() else _reachable(source)
-    if reason is None:
-        try:
-            return download_pretrained(cfg), cfg
-        except Exception as exc:  # network errors come in many types
-            reason = f"the download failed: {exc}"
-    raise ModelLoadError(
-        f"cannot get pretrained weights for {name} (tag {tag!r}): not in the local caches "
-        f"(looked at: {'; '.join(looked)}) and {reason}. Download them where you have internet, "
-        f"then pass the file: falip.load({name!r}, pretrained='/path/to/open_clip_pytorch_model.bin') "
-        "or, for an OpenAI checkpoint, falip.load('/path/to/ViT-B-16.pt')."
-    )
-
-
-def _unknown_model(name: str) -> ModelLoadError:
-    import open_clip
-
-    models = open_clip.list_models()
-    hint = difflib.get_close_matches(name, models, n=3)
-    return ModelLoadError(
-        f"unknown model {name!r}"
-        + (f"; did you mean {hint}?" if hint else "")
-        + " Use an open_clip name (falip.list_models()), an OpenAI name such as 'ViT-B/16', "
-        "or the path of a checkpoint file."
-    )
-
-
-def create_clip(
-    name_or_path: str,
-    pretrained: Optional[str],
-    device: str,
-    precision: str,
-    quick_gelu: Optional[bool],
-):
-    """Build the open_clip model. Returns ``(model, info)``: name, pretrained, mean, std, arch (inferred
-    architecture of a file, else None) and card (metadata of a shipped model, else None)."""
-    import open_clip
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    check_device(device)
-    name_or_path = str(name_or_path)
-    if name_or_path in SHIPPED_MODELS:
-        if pretrained is not None:
-            raise ValueError(f"{name_or_path} ships with its weights; do not pass pretrained=")
-        weights, card = shipped_model(name_or_path)
-        model, cfg = build_from_state_dict(
-            read_checkpoint(weights), precision, device, card.get("quick_gelu", True), name_or_path
-        )
-        check_finite(model, name_or_path)
-        return model, dict(
-            name=name_or_path, pretrained="shipped", mean=None, std=None, arch=cfg, card=card, weights_file=weights
-        )
-    path = Path(name_or_path).expanduser()
-    if path.is_file() or (looks_like_path(name_or_path) and not name_or_path.startswith("hf-hub:")):
-        if pretrained is not None:
-            raise ValueError("pass either a checkpoint path or a model name with pretrained=..., not both")
-        model, cfg = build_from_state_dict(
-            read_checkpoint(path), precision, device, True if quick_gelu is None else quick_gelu, str(path)
-        )
-        check_finite(model, str(path))
-        return model, dict(name=str(path), pretrained=None, mean=None, std=None, arch=cfg, card=None, weights_file=path)
-
-    if name_or_path.startswith("hf-hub:"):
-        reason = "HF_HUB_OFFLINE is set" if _hub_offline() else _reachable("https://huggingface.co")
-        if reason:
-            raise ModelLoadError(f"cannot load {name_or_path}: {reason}. Download it and pass a local file.")
-        model = open_clip.create_model(name_or_path, precision=precision, device=device)
-        check_finite(model, name_or_path)
-        return model, dict(name=name_or_path, pretrained=None, mean=None, std=None, arch=None, card=None, weights_file=None)
-
-    name = normalize_model_name(name_or_path)
-    if name not in open_clip.list_models():
-        raise _unknown_model(name_or_path)
-    mean = std = None
-    tag_quick_gelu = False
-    if pretrained is None:
-        warnings.warn(f"{name} has no pretrained weights: using random initialisation", UserWarning, stacklevel=3)
-        weights = None
-    elif Path(pretrained).expanduser().is_file():
-        weights = str(Path(pretrained).expanduser())
-        if Path(weights).stat().st_size == 0:
-            raise ModelLoadError(f"pretrained weights file {weights} is empty")
-    elif looks_like_path(pretrained):
-        raise ModelLoadError(f"pretrained weights file not found: {pretrained}")
-    else:
-        weights, cfg = resolve_pretrained(name, pretrained)
-        mean, std = cfg.get("mean"), cfg.get("std")
-        # open_clip 3.x only warns on a QuickGELU mismatch; OpenAI weights need QuickGELU.
-        tag_quick_gelu = bool(cfg.get("quick_gelu", False))
-    try:
-        model = open_clip.create_model(
-            name,
-            pretrained=weights,
-            precision=precision,
-            device=device,
-            force_quick_gelu=tag_quick_gelu if quick_gelu is None else quick_gelu,
-        )
-    except Exception as exc:  # torch/open_clip raise many types for corrupt or foreign files
-        raise ModelLoadError(f"cannot load {name} with weights {weights}: {type(exc).__name__}: {_first_line(exc)}") from exc
-    if weights is not None:
-        check_finite(model, weights)
-    return model, dict(name=name, pretrained=pretrained, mean=mean, std=std, arch=None, card=None, weights_file=weights)
 
 
 def check_device(device) -> None:
@@ -373,7 +66,7 @@ def check_device(device) -> None:
         raise ModelLoadError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """An exception as one short line (torch's size-mismatch reports run over many lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = " ".join(lines[:3]) if lines else type(exc).__name__

@@ -133,7 +133,8 @@ def score_with_method(
     config: Optional[FovealConfig] = None,
     mode: str = "exact",
 ) -> torch.Tensor:
-    """Logits ``(K, T)`` = logit_scale · cosine between K regions encoded with ``method`` and T texts.
+    """The model's own logits ``(K, T)`` (``runtime.logits``: ``logit_scale · cos`` for CLIP, plus ``logit_bias``
+    for SigLIP) between K regions encoded with ``method`` and T texts.
 
     The texts are used as given (no prompt template); an edit with a text suffix (``shade``) appends it.
     For ``method="falip"`` this equals :meth:`FalipModel.score_regions`. ``falip score`` and the
@@ -143,4 +144,4 @@ def score_with_method(
     texts = [texts] if isinstance(texts, str) else list(texts)
     text = model.encode_text([t + method.text_suffix for t in texts] if method.text_suffix else texts)
     regions = encode_with_method(model, image, method, boxes=boxes, masks=masks, config=config, mode=mode)
-    return model.runtime.logit_scale.cpu() * regions.cpu() @ text.cpu().T
+    return model.runtime.logits(regions, text)

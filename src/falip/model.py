@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -15,8 +14,8 @@ from .encode import MODES, BiasPlan, encode_biased
 from .errors import ModelLoadError
 from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
 from .images import load_image
-from .loading import create_clip
-from .runtimes.open_clip import OpenClipRuntime
+from .loading import PRECISIONS, check_device
+from .runtimes import VisionRuntime, load_runtime
 
 # The defaults of a model without its own settings (a model card's ``preprocess`` and ``falip``
 # override them): squash preprocessing (the FALIP reference code's; no region is cropped away)
@@ -28,15 +27,14 @@ DEFAULT_PREPROCESS = "squash"
 class FalipModel:
     """A CLIP ViT with foveal attention. Build it with :func:`falip.load`.
 
-    Attributes: ``runtime`` (the adapter), ``preprocess`` (``squash``/``crop``/``pad``),
+    Attributes: ``runtime`` (the model behind its adapter, a :class:`falip.runtimes.VisionRuntime`), ``preprocess`` (``squash``/``crop``/``pad``),
     ``config`` (the default :class:`FovealConfig`; assigning one checks it against the model),
     ``image_size`` S, ``patch_size`` p, ``grid`` (gh, gw), ``num_layers``, ``num_heads``.
     """
 
     def __init__(
         self,
-        runtime: OpenClipRuntime,
-        tokenizer,
+        runtime: VisionRuntime,
         preprocess: str = DEFAULT_PREPROCESS,
         config: Optional[FovealConfig] = None,
         name: str = "",
@@ -46,7 +44,6 @@ class FalipModel:
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         self.runtime = runtime
-        self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.name = name
         self.pretrained = pretrained
@@ -74,7 +71,8 @@ class FalipModel:
     device = property(lambda self: self.runtime.device)
 
     def info(self) -> dict:
-        """A JSON-able summary: name, weights, geometry, default bias layers, preprocessing."""
+        """A JSON-able summary: name, weights, geometry, default bias layers, preprocessing, and the runtime's
+        own description (``runtime``: family, prefix tokens, pooling, score)."""
         return dict(
             name=self.name,
             pretrained=self.pretrained,
@@ -91,6 +89,7 @@ class FalipModel:
             std=list(self.runtime.std),
             config=self.config.to_dict(),
             bias_layers=list(self.config.resolve_layers(self.num_layers)),
+            runtime=self.runtime.info(),
         )
 
     def weights_digest(self) -> str:
@@ -103,12 +102,8 @@ class FalipModel:
 
                 self._digest = "file:" + file_digest(self.weights_file)
             else:
-                h = hashlib.sha256()
-                for name, tensor in self.runtime.clip.state_dict().items():
-                    h.update(name.encode())
-                    h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
                 kind = "memory" if self.pretrained else "random"
-                self._digest = f"{kind}:{h.hexdigest()[:16]}"
+                self._digest = f"{kind}:{self.runtime.digest('all')[:16]}"
         return self._digest
 
     def _finite(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -148,8 +143,16 @@ class FalipModel:
     def region_biases(
         self, transform: ImageTransform, boxes=None, masks=None, config: Optional[FovealConfig] = None
     ) -> torch.Tensor:
-        """Bias vectors ``(K, 1 + gh·gw)`` of K boxes (xyxy pixels) or K masks ``(H, W)``."""
-        return region_biases(transform, self.grid, self.patch_size, config or self.config, boxes=boxes, masks=masks)
+        """Bias vectors ``(K, num_prefix + gh·gw)`` of K boxes (xyxy pixels) or K masks ``(H, W)`` (prefix entries 0)."""
+        return region_biases(
+            transform,
+            self.grid,
+            self.patch_size,
+            config or self.config,
+            boxes=boxes,
+            masks=masks,
+            num_prefix=self.runtime.num_prefix,
+        )
 
     # -- encoders -------------------------------------------------------------------------------
     def encode_image(self, images, preprocess: Optional[str] = None, batch_size: int = 32) -> torch.Tensor:
@@ -203,14 +206,15 @@ class FalipModel:
 
     @torch.no_grad()
     def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
-        """L2-normalised embeddings ``(T, E)`` of one text or a list of texts (CLIP BPE tokenizer)."""
+        """L2-normalised embeddings ``(T, E)`` of one text or a list of texts (the model's own tokenizer).
+
+        Raises :class:`falip.errors.TextUnavailableError` when the model was loaded without one."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"texts must be a non-empty list of strings, got {texts!r}")
-        tokens = self.tokenizer(texts)
-        return F.normalize(self._finite(self.runtime.encode_text(tokens)).float(), dim=-1)
+        return F.normalize(self._finite(self.runtime.encode_text(texts)).float(), dim=-1)
 
     def encode_regions(
         self,
@@ -239,14 +243,16 @@ class FalipModel:
 
     @torch.no_grad()
     def score_regions(self, image, boxes=None, texts: Union[str, Sequence[str]] = (), **kwargs) -> torch.Tensor:
-        """Logits ``(K, T)`` = logit_scale · cosine between each region's embedding and each text.
+        """The model's own logits ``(K, T)`` between each region's embedding and each text (float32, CPU).
 
+        Per family (``runtime.score_kind``): CLIP — ``logit_scale · cos``, compared across texts
+        (softmax); SigLIP — ``logit_scale · cos + logit_bias``, before the sigmoid (each pair alone).
         Keyword arguments are those of :meth:`encode_regions` (``masks``, ``config``, ``mode`` …).
         Like every encoder here it is safe to call from several threads on one model.
         """
         text = self.encode_text(texts)
         regions = self.encode_regions(image, boxes, **kwargs)
-        return self.runtime.logit_scale.cpu() * regions.cpu() @ text.cpu().T
+        return self.runtime.logits(regions, text)
 
 
 def load(
@@ -273,27 +279,22 @@ def load(
         settings, assign ``model.config = dataclasses.replace(model.config, alpha=...)``.
     quick_gelu: override the activation (default: QuickGELU for OpenAI weights and files).
     """
-    import open_clip
-
     if preprocess is not None and preprocess not in PREPROCESS_MODES:  # before building the model
         raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
-    clip, info = create_clip(name_or_path, pretrained, device, precision, quick_gelu)
-    card = info["card"] or {}
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    check_device(device)
+    loaded = load_runtime(str(name_or_path), pretrained, device, precision, quick_gelu)
+    card = loaded.card or {}
     if config is None and "falip" in card:
         config = FovealConfig(**card["falip"])
     if preprocess is None:
         preprocess = card.get("preprocess", DEFAULT_PREPROCESS)
-    runtime = OpenClipRuntime(clip, mean=info["mean"], std=info["std"])
-    if info["arch"] is not None:
-        tokenizer = open_clip.SimpleTokenizer(context_length=info["arch"]["text_cfg"]["context_length"])
-    else:
-        tokenizer = open_clip.get_tokenizer(info["name"])
     return FalipModel(
-        runtime,
-        tokenizer,
+        loaded.runtime,
         preprocess=preprocess,
         config=config,
-        name=info["name"],
-        pretrained=info["pretrained"],
-        weights_file=info["weights_file"],
+        name=loaded.name,
+        pretrained=loaded.pretrained,
+        weights_file=loaded.weights_file,
     )

@@ -6,7 +6,8 @@ is either a JSON list of templates, a JSON object ``{class: [prompt, ...]}`` wit
 per class, or a text file with one template per line.
 
 Classifiers are cached on disk (``$FALIP_CACHE_DIR`` or ``~/.cache/falip``), keyed by a hash of
-the full text tower's weights, its dtype, the tokenizer, the class names and the prompts.
+the runtime's text digest (the full text tower's weights, its dtype, the tokenizer), the class names
+and the prompts.
 """
 
 from __future__ import annotations
@@ -75,27 +76,10 @@ def class_prompts(classnames: Sequence[str], templates: Templates) -> list[list[
     return [[t.replace("{}", c) for t in templates] for c in classnames]
 
 
-# Strings whose token ids identify a tokenizer (vocabulary, BPE merges, casing, context length, padding).
-TOKENIZER_PROBE = ["a photo of a dog.", "Zebra-crossing at 3:45pm, naïve café!", "the " * 100]
-
-
 def text_fingerprint(model) -> str:
-    """Hash of everything that determines text embeddings: every text-tower tensor (name, dtype, shape,
-    values), the model's dtype, and the tokenizer (its class and the token ids of fixed probe strings)."""
-    h = hashlib.sha256()
-    clip = model.runtime.clip
-    tensors = list(clip.named_parameters()) + list(clip.named_buffers())
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        if name.startswith("visual.") or name.startswith("logit_"):
-            continue  # the image tower and the logit scale/bias do not change text embeddings
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(str(model.runtime.dtype).encode())
-    tokenizer = model.tokenizer
-    h.update(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
-    h.update(torch.as_tensor(tokenizer(TOKENIZER_PROBE)).to(torch.int64).numpy().tobytes())
-    return h.hexdigest()[:32]
+    """Hash of everything that determines text embeddings (``runtime.digest("text")``: every text-tower
+    tensor, the model's dtype, and the tokenizer's identity)."""
+    return model.runtime.digest("text")[:32]
 
 
 def cache_dir() -> Path:

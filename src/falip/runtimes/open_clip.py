@@ -18,18 +18,23 @@ changes the block layout fails loudly instead of giving wrong embeddings.
 :meth:`OpenClipRuntime.block_cls_biased` (the lean [CLS]-row bias, two ``scaled_dot_product_attention``
 calls) also read the attention's ``in_proj_weight``/``in_proj_bias``/``out_proj``; they are checked
 against the block's own forward the first time either is used.
+
+:class:`OpenClipModelParts` holds what every open_clip adapter shares whatever its image tower is
+(the text tower with the model's tokenizer, the score, the digests, ``info``); the adapter for
+open_clip's timm towers builds on it too.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import TextUnavailableError, UnsupportedModelError
 from .base import BlockHeads, Trunk
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,14 +47,104 @@ def _residual_tail(blk: nn.Module, query: torch.Tensor, attended: torch.Tensor) 
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
-class OpenClipRuntime:
-    """Runs the vision tower of an open_clip ``CLIP`` model with attention biases."""
+# Strings whose token ids identify a tokenizer (vocabulary, BPE merges, casing, context length, padding).
+TOKENIZER_PROBE = ["a photo of a dog.", "Zebra-crossing at 3:45pm, naïve café!", "the " * 100]
+
+
+class OpenClipModelParts:
+    """The parts of an open_clip adapter that do not depend on its image tower: the text tower with the
+    model's own tokenizer, the model's score, digests and ``info``.
+
+    A subclass sets ``clip`` (the open_clip ``CLIP``/``CustomTextCLIP``), ``tokenizer`` (token ids
+    ``(T, context_length)`` from a list of strings, or None), ``text_missing`` (why there is no
+    tokenizer, or None) and the geometry attributes of :class:`falip.runtimes.base.VisionRuntime`.
+    """
+
+    family: str
+    clip: nn.Module
+    tokenizer: Optional[Callable[[list[str]], torch.Tensor]]
+    text_missing: Optional[str]
+    score_kind = "softmax"
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings ``(T, E)`` (not normalised) of ``texts``, tokenized with the model's own tokenizer."""
+        if self.tokenizer is None:
+            raise TextUnavailableError(f"this {self.family} model has no tokenizer: {self.text_missing}")
+        return self.clip.encode_text(self.tokenizer(list(texts)).to(self.device))
+
+    @torch.no_grad()
+    def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``logit_scale · image @ text.T`` (``+ logit_bias`` when the model has one) ``(N, T)``, float32 on CPU;
+        with L2-normalised rows that is the model's own ``logit_scale · cos (+ logit_bias)``."""
+        scale = self.clip.logit_scale.detach().exp().float().cpu()
+        out = scale * image.detach().float().cpu() @ text.detach().float().cpu().T
+        bias = getattr(self.clip, "logit_bias", None)
+        return out if bias is None else out + bias.detach().float().cpu()
+
+    def digest(self, part: str = "all") -> str:
+        """Hex sha256 of the model's tensors. ``"all"``: every state-dict entry (name and raw bytes).
+        ``"text"``: every text-tower tensor (name, dtype, shape, values; not the image tower nor the
+        logit scale/bias), the model's dtype and the tokenizer (its class and the ids of fixed probe strings)."""
+        h = hashlib.sha256()
+        if part == "all":
+            for name, tensor in self.clip.state_dict().items():
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            return h.hexdigest()
+        if part != "text":
+            raise ValueError(f"digest part must be 'all' or 'text', got {part!r}")
+        tensors = list(self.clip.named_parameters()) + list(self.clip.named_buffers())
+        for name, tensor in sorted(tensors, key=lambda item: item[0]):
+            if name.startswith("visual.") or name.startswith("logit_"):
+                continue  # the image tower and the logit scale/bias do not change text embeddings
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(str(self.dtype).encode())
+        tokenizer = self.tokenizer
+        h.update(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
+        if tokenizer is not None:
+            h.update(torch.as_tensor(tokenizer(TOKENIZER_PROBE)).to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
+    def info(self) -> dict:
+        """JSON-able description: family, geometry, prefix tokens, pooling, widths, score, whether text works."""
+        return dict(
+            family=self.family,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            grid=list(self.grid),
+            num_prefix=self.num_prefix,
+            pool=self.pool,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            width=self.width,
+            embed_dim=self.embed_dim,
+            score_kind=self.score_kind,
+            logit_bias=getattr(self.clip, "logit_bias", None) is not None,
+            text=self.tokenizer is not None,
+        )
+
+
+class OpenClipRuntime(OpenClipModelParts):
+    """An open_clip ``CLIP`` model whose image tower is open_clip's own ``VisionTransformer`` ([CLS] pooled).
+
+    tokenizer: the model's tokenizer (list of strings → token ids ``(T, context_length)``), or None with
+    ``text_missing`` saying why (text calls then raise :class:`TextUnavailableError`; images still work).
+    """
+
+    family = "open_clip"
+    num_prefix = 1
+    pool = "cls"
 
     def __init__(
         self,
         clip: nn.Module,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
+        tokenizer: Optional[Callable[[list[str]], torch.Tensor]] = None,
+        text_missing: Optional[str] = None,
     ):
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
@@ -57,7 +152,8 @@ class OpenClipRuntime:
         if not isinstance(visual, VisionTransformer):
             raise UnsupportedModelError(
                 f"FALIP needs a CLIP vision transformer; this model's image tower is "
-                f"{type(visual).__name__} (ResNet and timm towers have no [CLS] attention to bias)"
+                f"{type(visual).__name__}, which OpenClipRuntime does not run (ResNet towers have no attention "
+                "to bias; see the README's 'Supported models')"
             )
         if visual.attn_pool is not None or visual.pool_type != "tok":
             raise UnsupportedModelError(
@@ -89,7 +185,11 @@ class OpenClipRuntime:
         self.batch_first = bool(blocks[0].attn.batch_first)
         self.mean = tuple(mean or getattr(visual, "image_mean", None) or OPENAI_MEAN)
         self.std = tuple(std or getattr(visual, "image_std", None) or OPENAI_STD)
-        self._check_stem_head_seam()
+        if tokenizer is None and text_missing is None:
+            raise ValueError("give the model's tokenizer, or text_missing saying why there is none")
+        self.tokenizer = tokenizer
+        self.text_missing = text_missing
+        self.embed_dim = self._check_stem_head_seam()
         self._check_query_seam()
         self._heads_checked = False
 
@@ -101,12 +201,10 @@ class OpenClipRuntime:
     def device(self) -> torch.device:
         return self.visual.conv1.weight.device
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp().float()
-
     @torch.no_grad()
-    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None) -> torch.Tensor:
+    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if pool_bias is not None:
+            raise ValueError("pool_bias is for attention-pooled models; this open_clip ViT pools its [CLS] token")
         pixels = pixels.to(device=self.device, dtype=self.dtype)
         if trunk is None:
             return self.visual(pixels)
@@ -218,22 +316,20 @@ class OpenClipRuntime:
         return mask.view(-1, self.num_heads, Q, Lk)
 
     @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Text embeddings ``(T, E)`` (not normalised) of token ids ``(T, context_length)``."""
-        return self.clip.encode_text(tokens.to(self.device))
-
-    @torch.no_grad()
-    def _check_stem_head_seam(self) -> None:
-        """Verify stem → block stack → :meth:`_head` == ``visual.forward`` (guards open_clip layout changes)."""
+    def _check_stem_head_seam(self) -> int:
+        """Verify stem → block stack → :meth:`_head` == ``visual.forward`` (guards open_clip layout changes);
+        returns the embedding width E."""
         gen = torch.Generator().manual_seed(2)
         pixels = torch.randn(1, 3, self.image_size, self.image_size, generator=gen).to(self.device, self.dtype)
+        theirs = self.visual(pixels)
         ours = self._head(self.visual.transformer(self.visual._embeds(pixels)))
-        self._check_close("stem/pool/projection seams", ours, self.visual(pixels))
+        self._check_close("stem/pool/projection seams", ours, theirs)
+        return int(theirs.shape[-1])
 
     @torch.no_grad()
     def _check_query_seam(self) -> None:
         """Verify block_query == block()[:, :1] on random tokens (guards open_clip layout changes)."""
-        L = 1 + self.grid[0] * self.grid[1]
+        L = self.num_prefix + self.grid[0] * self.grid[1]
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, L, self.width, generator=gen).to(self.device, self.dtype)
         mask = (0.5 * torch.randn(2 * self.num_heads, L, L, generator=gen)).to(self.device, self.dtype)
@@ -251,7 +347,7 @@ class OpenClipRuntime:
                 "this open_clip version's attention has no packed in_proj_weight (or has bias_k/zero-attention); "
                 "per-head analysis needs nn.MultiheadAttention's standard layout"
             )
-        L = 1 + self.grid[0] * self.grid[1]
+        L = self.num_prefix + self.grid[0] * self.grid[1]
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(2, L, self.width, generator=gen).to(self.device, self.dtype)
         mask = (0.5 * torch.randn(2 * self.num_heads, L, L, generator=gen)).to(self.device, self.dtype)

@@ -35,11 +35,14 @@ class LoadedModel:
 @dataclass(frozen=True)
 class Adapter:
     """name: the adapter's id. claims(name_or_path, pretrained): True when it loads that input.
-    load(name_or_path, pretrained, device, precision, quick_gelu) → :class:`LoadedModel`."""
+    load(name_or_path, pretrained, device, precision, quick_gelu) → :class:`LoadedModel` (precision and
+    device are checked by :func:`falip.load` before). list_models(): the model names it knows, for
+    :func:`falip.list_models` (None: it loads from paths or hub ids only)."""
 
     name: str
     claims: Callable[[str, Optional[str]], bool]
     load: Callable[..., LoadedModel]
+    list_models: Optional[Callable[[], list[str]]] = None
 
 
 ADAPTERS: list[Adapter] = []
@@ -60,3 +63,8 @@ def load_runtime(
         if adapter.claims(name_or_path, pretrained):
             return adapter.load(name_or_path, pretrained, device, precision, quick_gelu)
     raise AssertionError("the open_clip adapter claims every input; no adapter is registered")
+
+
+def list_models() -> list[str]:
+    """The model names every registered adapter knows, in registration order."""
+    return [name for adapter in ADAPTERS if adapter.list_models is not None for name in adapter.list_models()]

@@ -72,8 +72,8 @@ def text_classifier(
 
 
 def _logits(model, embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """``(K, C)`` = logit_scale · cosine of K region embeddings ``(K, E)`` and C classes ``(C, E)``."""
-    return model.runtime.logit_scale.detach().float().cpu() * embeddings.float().cpu() @ classifier.float().cpu().T
+    """The model's own logits ``(K, C)`` (``runtime.logits``) of K region embeddings ``(K, E)`` and C classes ``(C, E)``."""
+    return model.runtime.logits(embeddings, classifier)
 
 
 def classify(

@@ -169,11 +169,13 @@ class PointCloudClassifier:
         return emb.cpu().reshape(B, V, -1)
 
     def logits(self, points) -> torch.Tensor:
-        """Class logits ``(B, C)`` = logit_scale · Σ_v w_v · cos(view v, class) / √V (the authors' combination)."""
+        """Class logits ``(B, C)``: the model's own logits (``runtime.logits``) of the authors' combined features —
+        the weighted views ``[w_1·f_1, …, w_V·f_V]`` against the class text repeated ``[t, …, t] / √V`` — i.e.
+        ``logit_scale · Σ_v w_v · cos(view v, class) / √V`` for CLIP (plus ``logit_bias`` for SigLIP)."""
         emb = self.view_embeddings(points)  # (B, V, E)
-        per_view = emb @ self.text.T  # (B, V, C)
-        combined = (per_view * self.view_weights[None, :, None]).sum(dim=1) / math.sqrt(emb.shape[1])
-        return self.model.runtime.logit_scale.float().cpu() * combined
+        V = emb.shape[1]
+        views = (emb * self.view_weights[None, :, None]).flatten(1)  # (B, V·E)
+        return self.model.runtime.logits(views, self.text.repeat(1, V) / math.sqrt(V))
 
 
 def classify_points(model, points, classnames: Sequence[str], **options) -> torch.Tensor:

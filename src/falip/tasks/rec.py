@@ -2,7 +2,7 @@
 
 Every proposal of an image is encoded by each method (FALIP bias, an image edit, or both) and
 each model; the sentence becomes ``"a photo of {sentence}"`` (plus the method's text suffix);
-a proposal's score is ``logit_scale · cosine``. Optional score subtraction "P" (Red Circle,
+a proposal's score is the model's own logit (``runtime.logits``: ``logit_scale · cosine`` for CLIP). Optional score subtraction "P" (Red Circle,
 Shtedritski et al. 2023) subtracts each proposal's mean score over captions of other expressions
 of the split; ensembles "E" combine methods (``sum`` or ``max``) and sum models' logits. The
 prediction is the best-scoring proposal; it is correct iff IoU with a target box > 0.5.
@@ -77,7 +77,7 @@ def draw_captions(expressions: Sequence[str], n: int = N_CAPTIONS, seed: int = 0
 class RegionScorer:
     """Scores an image's proposals against sentences with one or more models and methods.
 
-    ``score = Σ_models agg_methods(logit_scale · r_k · (t − n̄))`` with ``r_k`` the region's
+    ``score = Σ_models agg_methods(runtime.logits(r_k, t − n̄))`` (``logit_scale · r_k · (t − n̄)`` for CLIP) with ``r_k`` the region's
     embedding, ``t`` the sentence's and ``n̄`` the mean embedding of the negative captions
     (score subtraction; 0 without it). ``agg`` is ``sum`` or ``max`` over methods.
     ``edit_style``: edits drawn as ReCLIP and the FALIP reference code draw them (``reference``,
@@ -181,13 +181,12 @@ class RegionScorer:
         """Logits ``(T, K)`` of T expressions against the K regions encoded by :meth:`encode`."""
         total = 0.0
         for i, model in enumerate(self.models):
-            scale = float(model.runtime.logit_scale.detach())
             per_method = []
             for method, regions in zip(self.methods, features[i]):
                 text = self.text_features(i, [self.prompt(e, method) for e in expressions])
                 if self.captions is not None:
                     text = text - self.negative_means(i, method, expressions)
-                per_method.append(scale * text @ regions.T)
+                per_method.append(model.runtime.logits(regions, text).T)
             stacked = torch.stack(per_method)
             total = total + (stacked.sum(0) if self.aggregate == "sum" else stacked.max(0).values)
         return total
