@@ -266,10 +266,10 @@ def test_default_chunk_size_bounds_the_mask_memory():
 
     from falip.encode import default_chunk_size
 
-    assert default_chunk_size(SimpleNamespace(grid=(14, 14), num_heads=12)) == 32  # ViT-B/16
-    assert default_chunk_size(SimpleNamespace(grid=(24, 24), num_heads=16)) == 12  # ViT-L/14@336
-    assert default_chunk_size(SimpleNamespace(grid=(64, 64), num_heads=16)) == 1
-    assert default_chunk_size(SimpleNamespace(grid=(24, 24), num_heads=16), lean=True) == 8  # no masks to bound
+    assert default_chunk_size(SimpleNamespace(num_prefix=1, grid=(14, 14), num_heads=12)) == 32  # ViT-B/16
+    assert default_chunk_size(SimpleNamespace(num_prefix=1, grid=(24, 24), num_heads=16)) == 12  # ViT-L/14@336
+    assert default_chunk_size(SimpleNamespace(num_prefix=1, grid=(64, 64), num_heads=16)) == 1
+    assert default_chunk_size(SimpleNamespace(num_prefix=1, grid=(24, 24), num_heads=16), lean=True) == 8  # no masks to bound
 
 
 @pytest.mark.parametrize("heads", [None, (1.0, 0.0, 2.5, 0.5)], ids=["shared", "per-head"])

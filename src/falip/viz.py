@@ -116,9 +116,10 @@ def attention_maps(
     prompted = trace(model, pixels, bias, config, full_probs=True)
     cls = torch.cat([plain.cls_probs, prompted.cls_probs])  # (1+K, blocks, H, L)
     gh, gw = model.grid
-    patch = cls[:, :, :, 1:].mean(dim=2).reshape(cls.shape[0], -1, gh, gw)  # (1+K, blocks, gh, gw)
+    n = model.runtime.num_prefix  # [CLS] and any register tokens come before the patches
+    patch = cls[:, :, :, n:].mean(dim=2).reshape(cls.shape[0], -1, gh, gw)  # (1+K, blocks, gh, gw)
     maps = patch[:, list(drawn)]
-    rolled = rollout(torch.cat([plain.probs, prompted.probs]))[:, 1:].reshape(-1, gh, gw)
+    rolled = rollout(torch.cat([plain.probs, prompted.probs]))[:, n:].reshape(-1, gh, gw)
     fill = tuple(int(round(255 * m)) for m in model.runtime.mean)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegionClampWarning)  # already reported by region_biases
