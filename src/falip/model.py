@@ -264,7 +264,8 @@ def load(
     config: Optional[FovealConfig] = None,
     quick_gelu: Optional[bool] = None,
 ) -> FalipModel:
-    """Load a CLIP ViT for FALIP.
+    """Load a CLIP ViT for FALIP: the first runtime adapter that claims ``name_or_path`` loads it
+    (:mod:`falip.runtimes.registry`; the README's "Supported models" lists them).
 
     name_or_path: an open_clip name (``"ViT-B-16"``), an OpenAI name (``"ViT-B/16"``,
         ``"ViT-L/14@336px"``), ``"hf-hub:org/repo"``, a local OpenAI-layout checkpoint file, or
