@@ -136,12 +136,18 @@ class VisionRuntime(Protocol):
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The model's own logits ``(N, T)`` (float32, CPU) of L2-normalised ``image (N, E)`` and ``text (T, E)``:
         ``logit_scale · cos`` for CLIP, ``logit_scale · cos + logit_bias`` for SigLIP (probabilities are
-        then the sigmoid of each entry, see ``score_kind``)."""
+        then the sigmoid of each entry, see ``score_kind``).
+
+        Computed as ``logit_scale · image @ text.T (+ logit_bias)`` on the rows as given: callers also pass
+        rows that are not unit vectors or not E wide (REC's score subtraction ``t − n̄``; PointCLIP's
+        concatenated weighted views against the repeated text), so an adapter neither normalises nor
+        checks the width against E."""
 
     def digest(self, part: str = "all") -> str:
-        """Hex digest of the model's tensors (name, dtype, shape, values): ``"all"`` of everything, ``"text"`` of
-        what determines text embeddings (text tower and its tokenizer's identity) — for run fingerprints and
-        caches."""
+        """Hex sha256 digest (64 characters) of the model's tensors (name, dtype, shape, values): ``"all"`` of
+        everything, ``"text"`` of what determines text embeddings (text tower, dtype, and its tokenizer's
+        identity) — for run fingerprints (``FalipModel.weights_digest``) and the zero-shot cache key
+        (``zeroshot.text_fingerprint``), which keep a prefix. ValueError for another ``part``."""
 
     def info(self) -> dict:
         """JSON-able description of the runtime (family, geometry, pooling, prefix tokens, score)."""
