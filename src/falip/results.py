@@ -11,6 +11,12 @@ A run re-started with the same ``--output``, the same config and the same inputs
 annotation files, image root) resumes: samples already in the JSONL are not computed again. A
 different config or input refuses to mix results and names what differs (start a new output or
 pass ``resume=False`` to overwrite).
+
+A distributed run (:mod:`falip.distributed`) has each rank write its records to a *shard*
+``<predictions>.rank{r}-of-{w}`` (same header, then that rank's records); rank 0 merges the shards
+into the predictions file at the end and deletes them. A recorder opened on a predictions file
+first absorbs any shards left next to it by an interrupted run (of any world size, validated like
+the file itself), so an interrupted distributed run resumes with or without torchrun.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 import time
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -48,6 +55,25 @@ class OutputInUseError(FalipError):
 def predictions_path(output: Path) -> Path:
     output = Path(output)
     return output.with_name(output.stem + ".predictions.jsonl")
+
+
+def shard_path(predictions: Path, rank: int, world_size: int) -> Path:
+    """``<predictions>.rank{rank}-of-{world_size}``: the records one rank of a distributed run writes."""
+    predictions = Path(predictions)
+    return predictions.with_name(f"{predictions.name}.rank{rank}-of-{world_size}")
+
+
+def shard_files(predictions: Path) -> list[Path]:
+    """The shard files next to ``predictions`` (any world size), sorted by (world size, rank)."""
+    predictions = Path(predictions)
+    pattern = re.compile(re.escape(predictions.name) + r"\.rank(\d+)-of-(\d+)")
+    found = []
+    if predictions.parent.is_dir():
+        for path in predictions.parent.iterdir():
+            match = pattern.fullmatch(path.name)
+            if match and path.is_file():
+                found.append(((int(match.group(2)), int(match.group(1))), path))
+    return [path for _, path in sorted(found)]
 
 
 def _canonical(obj) -> str:
@@ -295,36 +321,79 @@ class RunRecorder:
     process; cut or garbled lines left by a crash are dropped on resume (those samples are
     recomputed) and the final JSONL holds one parseable line per sample; the results JSON is
     replaced atomically.
+
+    ``shard=(rank, world_size)``: the recorder of one rank of a distributed run. It writes a fresh
+    shard file :func:`shard_path` (locked like a predictions file), takes the records of the
+    predictions file as done (read, checked, never written) and has no :meth:`finish` (rank 0
+    merges, see :mod:`falip.distributed`). Without ``shard``, a resuming recorder absorbs the shard
+    files of an interrupted distributed run into the predictions file; ``resume=False`` deletes them.
     """
 
-    def __init__(self, output, task: str, config: dict, resume: bool = True, predictions=None, inputs: Optional[dict] = None):
+    def __init__(
+        self,
+        output,
+        task: str,
+        config: dict,
+        resume: bool = True,
+        predictions=None,
+        inputs: Optional[dict] = None,
+        shard: Optional[tuple[int, int]] = None,
+    ):
         self.output = check_output_path(output, "output")
         self.task = task
         self.config = json.loads(_canonical(config))
         self.inputs = json.loads(_canonical(inputs or {}))
-        self.pred_path = check_output_path(
+        self.main_path = check_output_path(
             Path(predictions) if predictions is not None else predictions_path(self.output), "predictions file"
         )
-        if self.pred_path.resolve() == self.output.resolve():
+        if self.main_path.resolve() == self.output.resolve():
             raise FalipError(f"the results JSON and the predictions file are the same file: {self.output}")
+        self.shard = shard
+        self.pred_path = self.main_path if shard is None else shard_path(self.main_path, *shard)
         self.done: dict[str, dict] = {}
         self.resumed = 0  # how many records came from an earlier run
         self.started = time.time()
         self._superseded = False
         self._rewrite = False  # ids written more than once: compact the JSONL at the end
-        if resume:
+        self.fields: dict = {}  # added to the results JSON by whoever opened the recorder (e.g. a run's world size)
+        if resume and shard is None:
             self._check_results_owner()
         self._lock = _OutputLock(self.pred_path, self)
         weakref.finalize(self, _release_if_abandoned, str(self._lock.path))
         try:
-            if resume and self.pred_path.is_file() and self._load_previous():
-                self._file = open(self.pred_path, "a", encoding="utf-8")
-            else:
+            if shard is not None:
+                if resume and self.main_path.is_file():
+                    self._load(self.main_path)
                 self._file = open(self.pred_path, "w", encoding="utf-8")
                 self._write(self._header())
+            else:
+                self._open_predictions(resume)
+            self.resumed = len(self.done)
         except BaseException:
             self._lock.release(self)
             raise
+
+    def _open_predictions(self, resume: bool) -> None:
+        """Load (``resume``) the predictions file and the shards left next to it, then open it for appending."""
+        loaded = resume and self.pred_path.is_file() and self._load(self.pred_path)
+        shards = shard_files(self.pred_path)
+        locks = [_OutputLock(path, self) for path in shards]  # refuses shards that live ranks are writing
+        try:
+            absorbed = [self._load(path) for path in shards] if resume else []
+            if any(absorbed) or (loaded and self._rewrite):
+                self._compact()  # the shards' records are safely in the predictions file before the shards go
+                loaded = True
+            for path in shards:
+                path.unlink(missing_ok=True)
+        finally:
+            for lock in locks:
+                lock.release(self)
+        self._rewrite = False
+        if loaded:
+            self._file = open(self.pred_path, "a", encoding="utf-8")
+        else:
+            self._file = open(self.pred_path, "w", encoding="utf-8")
+            self._write(self._header())
 
     def _header(self) -> dict:
         return {"config": self.config, "inputs": self.inputs, "task": self.task}
@@ -344,16 +413,16 @@ class RunRecorder:
                 "use another --output for these predictions (or --no-resume to replace it)"
             )
 
-    def _load_previous(self) -> bool:
-        """Load an earlier run's records; False when the file holds no complete line (start afresh)."""
-        records, bad = _read_jsonl(self.pred_path)
+    def _load(self, path: Path) -> bool:
+        """Add the records of an earlier run's predictions file (or shard) to ``done``, later lines replacing
+        earlier ones; False when it holds no complete line. Sets ``_rewrite`` when the file needs compacting."""
+        records, bad = _read_jsonl(path)
         if not records:
             return False
         header = records[0] if records and "config" in records[0] else None
         if header is None:
             raise ResumeMismatchError(
-                f"{self.pred_path} is not a falip predictions file (no config header); use another --output, "
-                "or --no-resume to overwrite it"
+                f"{path} is not a falip predictions file (no config header); use another --output, or --no-resume to overwrite it"
             )
         old = {"config": header.get("config"), "inputs": header.get("inputs", {})}
         new = {"config": self.config, "inputs": self.inputs}
@@ -362,22 +431,19 @@ class RunRecorder:
             if any(w is None or str(w).startswith("random:") for w in self.inputs.get("weights", [])):
                 hint = " (a model with random weights differs on every load unless torch is seeded before loading)"
             raise ResumeMismatchError(
-                f"{self.pred_path} holds predictions made with a different configuration or inputs: "
+                f"{path} holds predictions made with a different configuration or inputs: "
                 f"{describe_differences(old, new)}{hint}; use another --output, or --no-resume to overwrite it"
             )
         ids = [str(r["id"]) for r in records[1:] if "id" in r]
         for record in records[1:]:
             if "id" in record:
                 self.done[str(record["id"])] = record
-        self.resumed = len(self.done)
-        if bad or len(ids) != len(self.done):
-            if bad:
-                warnings.warn(
-                    f"{self.pred_path}: dropped {bad} cut or garbled line(s) left by an interrupted run; "
-                    "those samples are computed again",
-                    stacklevel=3,
-                )
-            self._compact()
+        if bad:
+            warnings.warn(
+                f"{path}: dropped {bad} cut or garbled line(s) left by an interrupted run; those samples are computed again",
+                stacklevel=4,
+            )
+        self._rewrite |= bool(bad) or len(ids) != len(set(ids))
         return True
 
     def _compact(self) -> None:
@@ -421,13 +487,23 @@ class RunRecorder:
             self._file.close()
         self._lock.release(self)
 
-    def finish(self, metrics: dict, **extra) -> dict:
-        """Write the results JSON (atomically) and return it."""
+    def finish(self, metrics: dict, *, order: Optional[Sequence[str]] = None, **extra) -> dict:
+        """Write the results JSON (atomically) and return it.
+
+        ``order``: sample ids in the order the predictions file lists them at the end (records of
+        other ids follow, as they were); without it, the order they were added in."""
+        if self.shard is not None:
+            raise FalipError(f"{self.pred_path} is the shard of rank {self.shard[0]}: close it; rank 0 merges the shards")
         if self._superseded:
             raise OutputInUseError(f"{self.pred_path} was opened again by a newer run in this process; this one stopped")
         self._file.close()
+        if order is not None:
+            ordered = {i: self.done[i] for i in map(str, order) if i in self.done}
+            ordered.update(self.done)
+            self._rewrite |= list(ordered) != list(self.done)
+            self.done = ordered
         if self._rewrite:
-            self._compact()  # a retried sample's new record replaces its old one
+            self._compact()  # a retried sample's new record replaces its old one; the order asked for
         from . import __version__
 
         result = {
@@ -439,6 +515,7 @@ class RunRecorder:
             "n_predictions": len(self.records()),
             "predictions": self.pred_path.name if self.pred_path.parent == self.output.parent else str(self.pred_path),
             **extra,
+            **self.fields,
             "falip_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": round(time.time() - self.started, 2),

@@ -2,16 +2,23 @@
 
 Thin: parse, call the library, print. Errors from bad input end with exit code 2 and one line.
 The library (``falip.*`` outside this package) never imports from here.
+
+Under ``torchrun`` the commands that set ``distributed=True`` (rec, classify, pointcloud) run in
+a process group (:func:`falip.distributed.session`), ``--device cuda`` meaning ``cuda:<LOCAL_RANK>``;
+only rank 0 prints to stdout; an error line names its rank. Other commands refuse to run there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from .. import distributed
 from ..errors import FalipError
 
 # Modules that add their own subcommands through ``register(subparsers)``, in help order.
@@ -39,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except (FalipError, ValueError) as exc:
         return _fail(str(exc))
     except OSError as exc:  # files and folders: missing, unreadable, read-only, full disk
@@ -52,8 +59,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The command, in the process group of a torchrun launch where there is one."""
+    if distributed.from_env() is None:
+        return args.func(args)
+    if not getattr(args, "distributed", False):
+        raise FalipError(f"falip {args.command} runs in one process; start it without torchrun")
+    with distributed.session(args.device) as args.device:
+        if distributed.is_main():
+            return args.func(args)
+        with contextlib.redirect_stdout(io.StringIO()):  # rank 0 prints for all
+            return args.func(args)
+
+
 def _fail(message: str) -> int:
-    print(f"falip: error: {message}", file=sys.stderr)
+    try:
+        rank = distributed.from_env()
+    except FalipError:
+        rank = None
+    print(f"falip: error: {f'[{rank}] ' if rank else ''}{message}", file=sys.stderr)
     return 2
 
 

@@ -105,4 +105,4 @@ def register(sub) -> None:
     r.add_argument("--batch-size", type=int, default=32, help="edited images per forward pass (default 32)")
     add_model_args(p)
     add_bias_args(p)
-    p.set_defaults(func=cmd_classify)
+    p.set_defaults(func=cmd_classify, distributed=True)

@@ -157,7 +157,7 @@ def register(sub) -> None:
     p.add_argument("--no-resume", action="store_true", help="overwrite earlier predictions instead of resuming")
     add_model_args(p)
     add_bias_args(p)
-    p.set_defaults(func=cmd_pointcloud)
+    p.set_defaults(func=cmd_pointcloud, distributed=True)
 
     r = sub.add_parser("render-depth", help="render a point cloud's views to a PNG (what CLIP sees)")
     r.add_argument("cloud", help="a .npy, .txt/.xyz, .ply or .off file")

@@ -155,4 +155,4 @@ def register(sub) -> None:
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
     g.add_argument("--no-resume", action="store_true", help="overwrite existing predictions instead of continuing them")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_rec)
+    p.set_defaults(func=cmd_rec, distributed=True)

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import distributed
 from ..bias import FovealConfig
 from ..datasets.generic import RegionDataset, RegionSample, read_mask
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
@@ -302,8 +303,8 @@ def evaluate(
         num_classes=len(classnames),
     )
     inputs = describe_inputs([model], files=dataset.source)
-    rec = RunRecorder(output, task="classify", config=run, resume=resume, inputs=inputs)
-    for sample_id, reason, detail in dataset.problems:
+    rec = distributed.open_recorder(output, "classify", run, resume=resume, inputs=inputs)
+    for sample_id, reason, detail in dataset.problems if distributed.is_main() else ():
         if sample_id not in rec.done:
             rec.skip(sample_id, reason, detail)
 
@@ -321,16 +322,15 @@ def evaluate(
         done = rec.done.get(s.id)
         return done is not None and done.get("image_stamp") not in (None, stamp(s.image))
 
-    todo = [s for s in dataset.samples if s.id not in rec.done or changed(s)]
+    mine = [s for group in distributed.shard(group_by_image(dataset.samples)) for s in group]  # this rank's images
+    todo = [s for s in mine if s.id not in rec.done or changed(s)]
     n_changed = sum(s.id in rec.done for s in todo)
-    if n_changed:
-        warnings.warn(f"{n_changed} resumed predictions are computed again: their image files changed", stacklevel=2)
     groups = group_by_image(todo)
     bar = tqdm(
-        total=len(dataset.samples),
-        initial=len(dataset.samples) - len(todo),
+        total=len(mine),
+        initial=len(mine) - len(todo),
         unit="region",
-        disable=not progress,
+        disable=not progress or not distributed.is_main(),
         desc=f"classify {dataset.name} {method.name}",
     )
     topk = min(5, len(classnames))
@@ -362,26 +362,34 @@ def evaluate(
                 rec.skip(s.id, err.reason, err.detail)
             bar.update(len(group.samples))
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = max(distributed.all_gather(time.perf_counter() - start))  # the slowest rank's
+    images = set().union(*distributed.all_gather(images))
+    counts = distributed.sum_counts(dict(regions=regions, rotated=rotated.count, changed=n_changed))
+    if counts["changed"] and distributed.is_main():
+        warnings.warn(f"{counts['changed']} resumed predictions are computed again: their image files changed", stacklevel=2)
 
-    current = [s.id for s in dataset.samples] + [p[0] for p in dataset.problems]
-    records = [rec.done[i] for i in current if i in rec.done]
-    ok = [r for r in records if "skipped" not in r]
-    metrics, group_table = classification_metrics(ok, len(classnames), skipped=len(records) - len(ok))
-    speed = dict(
-        images=len(images),
-        regions=regions,
-        seconds=round(seconds, 3),
-        images_per_s=round(len(images) / seconds, 2) if images and seconds > 0 else None,
-        regions_per_s=round(regions / seconds, 2) if regions and seconds > 0 else None,
-        resumed=rec.resumed,
-        exif_rotated_images=rotated.count,
-        recomputed_changed_images=n_changed,
-    )
-    extra = dict(dataset=dataset.name, split=dataset.split, method=method.name, speed=speed)
-    if group_table:
-        extra["groups"] = group_table
-    return rec.finish(metrics, **extra)
+    def write(rec: RunRecorder) -> dict:
+        """The metrics over every sample, and the results JSON (on rank 0 of a distributed run: of all ranks)."""
+        current = [s.id for s in dataset.samples] + [p[0] for p in dataset.problems]
+        records = [rec.done[i] for i in current if i in rec.done]
+        ok = [r for r in records if "skipped" not in r]
+        metrics, group_table = classification_metrics(ok, len(classnames), skipped=len(records) - len(ok))
+        speed = dict(
+            images=len(images),
+            regions=counts["regions"],
+            seconds=round(seconds, 3),
+            images_per_s=round(len(images) / seconds, 2) if images and seconds > 0 else None,
+            regions_per_s=round(counts["regions"] / seconds, 2) if counts["regions"] and seconds > 0 else None,
+            resumed=rec.resumed,
+            exif_rotated_images=counts["rotated"],
+            recomputed_changed_images=counts["changed"],
+        )
+        extra = dict(dataset=dataset.name, split=dataset.split, method=method.name, speed=speed)
+        if group_table:
+            extra["groups"] = group_table
+        return rec.finish(metrics, order=current, **extra)
+
+    return distributed.finish(rec, write)
 
 
 def rename_classes(dataset: RegionDataset, names: Sequence[str]) -> RegionDataset:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import distributed
 from ..bias import FovealConfig
 from ..datasets.pointclouds import PointCloudDataset
 from ..errors import FalipError
@@ -218,9 +219,11 @@ def evaluate(
     if batch_size < 1:
         raise FalipError(f"batch size must be >= 1, got {batch_size}")
     inputs = describe_inputs([classifier.model], files={f"file{i}": p for i, p in enumerate(dataset.files)})
-    rec = RunRecorder(output, task="pointcloud", config=run_config, resume=resume, inputs=inputs)
+    rec = distributed.open_recorder(output, "pointcloud", run_config, resume=resume, inputs=inputs)
     C = len(classifier.classnames)
     total = len(dataset) if limit is None else min(limit, len(dataset))
+    mine = set(distributed.shard(range(total)))  # this rank's clouds (all of them in a single process)
+    order: list[str] = []
     batch: list[tuple[str, np.ndarray, int]] = []
 
     def flush() -> None:
@@ -237,11 +240,12 @@ def evaluate(
         batch.clear()
 
     for index, (sample_id, points, label) in enumerate(
-        tqdm(dataset, total=total, desc=f"{dataset.name} {dataset.split}", disable=not progress)
+        tqdm(dataset, total=total, desc=f"{dataset.name} {dataset.split}", disable=not progress or not distributed.is_main())
     ):
         if index >= total:
             break
-        if sample_id in rec.done:
+        order.append(sample_id)
+        if sample_id in rec.done or index not in mine:
             continue
         problem = _check_sample(points, label, C, classifier.up)
         if problem:
@@ -254,7 +258,13 @@ def evaluate(
             flush()
     if batch:
         flush()
-    records = rec.records()
-    acc = 100.0 * sum(r["correct"] for r in records) / len(records) if records else 0.0
-    skipped = rec.skipped_summary()["count"]
-    return rec.finish({"acc": acc, "n": len(records), "skipped": skipped}, dataset=dataset.name, split=dataset.split)
+
+    def write(rec: RunRecorder) -> dict:
+        """The metrics over every cloud, and the results JSON (on rank 0 of a distributed run: of all ranks)."""
+        records = rec.records()
+        acc = 100.0 * sum(r["correct"] for r in records) / len(records) if records else 0.0
+        skipped = rec.skipped_summary()["count"]
+        metrics = {"acc": acc, "n": len(records), "skipped": skipped}
+        return rec.finish(metrics, order=order, dataset=dataset.name, split=dataset.split)
+
+    return distributed.finish(rec, write)

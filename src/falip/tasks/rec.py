@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..bias import FovealConfig
 from ..datasets.refer import (
     BoxConventionWarning,
@@ -339,7 +340,7 @@ def evaluate(
         files={k: data.source.get(k) for k in ("refs", "instances", "annotations", "detections")},
         image_root=image_root,
     )
-    rec = RunRecorder(output, task="rec", config=config, resume=resume, predictions=predictions, inputs=inputs)
+    rec = distributed.open_recorder(output, "rec", config, resume=resume, predictions=predictions, inputs=inputs)
     need_masks = any(m.edit == "reverse_blur" for m in scorer.methods)
     rotated = RotationNotice()
     counts = dict(
@@ -447,6 +448,8 @@ def evaluate(
     groups: dict[str, list[RecSample]] = {}
     for s in samples:
         groups.setdefault(s.image_id, []).append(s)
+    mine = distributed.shard(list(groups.items()))  # this rank's images (all of them in a single process)
+    own = [s for _, group in mine for s in group]
 
     def tally(records: list[dict]) -> None:
         """Running accuracy on the progress bar (resumed sentences included)."""
@@ -457,26 +460,27 @@ def evaluate(
             bar.set_postfix(acc=f"{100.0 * counts['correct'] / counts['scored']:.2f}")
 
     n_changed = sum(changed(s) for s in samples)
-    if n_changed:
+    if n_changed and distributed.is_main():
         warnings.warn(f"{n_changed} resumed predictions are computed again: their image files changed", stacklevel=2)
     started = time.perf_counter()
     bar = tqdm(
-        total=len(samples),
-        initial=sum(not pending(s) for s in samples),
+        total=len(own),
+        initial=sum(not pending(s) for s in own),
         desc=f"rec {data.name} {data.split}",
         unit="expr",
-        disable=not progress,
+        disable=not progress or not distributed.is_main(),
     )
-    tally([rec.done[s.id] for s in samples if not pending(s)])
-    for image_id, group in groups.items():
+    tally([rec.done[s.id] for s in own if not pending(s)])
+    for image_id, group in mine:
         todo = [s for s in group if pending(s)]
         if todo:
             run_image(image_id, todo)
             bar.update(len(todo))
             tally([rec.done[s.id] for s in todo])
     bar.close()
-    elapsed = time.perf_counter() - started
-    if counts["clamped"] >= max(3, CLAMP_WARNING_SHARE * counts["proposals"]):
+    elapsed = max(distributed.all_gather(time.perf_counter() - started))  # the slowest rank's
+    counts = distributed.sum_counts({**counts, "rotated": rotated.count})
+    if counts["clamped"] >= max(3, CLAMP_WARNING_SHARE * counts["proposals"]) and distributed.is_main():
         warnings.warn(
             f"{counts['clamped']} of {counts['proposals']} {data.proposal_source} proposal boxes extended past their image "
             "and were clamped: are they [x, y, w, h] (COCO) and not [x0, y0, x1, y1]?",
@@ -484,34 +488,38 @@ def evaluate(
             stacklevel=2,
         )
 
-    records = [rec.done[s.id] for s in samples if "correct" in rec.done.get(s.id, {})]
-    n_skipped = sum(1 for s in samples if "skipped" in rec.done.get(s.id, {}))
-    n_correct = sum(bool(r["correct"]) for r in records)
-    metrics = {
-        "acc": 100.0 * n_correct / len(records) if records else None,
-        "n": len(records),
-        "skipped": n_skipped,
-        "acc_all": 100.0 * n_correct / (len(records) + n_skipped) if records or n_skipped else None,
-        "expr_per_s": counts["expressions"] / elapsed if counts["expressions"] else None,
-        "images_per_s": counts["images"] / elapsed if counts["images"] else None,
-    }
-    run = dict(
-        computed=counts["expressions"],
-        resumed=rec.resumed,
-        recomputed_changed_images=n_changed,
-        images_encoded=counts["images"],
-        proposals_clamped=counts["clamped"],
-        proposals_dropped=counts["dropped"],
-        masks_missing=counts["masks_missing"] if need_masks else None,
-        no_proposals=dict(policy=no_proposals, images=counts["whole_images"], expressions=counts["whole_expressions"]),
-        exif_rotated_images=rotated.count,
-        limit=limit,
-    )
-    fields = dict(
-        dataset=data.name,
-        split=data.split,
-        model=[m.name for m in scorer.models],
-        method=method_label(scorer.methods, scorer.aggregate, scorer.captions is not None),
-        proposals=data.proposal_source,
-    )
-    return rec.finish(metrics, **{**fields, **extra}, run=run)
+    def write(rec: RunRecorder) -> dict:
+        """The metrics over every sample, and the results JSON (on rank 0 of a distributed run: of all ranks)."""
+        records = [rec.done[s.id] for s in samples if "correct" in rec.done.get(s.id, {})]
+        n_skipped = sum(1 for s in samples if "skipped" in rec.done.get(s.id, {}))
+        n_correct = sum(bool(r["correct"]) for r in records)
+        metrics = {
+            "acc": 100.0 * n_correct / len(records) if records else None,
+            "n": len(records),
+            "skipped": n_skipped,
+            "acc_all": 100.0 * n_correct / (len(records) + n_skipped) if records or n_skipped else None,
+            "expr_per_s": counts["expressions"] / elapsed if counts["expressions"] else None,
+            "images_per_s": counts["images"] / elapsed if counts["images"] else None,
+        }
+        run = dict(
+            computed=counts["expressions"],
+            resumed=rec.resumed,
+            recomputed_changed_images=n_changed,
+            images_encoded=counts["images"],
+            proposals_clamped=counts["clamped"],
+            proposals_dropped=counts["dropped"],
+            masks_missing=counts["masks_missing"] if need_masks else None,
+            no_proposals=dict(policy=no_proposals, images=counts["whole_images"], expressions=counts["whole_expressions"]),
+            exif_rotated_images=counts["rotated"],
+            limit=limit,
+        )
+        fields = dict(
+            dataset=data.name,
+            split=data.split,
+            model=[m.name for m in scorer.models],
+            method=method_label(scorer.methods, scorer.aggregate, scorer.captions is not None),
+            proposals=data.proposal_source,
+        )
+        return rec.finish(metrics, order=[s.id for s in samples], **{**fields, **extra}, run=run)
+
+    return distributed.finish(rec, write)
