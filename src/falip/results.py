@@ -377,8 +377,10 @@ class RunRecorder:
         """Load (``resume``) the predictions file and the shards left next to it, then open it for appending."""
         loaded = resume and self.pred_path.is_file() and self._load(self.pred_path)
         shards = shard_files(self.pred_path)
-        locks = [_OutputLock(path, self) for path in shards]  # refuses shards that live ranks are writing
+        locks: list[_OutputLock] = []
         try:
+            for path in shards:
+                locks.append(_OutputLock(path, self))  # refuses a shard that a live rank is writing
             absorbed = [self._load(path) for path in shards] if resume else []
             if any(absorbed) or (loaded and self._rewrite):
                 self._compact()  # the shards' records are safely in the predictions file before the shards go
