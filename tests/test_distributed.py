@@ -87,7 +87,7 @@ def comparable(result: dict) -> dict:
     return out
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One torch thread per process, as torchrun gives each rank: a busy 2-core machine runs much faster so."""
     threads = torch.get_num_threads()
@@ -115,22 +115,6 @@ def lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-@pytest.mark.parametrize("task", ["rec", "classify", "pointcloud"])
-def test_two_ranks_write_the_results_and_predictions_of_one_process(task, data, single, tmp_path):
-    one, one_predictions = single(task)
-    assert one["metrics"]["skipped"] >= 1 and one["metrics"]["n"] >= 5  # skips are part of what must match
-
-    (tmp_path / "two").mkdir()
-    run = torchrun(command(task, data, tmp_path / "two" / "r.json"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "r.json").read_text())
-    assert two["world_size"] == 2
-    assert comparable(two) == comparable(one)
-    assert predictions_path(tmp_path / "two" / "r.json").read_text() == one_predictions
-    assert shard_files(predictions_path(tmp_path / "two" / "r.json")) == []  # merged, then removed
-    assert run.stdout.count("settings: preprocess") == 1  # only rank 0 prints
-
-
 def partial_shards(predictions: str, world_size: int, folder: Path, per_shard: int = 2) -> set[str]:
     """Write the shards an interrupted run of ``world_size`` ranks leaves: the header, ``per_shard`` finished
     records (marked, to tell a resumed record from a recomputed one) and a cut last line; returns the marked ids."""
@@ -152,14 +136,79 @@ def unmarked(text: str) -> tuple[list[dict], set[str]]:
     return [{k: v for k, v in r.items() if k != "marker"} for r in records], {r["id"] for r in records if "marker" in r}
 
 
-def test_an_interrupted_two_rank_run_resumes_from_its_shards_under_torchrun(data, single, tmp_path):
-    one, one_predictions = single("rec")
-    folder = tmp_path / "two"
-    folder.mkdir()
-    marked = partial_shards(one_predictions, 2, folder)
-    run = torchrun(command("rec", data, folder / "r.json"))
+DRIVER = """
+import json, sys
+from pathlib import Path
+from falip import distributed
+from falip.cli import main
+from falip.errors import FalipError
+
+folder = Path(sys.argv[1])
+plan = json.loads((folder / "plan.json").read_text())
+with distributed.session("cpu"):  # one process group for every command: the processes start once
+    r = distributed.current()
+    out = {"rank": r.rank, "codes": {name: main(argv) for name, argv in plan}}
+    out.update(mine=distributed.shard(list(range(5))), main=distributed.is_main(),
+               sum=distributed.sum_counts({"a": r.rank + 1, "b": 10}), gathered=distributed.all_gather(r.rank * 2))
+
+    def fail_on_rank_1():
+        if r.rank == 1:
+            raise FalipError("image x.png is unreadable")
+        return "fine"
+
+    try:
+        distributed.checked(fail_on_rank_1)
+    except FalipError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["after"] = distributed.checked(lambda: "both ok")
+    try:  # as if rank 1 had left a command early: the next meeting points differ
+        distributed.all_gather(1, "rec elapsed" if r.rank == 0 else "checked")
+    except distributed.DistributedError as exc:
+        out["out_of_step"] = str(exc)
+    (folder / f"result{r.rank}.json").write_text(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def launch(data, single, tmp_path_factory):
+    """One torchrun launch of 2 ranks running every distributed scenario of this file (``falip.cli.main`` per
+    command, in one process group): ``(root folder, stdout, stderr, per-rank results, marked ids)``."""
+    root = tmp_path_factory.mktemp("two")
+    plan = [(task, command(task, data, root / task / "r.json")) for task in ("rec", "classify", "pointcloud")]
+    (root / "resumed").mkdir()
+    marked = partial_shards(single("rec")[1], 2, root / "resumed")
+    plan.append(("resumed", command("rec", data, root / "resumed" / "r.json")))
+    (root / "fail").mkdir()
+    Path(f"{shard_path(predictions_path(root / 'fail' / 'r.json'), 1, 2)}.lock").write_text(str(os.getpid()))  # a live writer
+    plan.append(("fail", command("pointcloud", data, root / "fail" / "r.json")))
+    (root / "driver.py").write_text(DRIVER)
+    (root / "plan.json").write_text(json.dumps(plan))
+    run = torchrun([str(root)], module="driver", path=(root,))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "cut or garbled" in run.stderr
+    results = [json.loads((root / f"result{rank}.json").read_text()) for rank in (0, 1)]
+    return root, run.stdout, run.stderr, results, marked
+
+
+@pytest.mark.parametrize("task", ["rec", "classify", "pointcloud"])
+def test_two_ranks_write_the_results_and_predictions_of_one_process(task, single, launch):
+    one, one_predictions = single(task)
+    assert one["metrics"]["skipped"] >= 1 and one["metrics"]["n"] >= 5  # skips are part of what must match
+    root, stdout, _, results, _ = launch
+    assert [r["codes"][task] for r in results] == [0, 0]
+    two = json.loads((root / task / "r.json").read_text())
+    assert two["world_size"] == 2
+    assert comparable(two) == comparable(one)
+    assert predictions_path(root / task / "r.json").read_text() == one_predictions
+    assert shard_files(predictions_path(root / task / "r.json")) == []  # merged, then removed
+    assert stdout.count(str(root / task / "r.json")) == 1  # rank 0 prints its summary, rank 1 does not
+
+
+def test_an_interrupted_two_rank_run_resumes_from_its_shards(single, launch):
+    one, one_predictions = single("rec")
+    root, _, stderr, results, marked = launch
+    folder = root / "resumed"
+    assert [r["codes"]["resumed"] for r in results] == [0, 0]
+    assert "rank0-of-2: dropped 1 cut or garbled line" in stderr and "rank1-of-2: dropped 1 cut or garbled line" in stderr
     two = json.loads((folder / "r.json").read_text())
     assert two["run"]["resumed"] == len(marked) == 4
     assert two["run"]["computed"] == one["run"]["computed"] - len(marked)
@@ -170,6 +219,36 @@ def test_an_interrupted_two_rank_run_resumes_from_its_shards_under_torchrun(data
     assert carried == marked  # resumed, not recomputed
     assert records == lines(one_predictions)
     assert shard_files(predictions_path(folder / "r.json")) == []
+
+
+def test_a_rank_that_fails_ends_the_command_on_every_rank_with_its_error(launch):
+    """Rank 1 cannot open its shard (a live process holds its lock): both ranks end the command with an error."""
+    root, _, stderr, results, _ = launch
+    assert [r["codes"]["fail"] for r in results] == [2, 2]
+    assert "falip: error: [rank 1 of 2] " in stderr and "is being written by another falip process" in stderr
+    assert "falip: error: [rank 0 of 2] rank 1 of 2 failed: OutputInUseError: " in stderr
+    assert not (root / "fail" / "r.json").exists()
+
+
+def test_rank_helpers_share_work_and_report_a_failure_on_every_rank(launch):
+    results = launch[3]
+    assert [r["mine"] for r in results] == [[0, 2, 4], [1, 3]]  # every item on exactly one rank
+    assert [r["main"] for r in results] == [True, False]
+    assert all(r["sum"] == {"a": 3, "b": 20} and r["gathered"] == [0, 2] for r in results)
+    assert results[1]["error"] == "FalipError: image x.png is unreadable"  # its own error
+    assert results[0]["error"] == "DistributedError: rank 1 of 2 failed: FalipError: image x.png is unreadable"
+    assert all(r["after"] == "both ok" for r in results)  # the group is still usable: nothing hangs
+    assert all(r["out_of_step"].startswith("the ranks are out of step (rank 0: rec elapsed, rank 1: checked)") for r in results)
+
+
+def test_torchrun_runs_the_falip_module(data, single, tmp_path):
+    """What users type: ``torchrun --nproc-per-node 2 --standalone -m falip pointcloud ...``."""
+    one, one_predictions = single("pointcloud")
+    run = torchrun(command("pointcloud", data, tmp_path / "r.json"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert comparable(json.loads((tmp_path / "r.json").read_text())) == comparable(one)
+    assert predictions_path(tmp_path / "r.json").read_text() == one_predictions
+    assert run.stdout.count("acc ") == 1  # only rank 0 prints
 
 
 @pytest.mark.parametrize("task", ["rec", "classify", "pointcloud"])
@@ -228,52 +307,3 @@ def test_commands_without_a_distributed_mode_refuse_torchrun(monkeypatch, capsys
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert main(["bias", "--image-size", "64,64", "--box", "1,1,9,9"]) == 2
     assert "falip: error: [rank 1 of 2] falip bias runs in one process; start it without torchrun" in capsys.readouterr().err
-
-
-DRIVER = """
-import json, sys
-from falip import distributed
-from falip.errors import FalipError
-
-with distributed.session("cpu"):
-    r = distributed.current()
-    out = {"rank": r.rank, "mine": distributed.shard(list(range(5))), "main": distributed.is_main(),
-           "sum": distributed.sum_counts({"a": r.rank + 1, "b": 10}), "gathered": distributed.all_gather(r.rank * 2)}
-    def fail_on_rank_1():
-        if r.rank == 1:
-            raise FalipError("image x.png is unreadable")
-        return "fine"
-    try:
-        distributed.checked(fail_on_rank_1)
-    except FalipError as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    out["after"] = distributed.checked(lambda: "both ok")
-    print("RESULT " + json.dumps(out), flush=True)
-"""
-
-
-def test_rank_helpers_share_work_and_report_a_failure_on_every_rank(tmp_path):
-    (tmp_path / "driver.py").write_text(DRIVER)
-    run = torchrun([], module="driver", path=(tmp_path,))
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = sorted(
-        (json.loads(line.split("RESULT ", 1)[1]) for line in run.stdout.splitlines() if "RESULT " in line),
-        key=lambda r: r["rank"],
-    )
-    assert [r["mine"] for r in results] == [[0, 2, 4], [1, 3]]  # every item on exactly one rank
-    assert [r["main"] for r in results] == [True, False]
-    assert all(r["sum"] == {"a": 3, "b": 20} and r["gathered"] == [0, 2] for r in results)
-    assert results[1]["error"] == "FalipError: image x.png is unreadable"  # its own error
-    assert results[0]["error"] == "DistributedError: rank 1 of 2 failed: FalipError: image x.png is unreadable"
-    assert all(r["after"] == "both ok" for r in results)  # the group is still usable: nothing hangs
-
-
-def test_a_rank_that_fails_ends_the_whole_run_with_its_error(data, tmp_path):
-    """Rank 1 cannot open its shard (a live process holds its lock): both ranks exit with an error, none hangs."""
-    target = predictions_path(tmp_path / "r.json")
-    Path(f"{shard_path(target, 1, 2)}.lock").write_text(str(os.getpid()))
-    run = torchrun(command("pointcloud", data, tmp_path / "r.json"))
-    assert run.returncode != 0
-    assert "falip: error: [rank 1 of 2] " in run.stderr and "is being written by another falip process" in run.stderr
-    assert "falip: error: [rank 0 of 2] rank 1 of 2 failed: OutputInUseError: " in run.stderr
-    assert not (tmp_path / "r.json").exists()

@@ -118,12 +118,16 @@ def timeout() -> timedelta:
 @contextmanager
 def session(device: str) -> Iterator[str]:
     """Open the process group of a torchrun launch for ``device`` and yield this rank's device; outside
-    torchrun (or for one process) yield ``device`` unchanged. The group is destroyed on exit."""
+    torchrun (or for one process) yield ``device`` unchanged. The group is destroyed on exit; a group
+    that is already open (a script running several commands in one session) is used as it is."""
     rank = from_env()
     if rank is None:
         yield device
         return
     local = rank_device(device, rank)
+    if dist.is_initialized():
+        yield local
+        return
     if local.startswith("cuda"):
         torch.cuda.set_device(local)
         backend = "cpu:gloo,cuda:nccl"
@@ -155,19 +159,26 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items) if rank is None else list(items)[rank.rank :: rank.world_size]
 
 
-def all_gather(value: T) -> list[T]:
-    """``value`` of every rank, in rank order (``[value]`` outside a distributed run)."""
+def all_gather(value: T, step: str = "all_gather") -> list[T]:
+    """``value`` of every rank, in rank order (``[value]`` outside a distributed run).
+
+    ``step`` names the meeting point: ranks that meet at different steps (one of them left a
+    command early on an error of its own) raise a :class:`DistributedError` instead of mixing values."""
     rank = current()
     if rank is None:
         return [value]
     out: list = [None] * rank.world_size
-    dist.all_gather_object(out, value)
-    return out
+    dist.all_gather_object(out, (step, value))
+    steps = [s for s, _ in out]
+    if len(set(steps)) > 1:
+        where = ", ".join(f"rank {r}: {s}" for r, s in enumerate(steps))
+        raise DistributedError(f"the ranks are out of step ({where}): a rank left a command on an error; end every rank")
+    return [v for _, v in out]
 
 
 def sum_counts(counts: dict) -> dict:
     """``{name: number}`` added up over all ranks."""
-    gathered = all_gather(counts)
+    gathered = all_gather(counts, "sum_counts")
     return {k: sum(c[k] for c in gathered) for k in counts}
 
 
@@ -181,7 +192,7 @@ def checked(step: Callable[[], T]) -> T:
         value, error = step(), None
     except Exception as exc:  # every error is reported to the other ranks before it is raised here
         value, error = None, exc
-    outcomes = all_gather(None if error is None else f"{type(error).__name__}: {error}")
+    outcomes = all_gather(None if error is None else f"{type(error).__name__}: {error}", "checked")
     if error is not None:
         raise error
     failed = [(r, message) for r, message in enumerate(outcomes) if message is not None]

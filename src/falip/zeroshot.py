@@ -115,7 +115,7 @@ def zero_shot_classifier(
     classifier = torch.stack(weights)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks of a distributed run fill the cache at once
         torch.save(classifier, tmp)
         tmp.replace(path)
     return classifier

@@ -362,8 +362,8 @@ def evaluate(
                 rec.skip(s.id, err.reason, err.detail)
             bar.update(len(group.samples))
     bar.close()
-    seconds = max(distributed.all_gather(time.perf_counter() - start))  # the slowest rank's
-    images = set().union(*distributed.all_gather(images))
+    seconds = max(distributed.all_gather(time.perf_counter() - start, "classify seconds"))  # the slowest rank's
+    images = set().union(*distributed.all_gather(images, "classify images"))
     counts = distributed.sum_counts(dict(regions=regions, rotated=rotated.count, changed=n_changed))
     if counts["changed"] and distributed.is_main():
         warnings.warn(f"{counts['changed']} resumed predictions are computed again: their image files changed", stacklevel=2)

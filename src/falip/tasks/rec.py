@@ -478,7 +478,7 @@ def evaluate(
             bar.update(len(todo))
             tally([rec.done[s.id] for s in todo])
     bar.close()
-    elapsed = max(distributed.all_gather(time.perf_counter() - started))  # the slowest rank's
+    elapsed = max(distributed.all_gather(time.perf_counter() - started, "rec elapsed"))  # the slowest rank's
     counts = distributed.sum_counts({**counts, "rotated": rotated.count})
     if counts["clamped"] >= max(3, CLAMP_WARNING_SHARE * counts["proposals"]) and distributed.is_main():
         warnings.warn(
