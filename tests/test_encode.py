@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import random_boxes, random_image, tiny_clip, wrap
-from falip import FovealConfig, InvalidRegionError, encode_biased
+from falip import FovealConfig, InvalidRegionError, Unleash, encode_biased
 from falip.encode import BiasPlan
 from reference import spec_bias_row, squash_pixels, vit_encode
 
@@ -297,6 +297,8 @@ LEAN_CONFIGS = {
     "head-0": FovealConfig(alpha=1.0, heads=(0,)),
     "head-1x3": FovealConfig(alpha=1.0, heads={1: 3.0}, layers=(0, 5)),
     "last-block-only": FovealConfig(alpha=1.0, layers=(-1,)),
+    "unleashed": FovealConfig(alpha=1.0, layers=(2, 3, 4, 5), unleash=(Unleash(layers=(3, 5), heads=(1,), lam=1.5),)),
+    "unleashed-first-block": FovealConfig(alpha=1.0, layers=(2, 3, 4), unleash=(Unleash(layers=(2, 3)),)),
 }
 
 
@@ -336,3 +338,84 @@ def test_exact_runs_the_last_block_at_the_cls_query_only(rng, monkeypatch, rows)
         monkeypatch.setattr(runtime, name, record)
     model.encode_regions(random_image(rng, 200, 200), random_boxes(rng, 200, 200, 3), mode="exact")
     assert [s for s in seen if s[1] == 3] == [("block_query", 3, 1)]  # one [CLS] query, no full last block
+
+
+BATCH_CONFIGS = {
+    "cls": FovealConfig(alpha=1.0),
+    "all": FovealConfig(alpha=1.0, rows="all"),
+    "diagonal": FovealConfig(alpha=1.0, rows="diagonal", layers=(1, 4)),
+    "heads-scaled": FovealConfig(alpha=1.0, heads={0: 2.0}, layers=(0, 5)),
+    "unleashed": FovealConfig(alpha=1.0, layers=(2, 3, 4, 5), unleash=(Unleash(layers=(2, 4), lam=1.0),)),
+    "unleashed-all": FovealConfig(alpha=1.0, rows="all", layers=(3, 4, 5), unleash=(Unleash(layers=(4,)),)),
+    "no-layers": FovealConfig(alpha=1.0, layers=()),
+}
+
+
+@pytest.fixture(scope="module")
+def batch_model():
+    return tiny_clip(224, 32, layers=6, width=128)
+
+
+@pytest.mark.parametrize("mode", ["naive", "exact", "approx"])
+@pytest.mark.parametrize("name", list(BATCH_CONFIGS))
+def test_encode_regions_batch_equals_encode_regions_per_image(rng, batch_model, name, mode):
+    config = BATCH_CONFIGS[name]
+    if mode == "approx" and config.rows != "cls":
+        pytest.skip("approx exists for rows=cls only")
+    model = wrap(batch_model, config=config)
+    sizes = [(256, 200), (180, 300), (300, 300)]
+    images = [random_image(rng, w, h) for w, h in sizes]
+    boxes = [random_boxes(rng, w, h, k) for (w, h), k in zip(sizes, (3, 1, 5))]
+    batched = model.encode_regions_batch(images, boxes, mode=mode, chunk_size=4)  # chunks mix the images' regions
+    assert [tuple(b.shape) for b in batched] == [(3, 64), (1, 64), (5, 64)]
+    for image, box, got in zip(images, boxes, batched):
+        close(got, model.encode_regions(image, box, mode=mode))
+    if config.layers != ():
+        assert (batched[0] - model.encode_image(images[0])).abs().max() > 1e-4  # the bias really acts
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+def test_encode_regions_batch_with_masks_and_empty_images(rng, batch_model, mode):
+    model = wrap(batch_model, config=FovealConfig(alpha=1.0))
+    images = [random_image(rng, 200, 160), random_image(rng, 120, 120), random_image(rng, 240, 200)]
+    masks = []
+    for w, h in [(200, 160), (240, 200)]:
+        m1, m2 = np.zeros((h, w), bool), np.zeros((h, w), bool)
+        m1[10:80, 20:90] = True
+        m2[h // 2 :, w // 3 :] = True
+        masks.append([m1, m2])
+    out = model.encode_regions_batch(images, masks_per_image=[masks[0], [], masks[1]], mode=mode)
+    assert tuple(out[1].shape) == (0, 64)
+    close(out[0], model.encode_regions(images[0], masks=masks[0], mode=mode))
+    close(out[2], model.encode_regions(images[2], masks=masks[1], mode=mode))
+    assert [tuple(o.shape) for o in model.encode_regions_batch(images[:2], [None, []])] == [(0, 64), (0, 64)]
+
+
+def test_encode_regions_batch_takes_prepared_images(rng, batch_model):
+    model = wrap(batch_model, config=FovealConfig(alpha=1.0))
+    image = random_image(rng, 200, 160)
+    boxes = random_boxes(rng, 200, 160, 3)
+    prepared = model.preprocessor()(Image.fromarray(image))
+    close(model.encode_regions_batch([prepared], [boxes])[0], model.encode_regions(image, boxes))
+    with pytest.raises(ValueError, match="PreparedImage made with preprocess='crop'"):
+        model.encode_regions_batch([prepared], [boxes], preprocess="squash")
+
+
+def test_score_regions_batch_equals_score_regions(rng, batch_model):
+    model = wrap(batch_model, config=FovealConfig(alpha=1.0))
+    images = [random_image(rng, 200, 160), random_image(rng, 160, 200)]
+    boxes = [random_boxes(rng, 200, 160, 2), random_boxes(rng, 160, 200, 4)]
+    texts = ["a red circle", "a blue square", "a dog"]
+    for got, image, box in zip(model.score_regions_batch(images, texts, boxes), images, boxes):
+        close(got, model.score_regions(image, box, texts), atol=1e-3)  # logits: logit_scale (100) × cosine
+
+
+def test_encode_regions_batch_rejects_mismatched_inputs(rng, batch_model):
+    model = wrap(batch_model)
+    image = random_image(rng, 100, 100)
+    with pytest.raises(ValueError, match="2 images but 1 region lists"):
+        model.encode_regions_batch([image, image], [[(0, 0, 50, 50)]])
+    with pytest.raises(ValueError, match="not both"):
+        model.encode_regions_batch([image], [[(0, 0, 50, 50)]], masks_per_image=[[np.ones((100, 100), bool)]])
+    with pytest.raises(ValueError, match="image_index"):
+        encode_biased(model.runtime, torch.zeros(2, 3, 224, 224), torch.zeros(1, 50), model.plan())

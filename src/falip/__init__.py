@@ -14,7 +14,7 @@ from .errors import (
 from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
 from .images import load_image
 from .methods import encode_with_method, parse_method
-from .model import FalipModel, load
+from .model import FalipModel, PreparedImage, Preprocessor, load
 from .runtimes import list_models as _runtime_models
 from .runtimes.open_clip_loading import normalize_model_name
 from .tasks.classify import classify
@@ -47,6 +47,8 @@ __all__ = [
     "MODES",
     "ModelLoadError",
     "PREPROCESS_MODES",
+    "PreparedImage",
+    "Preprocessor",
     "RegionClampWarning",
     "TextUnavailableError",
     "UnsupportedModelError",

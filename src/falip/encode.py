@@ -3,16 +3,20 @@
 - ``naive``: one full forward pass per region, batch size 1, full ``L×L`` masks — the reference
   code's execution pattern, kept as the baseline that the other modes are tested against.
 - ``exact``: blocks before the first biased block run once per image; in the first biased block
-  the patch tokens do not depend on the bias (rows=cls), so they are computed once and the K
-  [CLS] rows are evaluated as K queries of that one sequence; the remaining blocks run batched
-  over regions, in chunks of ``chunk_size``. With rows=cls no ``(k·H, L, L)`` mask is built: the
-  later biased blocks take the [CLS] bias row alone (:meth:`block_cls_biased`, memory O(K·H·L)).
-  The last block runs at the [CLS] query only, the one token pooled. Equal to ``naive`` up to
-  float rounding.
+  the patch tokens do not depend on the bias (rows=cls), so they are computed once per image and
+  an image's [CLS] rows are evaluated as queries of that image's one sequence; the remaining
+  blocks run batched over regions (of any images), in chunks of ``chunk_size``. With rows=cls no
+  ``(k·H, L, L)`` mask is built: the later biased blocks take the [CLS] bias row alone
+  (:meth:`block_cls_biased`, memory O(K·H·L)), unleashed ones run [CLS] through ``block_heads``
+  and the unmasked patch queries through ``block_query``. The last block runs at the [CLS] query
+  only, the one token pooled. Equal to ``naive`` up to float rounding.
 - ``approx``: only [CLS] goes through the biased blocks, attending to the *unbiased* patch tokens
   of one plain pass; the K [CLS] tokens share one sequence and are kept independent by ``-inf``
   on each other's keys. Cost ≈ one image pass for any number of regions. Not FALIP exactly: its
   deviation is measured in ``benchmarks/`` and reported in the README.
+
+Every mode takes N images and K regions with a region→image index (:func:`encode_biased`): the
+shared prefix runs batched over the images, the biased suffix over the regions of all of them.
 
 Every mode honours ``BiasPlan.unleash``: biased blocks named there run through the runtime's
 ``block_heads`` with per-head gains (the prompt-induced attention change amplified); the others
@@ -55,18 +59,32 @@ def encode_biased(
     plan: BiasPlan,
     mode: str = "exact",
     chunk_size: Optional[int] = None,
+    image_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Embeddings ``(K, E)`` (not normalised) of one image ``pixels (1, 3, S, S)`` under K biases ``(K, L)``,
-    ``L = runtime.num_prefix + gh·gw`` (see :func:`falip.bias.region_biases`).
+    """Embeddings ``(K, E)`` (not normalised) of K regions of N images ``pixels (N, 3, S, S)``.
 
-    ``chunk_size``: regions per batched pass (default: :func:`default_chunk_size`).
+    ``bias (K, L)``: region k's bias vector, ``L = runtime.num_prefix + gh·gw`` (:func:`falip.bias.region_biases`); ``image_index (K,)``: the image region k belongs to
+    (default: all regions of a single image, N = 1). The unbiased prefix blocks run once per image,
+    batched over the N images; the biased suffix runs batched over regions of any images, in
+    chunks of ``chunk_size`` regions (default: :func:`default_chunk_size`). Each region's embedding
+    equals the one-image call up to float rounding.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if pixels.shape[0] != 1:
-        raise ValueError(f"encode_biased takes one image, got a batch of {pixels.shape[0]}")
+    N, K = pixels.shape[0], bias.shape[0]
+    if image_index is None:
+        if N != 1:
+            raise ValueError(f"encode_biased got {N} images: pass image_index (K,) saying which image each region belongs to")
+        image_index = torch.zeros(K, dtype=torch.long)
+    image_index = torch.as_tensor(image_index, dtype=torch.long).cpu()
+    if image_index.shape != (K,) or (K and (int(image_index.min()) < 0 or int(image_index.max()) >= N)):
+        raise ValueError(
+            f"image_index must be ({K},) indices of the {N} images, got {tuple(image_index.shape)} {image_index.tolist()}"
+        )
+    if K == 0:
+        raise ValueError("encode_biased needs at least one region")
     if chunk_size is None:
-        chunk_size = default_chunk_size(runtime, lean=mode == "exact" and plan.rows == "cls" and not plan.unleash)
+        chunk_size = default_chunk_size(runtime, lean=mode == "exact" and plan.rows == "cls")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     L = runtime.num_prefix + runtime.grid[0] * runtime.grid[1]
@@ -77,16 +95,21 @@ def encode_biased(
         )
     bias = bias.to(runtime.device, torch.float32)
     if not plan.layers:
-        return runtime.run(pixels).expand(bias.shape[0], -1)
+        return runtime.run(pixels)[image_index.to(runtime.device)]
     if mode == "naive":
-        return torch.cat([runtime.run(pixels, _naive_trunk(runtime, bias[k : k + 1], plan)) for k in range(bias.shape[0])])
+        return torch.cat(
+            [
+                runtime.run(pixels[n : n + 1], _naive_trunk(runtime, bias[k : k + 1], plan))
+                for k, n in enumerate(image_index.tolist())
+            ]
+        )
     if mode == "approx":
         if plan.rows != "cls":
             raise ValueError(
                 f"mode='approx' only exists for rows='cls' (the [CLS] query alone is biased), got rows={plan.rows!r}"
             )
-        return runtime.run(pixels, _approx_trunk(runtime, bias, plan, chunk_size))
-    return runtime.run(pixels, _exact_trunk(runtime, bias, plan, chunk_size))
+        return runtime.run(pixels, _approx_trunk(runtime, bias, image_index, plan, chunk_size))
+    return runtime.run(pixels, _exact_trunk(runtime, bias, image_index, plan, chunk_size))
 
 
 MASK_BUDGET_BYTES = 256 * 2**20
@@ -147,6 +170,33 @@ def _chunks(n: int, size: int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def _by_image(image_index: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """Regions of a chunk as query slots of their images: ``(images (m,), row (k,), slot (k,))``.
+
+    ``images`` are the distinct images in order of appearance, region k is query ``slot[k]`` of
+    image ``images[row[k]]``.
+    """
+    images: list[int] = []
+    row: list[int] = []
+    slot: list[int] = []
+    count: dict[int, int] = {}
+    for n in image_index.tolist():
+        if n not in count:
+            count[n] = 0
+            images.append(n)
+        row.append(images.index(n))
+        slot.append(count[n])
+        count[n] += 1
+    return images, row, slot
+
+
+def _per_image_rows(bias: torch.Tensor, row: list[int], slot: list[int], m: int) -> torch.Tensor:
+    """Biases ``(k, L)`` laid out as ``(m, Q, L)``: image j's query q (zeros where an image has fewer regions)."""
+    out = bias.new_zeros(m, max(slot) + 1, bias.shape[1])
+    out[row, slot] = bias
+    return out
+
+
 def _cls_row_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
     """The [CLS] query's additive mask ``(K, H or 1, 1, L)`` from biases ``(K, L)`` (rows=cls)."""
     mask = bias[:, None, None, :]
@@ -155,60 +205,62 @@ def _cls_row_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torc
     return mask
 
 
-def _exact_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, chunk_size: int):
+def _exact_trunk(runtime: VisionRuntime, bias: torch.Tensor, image_index: torch.Tensor, plan: BiasPlan, chunk_size: int):
     first, last, H = plan.layers[0], runtime.num_layers - 1, runtime.num_heads
     lean = plan.rows == "cls"
-    unleashed = set(plan.unleash or ())
 
-    def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (1, L, D), shared by every region
+    def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (N, L, D), one sequence per image
         for i in range(first):
             x = runtime.block(i, x)
         # With rows=cls the first biased block changes only [CLS]'s row: its patch tokens are
-        # computed once (and not at all when it is the last block), and the K [CLS] rows as K
-        # queries of the one shared sequence.
+        # computed once per image (and not at all when it is the last block), and an image's
+        # [CLS] rows as queries of that image's one sequence.
         shared_first = runtime.block(first, x) if lean and first < last else None
         outs = []
         for sl in _chunks(bias.shape[0], chunk_size):
-            b = bias[sl]
+            b, idx = bias[sl], image_index[sl].to(x.device)
             k = b.shape[0]
-            full = None  # the (k·H, L, L) mask, built only for a block that needs it (rows≠cls, unleashed)
+            full = None  # the (k·H, L, L) mask, built only for rows≠cls
             if lean:
                 cls_rows = _cls_row_mask(b, H, plan.head_scales)
-                queries = x[:, :1].expand(1, k, -1)
-                cls = _block_query(runtime, plan, first, queries, x, query_rows_mask(b, H, plan.head_scales))
+                row0 = cls_rows.expand(k, H, 1, -1).reshape(k * H, 1, -1)
+                images, row, slot = _by_image(image_index[sl])
+                per_image = _per_image_rows(b, row, slot, len(images))  # (m, Q, L)
+                queries = x[images, :1].expand(-1, per_image.shape[1], -1)  # (m, Q, D)
+                mask = torch.cat([query_rows_mask(r, H, plan.head_scales) for r in per_image])  # (m·H, Q, L)
+                cls = _block_query(runtime, plan, first, queries, x[images], mask)[row, slot][:, None]  # (k, 1, D)
                 if first == last:
-                    outs.append(cls.transpose(0, 1))
+                    outs.append(cls)
                     continue
-                y = torch.cat([cls.transpose(0, 1), shared_first[:, 1:].expand(k, -1, -1)], dim=1)
+                y = torch.cat([cls, shared_first[idx, 1:]], dim=1)
                 start = first + 1
             else:
-                y, start = x.expand(k, -1, -1), first
+                y, start = x[idx], first
+                full = full_attention_mask(b, plan.rows, H, plan.head_scales)
+                row0 = full[:, :1]
             for i in range(start, last):
                 if i not in plan.layers:
                     y = runtime.block(i, y)
-                elif lean and i not in unleashed:
+                elif not lean:
+                    y = _block(runtime, plan, i, y, full)
+                elif plan.unleash and i in plan.unleash:
+                    # The patch queries attend unmasked, so unleashing changes the [CLS] query alone.
+                    cls = runtime.block_heads(i, y[:, :1], y, row0, gain=plan.unleash[i]).out
+                    y = torch.cat([cls, runtime.block_query(i, y[:, 1:], y)], dim=1)
+                else:
                     # [CLS] with its bias row, the patch queries unmasked (they still see the biased [CLS]).
                     y = runtime.block_cls_biased(i, y, cls_rows)
-                else:
-                    full = full_attention_mask(b, plan.rows, H, plan.head_scales) if full is None else full
-                    y = _block(runtime, plan, i, y, full)
             # Only [CLS] leaves the ViT (the runtime pools token 0), so the last block runs at that query alone.
-            row0 = None
-            if last in plan.layers:
-                if lean:
-                    row0 = cls_rows.expand(k, H, 1, -1).reshape(k * H, 1, -1)
-                else:
-                    row0 = (full_attention_mask(b, plan.rows, H, plan.head_scales) if full is None else full)[:, :1]
-            outs.append(_block_query(runtime, plan, last, y[:, :1], y, row0))
+            outs.append(_block_query(runtime, plan, last, y[:, :1], y, row0 if last in plan.layers else None))
         return torch.cat(outs)
 
     return trunk
 
 
-def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, chunk_size: int):
+def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, image_index: torch.Tensor, plan: BiasPlan, chunk_size: int):
     first, depth, H = plan.layers[0], runtime.num_layers, runtime.num_heads
 
-    def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (1, L, D)
+    def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (N, L, D), one sequence per image
         for i in range(first):
             x = runtime.block(i, x)
         cls_in = x[:, :1]  # [CLS] entering the first biased block, before any bias
@@ -219,16 +271,16 @@ def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, plan: BiasPlan, ch
                 x = runtime.block(i, x)
         outs = []
         for sl in _chunks(bias.shape[0], chunk_size):
-            b = bias[sl]
-            k = b.shape[0]
-            # All K [CLS] tokens ride in one sequence; each sees only its own [CLS] key.
-            biased = private_cls_mask(b, H, plan.head_scales)
-            plain = private_cls_mask(torch.zeros_like(b), H, None)
-            cls = cls_in.expand(1, k, -1)
+            images, row, slot = _by_image(image_index[sl])
+            per_image = _per_image_rows(bias[sl], row, slot, len(images))  # (m, Q, L)
+            # An image's [CLS] tokens ride in one sequence with its patches; each sees only its own [CLS] key.
+            biased = torch.cat([private_cls_mask(r, H, plan.head_scales) for r in per_image])  # (m·H, Q, Q + L - 1)
+            plain = private_cls_mask(torch.zeros_like(per_image[0]), H, None).repeat(len(images), 1, 1)
+            cls = cls_in[images].expand(-1, per_image.shape[1], -1)  # (m, Q, D)
             for j, i in enumerate(range(first, depth)):
-                context = torch.cat([cls, patches[j]], dim=1)
+                context = torch.cat([cls, patches[j][images]], dim=1)
                 cls = _block_query(runtime, plan, i, cls, context, biased if i in plan.layers else plain, plain)
-            outs.append(cls.transpose(0, 1))
+            outs.append(cls[row, slot][:, None])
         return torch.cat(outs)
 
     return trunk

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .bias import FovealConfig, region_biases
 from .encode import MODES, BiasPlan, encode_biased
@@ -120,16 +122,14 @@ class FalipModel:
         """The preprocessing transform for an image of ``image_size = (W, H)``."""
         return make_transform(preprocess or self.preprocess, image_size, self.image_size)
 
+    def preprocessor(self, preprocess: Optional[str] = None) -> Preprocessor:
+        """The model's preprocessing as a small picklable object (for DataLoader worker processes)."""
+        return Preprocessor(preprocess or self.preprocess, self.image_size, tuple(self.runtime.mean), tuple(self.runtime.std))
+
     def preprocess_image(self, image, preprocess: Optional[str] = None) -> tuple[torch.Tensor, ImageTransform]:
         """``(pixels (1, 3, S, S) float32, transform)`` for a path, PIL image or array."""
-        pil = load_image(image)
-        transform = self.transform_for(pil.size, preprocess)
-        fill = tuple(int(round(255 * m)) for m in self.runtime.mean)
-        resized = transform.apply(pil, fill=fill)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-        mean = torch.tensor(self.runtime.mean).view(3, 1, 1)
-        std = torch.tensor(self.runtime.std).view(3, 1, 1)
-        return ((pixels - mean) / std)[None], transform
+        prepared = self.preprocessor(preprocess)(load_image(image))
+        return prepared.pixels, prepared.transform
 
     def plan(self, config: Optional[FovealConfig] = None) -> BiasPlan:
         config = config or self.config
@@ -199,9 +199,10 @@ class FalipModel:
         transform = self.transform_for((S, S), "squash")  # the identity on an S×S image
         plan = self.plan(config)
         out = []
-        for image, mask in zip(pixels, masks.cpu().numpy()):
-            bias = self.region_biases(transform, masks=[mask], config=config)
-            out.append(encode_biased(self.runtime, image[None], bias, plan, mode=mode))
+        for s in range(0, len(pixels), batch_size):  # every image one region: its mask
+            bias = self.region_biases(transform, masks=list(masks[s : s + batch_size].cpu().numpy()), config=config)
+            index = torch.arange(len(bias))
+            out.append(encode_biased(self.runtime, pixels[s : s + batch_size], bias, plan, mode=mode, image_index=index))
         return F.normalize(self._finite(torch.cat(out)).float(), dim=-1)
 
     @torch.no_grad()
@@ -229,17 +230,67 @@ class FalipModel:
     ) -> torch.Tensor:
         """L2-normalised embeddings ``(K, E)`` of one image looking at each of K regions.
 
-        image: path, PIL image or array. boxes: ``(K, 4)`` ``(x0, y0, x1, y1)`` in original pixels
-        (list, numpy or tensor). masks: instead of boxes, K boolean ``(H, W)`` masks.
+        image: path, PIL image, array, or a :class:`PreparedImage`. boxes: ``(K, 4)`` ``(x0, y0, x1, y1)``
+        in original pixels (list, numpy or tensor). masks: instead of boxes, K boolean ``(H, W)`` masks.
         mode: ``exact`` (default), ``naive`` (one pass per region) or ``approx`` (see README).
-        chunk_size: regions per batched pass (default: bounded by the mask's memory, at most 32).
+        chunk_size: regions per batched pass (default: :func:`falip.encode.default_chunk_size`).
+        """
+        if boxes is None and masks is None:
+            raise ValueError("give boxes=... or masks=...")
+        kwargs = dict(config=config, mode=mode, preprocess=preprocess, chunk_size=chunk_size)
+        if masks is not None:
+            return self.encode_regions_batch([image], masks_per_image=[masks], **kwargs)[0]
+        return self.encode_regions_batch([image], [boxes], **kwargs)[0]
+
+    def encode_regions_batch(
+        self,
+        images: Sequence,
+        boxes_per_image: Optional[Sequence] = None,
+        *,
+        masks_per_image: Optional[Sequence] = None,
+        config: Optional[FovealConfig] = None,
+        mode: str = "exact",
+        preprocess: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`encode_regions` of N images in shared passes: a list of N L2-normalised ``(K_i, E)`` tensors.
+
+        images: N paths, PIL images, arrays or :class:`PreparedImage` (``model.preprocessor()(pil)``, e.g.
+        made in DataLoader workers). boxes_per_image: N box lists ``(K_i, 4)``; masks_per_image: instead,
+        N lists of K_i masks ``(H_i, W_i)``. An image with no regions (``None`` or empty) gives ``(0, E)``.
+        The unbiased blocks run batched over the images, the biased ones over all regions in chunks of
+        ``chunk_size``; each image's result equals :meth:`encode_regions` on it (up to float rounding).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        pixels, transform = self.preprocess_image(image, preprocess)
-        bias = self.region_biases(transform, boxes=boxes, masks=masks, config=config)
-        embeddings = encode_biased(self.runtime, pixels, bias, self.plan(config), mode=mode, chunk_size=chunk_size)
-        return F.normalize(self._finite(embeddings).float(), dim=-1)
+        images = list(images)
+        if (boxes_per_image is None) == (masks_per_image is None):
+            raise ValueError("give boxes_per_image=... or masks_per_image=... (one list per image), not both")
+        regions = list(boxes_per_image if boxes_per_image is not None else masks_per_image)
+        if len(regions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(regions)} region lists")
+        pixels, biases, counts = [], [], []
+        for image, region in zip(images, regions):
+            if region is None or len(region) == 0:
+                counts.append(0)
+                continue
+            if isinstance(image, PreparedImage):
+                if preprocess is not None and preprocess != image.transform.mode:
+                    raise ValueError(f"a PreparedImage made with preprocess={image.transform.mode!r} given with {preprocess!r}")
+                prepared = image
+            else:
+                prepared = self.preprocessor(preprocess)(load_image(image))
+            kind = dict(boxes=region) if boxes_per_image is not None else dict(masks=region)
+            biases.append(self.region_biases(prepared.transform, config=config, **kind))
+            pixels.append(prepared.pixels)
+            counts.append(len(biases[-1]))
+        if not pixels:
+            return [torch.zeros(0, self.runtime.embed_dim) for _ in images]
+        index = torch.cat([torch.full((len(b),), n) for n, b in enumerate(biases)])
+        embeddings = encode_biased(
+            self.runtime, torch.cat(pixels), torch.cat(biases), self.plan(config), mode, chunk_size, image_index=index
+        )
+        return list(F.normalize(self._finite(embeddings).float(), dim=-1).cpu().split(counts))
 
     @torch.no_grad()
     def score_regions(self, image, boxes=None, texts: Union[str, Sequence[str]] = (), **kwargs) -> torch.Tensor:
@@ -250,9 +301,47 @@ class FalipModel:
         Keyword arguments are those of :meth:`encode_regions` (``masks``, ``config``, ``mode`` …).
         Like every encoder here it is safe to call from several threads on one model.
         """
+        if "masks" in kwargs:
+            return self.score_regions_batch([image], texts, masks_per_image=[kwargs.pop("masks")], **kwargs)[0]
+        return self.score_regions_batch([image], texts, [boxes], **kwargs)[0]
+
+    @torch.no_grad()
+    def score_regions_batch(
+        self, images: Sequence, texts: Union[str, Sequence[str]], boxes_per_image: Optional[Sequence] = None, **kwargs
+    ) -> list[torch.Tensor]:
+        """:meth:`score_regions` of N images against the same T texts: a list of N ``(K_i, T)`` logits (``runtime.logits``).
+
+        Keyword arguments are those of :meth:`encode_regions_batch` (``masks_per_image``, ``config``, ``mode`` …).
+        """
         text = self.encode_text(texts)
-        regions = self.encode_regions(image, boxes, **kwargs)
-        return self.runtime.logits(regions, text)
+        return [self.runtime.logits(r, text) for r in self.encode_regions_batch(images, boxes_per_image, **kwargs)]
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the ViT: ``pixels (1, 3, S, S)`` float32 (normalised) and its ``transform``."""
+
+    pixels: torch.Tensor
+    transform: ImageTransform
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """A model's preprocessing (``mode``, input size S, mean/std) as a picklable callable: PIL → :class:`PreparedImage`."""
+
+    mode: str
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, pil: Image.Image) -> PreparedImage:
+        transform = make_transform(self.mode, pil.size, self.size)
+        fill = tuple(int(round(255 * m)) for m in self.mean)
+        resized = transform.apply(pil, fill=fill)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return PreparedImage(((pixels - mean) / std)[None], transform)
 
 
 def load(
