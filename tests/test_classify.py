@@ -268,7 +268,9 @@ def test_generic_jsonl_reader_and_its_errors(tmp_path):
 
 
 def fake_model():
-    return SimpleNamespace(runtime=SimpleNamespace(logits=lambda image, text: 100.0 * image @ text.T), config=FovealConfig())
+    """Scores only: no preprocessing (the loader ships the decoded images), runs on the CPU."""
+    runtime = SimpleNamespace(logits=lambda image, text: 100.0 * image @ text.T)
+    return SimpleNamespace(runtime=runtime, config=FovealConfig(), device=torch.device("cpu"), preprocessor=lambda: None)
 
 
 def test_top1_top5_and_groups_on_constructed_embeddings(tmp_path, monkeypatch):
@@ -292,13 +294,16 @@ def test_top1_top5_and_groups_on_constructed_embeddings(tmp_path, monkeypatch):
         for w, name in names.items()
     ]
 
-    def fake_encode(model, image, method, boxes=None, masks=None, **kwargs):
+    def fake_encode(model, image, boxes):
         v = torch.zeros(len(boxes), 7)
         for rank, c in enumerate(rankings[names[image.size[0]]][0]):
             v[:, c] = 1.0 - 0.1 * rank
         return torch.nn.functional.normalize(v, dim=-1)
 
-    monkeypatch.setattr(cls, "encode_with_method", fake_encode)
+    def fake_encode_batch(model, images, method, boxes_per_image=None, masks_per_image=None, **kwargs):
+        return [fake_encode(model, image, boxes) for image, boxes in zip(images, boxes_per_image)]
+
+    monkeypatch.setattr(cls, "encode_with_method_batch", fake_encode_batch)
     monkeypatch.setattr(cls, "text_classifier", lambda model, names, templates, method: torch.eye(7))
     result = cls.evaluate(fake_model(), RegionDataset("toy", "test", classes, samples), tmp_path / "r.json", progress=False)
     m = result["metrics"]
@@ -398,8 +403,8 @@ def generic_data(tmp_path):
 
 def test_bad_inputs_are_skipped_with_clear_reasons(model, generic_data, monkeypatch):
     calls = []
-    real = cls.encode_with_method
-    monkeypatch.setattr(cls, "encode_with_method", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = cls.encode_with_method_batch
+    monkeypatch.setattr(cls, "encode_with_method_batch", lambda *a, **k: calls.append(k) or real(*a, **k))
     ds = load_generic(generic_data / "regions.jsonl", generic_data / "classes.txt")
     result = cls.evaluate(model, ds, generic_data / "out/r.json", templates="simple", progress=False)
     m, skipped = result["metrics"], result["skipped"]
@@ -417,8 +422,10 @@ def test_bad_inputs_are_skipped_with_clear_reasons(model, generic_data, monkeypa
     assert "missing.png" in detail["no-image"] and "m/nope.png" in detail["mask-missing"]
     assert "small.png is 100x100 but image" in detail["mask-size"] and "a.png is 224x160" in detail["mask-size"]
     assert "empty.png is empty" in detail["mask-empty"] and "entirely outside" in detail["box-outside"]
-    # the two good boxes of a.png go through one call, its mask through another, b.png through a third
-    assert sorted(len(k.get("boxes", k.get("masks"))) for k in calls) == [1, 1, 2]
+    # one batched call: the two good boxes of a.png, its mask, the box of b.png
+    assert len(calls) == 1
+    regions = [b if b is not None else m for b, m in zip(calls[0]["boxes_per_image"], calls[0]["masks_per_image"])]
+    assert [len(r) for r in regions] == [2, 1, 1] and calls[0]["masks_per_image"][1] is not None
     assert result["speed"]["images"] == 2 and result["speed"]["regions"] == 4
 
 
@@ -440,13 +447,13 @@ def test_resume_encodes_only_new_samples_and_refuses_other_settings(model, gener
     out = generic_data / "resume.json"
     cls.evaluate(model, first, out, templates="simple", progress=False)
     calls = []
-    real = cls.encode_with_method
-    monkeypatch.setattr(cls, "encode_with_method", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = cls.encode_with_method_batch
+    monkeypatch.setattr(cls, "encode_with_method_batch", lambda *a, **k: calls.append(k) or real(*a, **k))
     again = cls.evaluate(model, first, out, templates="simple", progress=False)
     assert calls == [] and again["metrics"]["n"] == 2 and again["speed"]["resumed"] == 2
     more = RegionDataset(ds.name, ds.split, ds.classnames, ds.samples[:4], [])
     result = cls.evaluate(model, more, out, templates="simple", progress=False)
-    assert len(calls) == 2 and result["metrics"]["n"] == 4
+    assert len(calls) == 1 and len(calls[0]["boxes_per_image"]) == 2 and result["metrics"]["n"] == 4  # the 2 new images
     with pytest.raises(ResumeMismatchError):
         cls.evaluate(model, more, out, method="blur", templates="simple", progress=False)
 
@@ -569,3 +576,28 @@ def test_a_region_outside_the_centre_crop_fails_alone(model, generic_data):
     result = cls.evaluate(model, data, generic_data / "crop.json", templates="simple", progress=False)
     assert result["metrics"]["n"] == 2 and result["skipped"]["by_reason"] == {"bad region": 1}
     assert "outside the centre crop" in result["skipped"]["examples"][0]["detail"]
+
+
+@pytest.mark.parametrize("method", ["falip", "none", "blur"])
+def test_batched_run_with_workers_equals_batch_size_1_inline(model, generic_data, method):
+    """Batches of images read by worker processes give the predictions of one image at a time, read inline."""
+    ds = load_generic(generic_data / "regions.jsonl", generic_data / "classes.txt")
+    runs = {}
+    for name, batch_size, workers in [("single", 1, 0), ("batched", 8, 2)]:
+        out = generic_data / f"{method}-{name}.json"
+        result = cls.evaluate(
+            model, ds, out, method=method, templates="simple", batch_size=batch_size, workers=workers, progress=False
+        )
+        lines = predictions_path(out).read_text().splitlines()[1:]
+        runs[name] = (result["metrics"], result["skipped"], [json.loads(line) for line in lines])
+    assert runs["batched"] == runs["single"]
+    assert runs["single"][0]["n"] == 4 and runs["single"][0]["skipped"] == 7
+
+
+def test_loader_flags_are_checked(tmp_path):
+    from falip.tasks.loader import check_loader_args
+
+    with pytest.raises(FalipError, match="--batch-size must be an integer >= 1, got 0"):
+        check_loader_args(0, 1)
+    with pytest.raises(FalipError, match="--workers must be an integer >= 0"):
+        check_loader_args(4, -1)

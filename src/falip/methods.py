@@ -20,6 +20,7 @@ import torch
 from .bias import FovealConfig
 from .geometry import validate_boxes, validate_masks
 from .images import load_image
+from .model import PreparedImage
 from .prompts import EDITS, STYLES, apply_edit
 
 METHOD_HELP = f"falip, none, one of {', '.join(EDITS)}, or falip+<edit>"
@@ -93,16 +94,11 @@ def encode_with_method(
     method = parse_method(method) if isinstance(method, str) else method
     if edit_style not in STYLES:
         raise ValueError(f"edit_style must be one of {STYLES}, got {edit_style!r}")
+    if method.edit is None:
+        return encode_with_method_batch(model, [image], method, [boxes], [masks], config=config, mode=mode)[0]
     pil = load_image(image)
     box_arr, mask_list = validated_regions(pil.size, boxes, masks)
     K = len(box_arr)
-
-    if method.edit is None:
-        if not method.foveal:
-            return model.encode_image(pil).expand(K, -1).clone()
-        if mask_list is not None:
-            return model.encode_regions(pil, masks=mask_list, config=config, mode=mode)
-        return model.encode_regions(pil, box_arr, config=config, mode=mode)
 
     if (config or model.config).unleash:  # Eq. 6 for an edit prompt: G_h from the clean image's pass
         from .heads import encode_unleashed
@@ -120,6 +116,57 @@ def encode_with_method(
         else:
             out.append(model.encode_regions(e.image, [e.box], config=config, mode=mode))
     return torch.cat(out)
+
+
+def encode_with_method_batch(
+    model,
+    images: Sequence,
+    method,
+    boxes_per_image: Optional[Sequence] = None,
+    masks_per_image: Optional[Sequence] = None,
+    config: Optional[FovealConfig] = None,
+    mode: str = "exact",
+    batch_size: int = 32,
+    edit_style: str = "clean",
+) -> list[torch.Tensor]:
+    """:func:`encode_with_method` of N images: a list of N L2-normalised ``(K_i, E)`` tensors.
+
+    images: paths, PIL images, arrays, or :class:`falip.model.PreparedImage` (for ``falip`` and ``none``:
+    methods without an edit, which run as one batched call over all the images —
+    :meth:`FalipModel.encode_regions_batch` or one plain pass). boxes_per_image / masks_per_image: one
+    entry per image (``None`` entries allowed where the other list gives the image's regions).
+    Methods with an edit encode image by image (each already batches its K edited images).
+    """
+    method = parse_method(method) if isinstance(method, str) else method
+    n = len(images)
+    boxes_per_image = list(boxes_per_image) if boxes_per_image is not None else [None] * n
+    masks_per_image = list(masks_per_image) if masks_per_image is not None else [None] * n
+    if len(boxes_per_image) != n or len(masks_per_image) != n:
+        raise ValueError(f"{n} images but {len(boxes_per_image)} box lists and {len(masks_per_image)} mask lists")
+    if n == 0:
+        return []
+    if method.edit is not None:
+        return [
+            encode_with_method(model, im, method, b, m, config=config, mode=mode, batch_size=batch_size, edit_style=edit_style)
+            for im, b, m in zip(images, boxes_per_image, masks_per_image)
+        ]
+    images = [im if isinstance(im, PreparedImage) else load_image(im) for im in images]
+    sizes = [im.transform.image_size if isinstance(im, PreparedImage) else im.size for im in images]
+    regions = [validated_regions(size, b, m) for size, b, m in zip(sizes, boxes_per_image, masks_per_image)]
+    if not method.foveal:
+        plain = model.encode_image(images, batch_size=batch_size)  # (N, E)
+        return [plain[i : i + 1].expand(len(r[0]), -1).clone() for i, r in enumerate(regions)]
+    out: list[Optional[torch.Tensor]] = [None] * n
+    for by_mask in (False, True):  # the images whose bias comes from boxes, then those with masks
+        chosen = [i for i, (_, masks) in enumerate(regions) if (masks is not None) == by_mask]
+        if not chosen:
+            continue
+        picked = [regions[i][1] if by_mask else regions[i][0] for i in chosen]
+        kind = dict(masks_per_image=picked) if by_mask else dict(boxes_per_image=picked)
+        encoded = model.encode_regions_batch([images[i] for i in chosen], config=config, mode=mode, **kind)
+        for i, e in zip(chosen, encoded):
+            out[i] = e
+    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()

@@ -156,12 +156,15 @@ class FalipModel:
 
     # -- encoders -------------------------------------------------------------------------------
     def encode_image(self, images, preprocess: Optional[str] = None, batch_size: int = 32) -> torch.Tensor:
-        """L2-normalised embeddings ``(B, E)`` of one image or a list of images (no bias)."""
+        """L2-normalised embeddings ``(B, E)`` of one image or a list of images (no bias); :class:`PreparedImage` too."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         out = []
         for start in range(0, len(images), batch_size):
-            pixels = torch.cat([self.preprocess_image(im, preprocess)[0] for im in images[start : start + batch_size]])
+            chunk = images[start : start + batch_size]
+            pixels = torch.cat(
+                [im.pixels if isinstance(im, PreparedImage) else self.preprocess_image(im, preprocess)[0] for im in chunk]
+            )
             out.append(F.normalize(self._finite(self.runtime.run(pixels)).float(), dim=-1))
         return torch.cat(out)
 

@@ -12,7 +12,7 @@ from ..methods import METHOD_HELP, parse_method
 from ..results import check_output_path
 from ..tasks.classify import evaluate, rename_classes
 from ..zeroshot import load_templates
-from .common import add_bias_args, add_model_args, load_from_args, settings_line
+from .common import add_bias_args, add_loader_args, add_model_args, check_loader_flags, load_from_args, settings_line
 
 
 def dataset_from_args(args: argparse.Namespace) -> RegionDataset:
@@ -39,6 +39,7 @@ def _fmt(value) -> str:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     check_output_path(args.output)
+    check_loader_flags(args)
     method = parse_method(args.method)
     dataset = dataset_from_args(args)
     if args.limit is not None:
@@ -101,8 +102,7 @@ def register(sub) -> None:
     r.add_argument("--output", required=True, help="results JSON; predictions go to <stem>.predictions.jsonl")
     r.add_argument("--no-resume", action="store_true", help="recompute everything instead of resuming")
     r.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    r.add_argument("--workers", type=int, default=4, help="threads reading images and masks ahead (default 4)")
-    r.add_argument("--batch-size", type=int, default=32, help="edited images per forward pass (default 32)")
+    add_loader_args(r, "images (and edited images per forward pass)")
     add_model_args(p)
     add_bias_args(p)
     p.set_defaults(func=cmd_classify, distributed=True)

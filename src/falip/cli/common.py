@@ -83,6 +83,26 @@ def parse_pair(text: str) -> tuple[int, int]:
 MODEL_DEFAULTS = "default: the model's own (its card's settings, e.g. falip-toy's; else the library default)"
 
 
+def add_loader_args(group, what: str = "images", default_batch: int = 16) -> None:
+    """``--batch-size`` and ``--workers`` (DataLoader-fed tasks); predictions do not depend on them."""
+    group.add_argument(
+        "--batch-size", type=int, default=default_batch, help=f"{what} encoded together in one batch (default {default_batch})"
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes reading and preprocessing the data (default: min(4, CPUs - 1); 0: in the main process)",
+    )
+
+
+def check_loader_flags(args: argparse.Namespace) -> None:
+    """FalipError naming --batch-size / --workers when out of range (before the model is loaded)."""
+    from ..tasks.loader import check_loader_args
+
+    check_loader_args(args.batch_size, 0 if args.workers is None else args.workers)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument(

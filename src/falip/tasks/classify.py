@@ -17,12 +17,10 @@ import hashlib
 import json
 import time
 import warnings
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, TypeVar, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -35,12 +33,11 @@ from ..datasets.generic import RegionDataset, RegionSample, read_mask
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, RotationNotice, load_image
-from ..methods import Method, encode_with_method, parse_method
+from ..methods import Method, encode_with_method, encode_with_method_batch, parse_method
+from ..model import PreparedImage, Preprocessor
 from ..results import RunRecorder, describe_inputs, file_stamp
 from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
-
-T = TypeVar("T")
-U = TypeVar("U")
+from .loader import DEFAULT_BATCH_SIZE, default_workers, load_batches
 
 
 class SampleError(FalipError):
@@ -50,6 +47,9 @@ class SampleError(FalipError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # picklable, to travel back from DataLoader workers
+        return SampleError, (self.reason, self.detail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +110,11 @@ def classify(
 
 @dataclass
 class ImageGroup:
-    """The regions of one image that are encoded in one call: boxes ``(K, 4)`` or K masks ``(H, W)``."""
+    """The regions of one image that are encoded in one call: boxes ``(K, 4)`` or K masks ``(H, W)``.
+
+    ``prepared``: the image preprocessed for the model (methods without an edit; ``image`` is then
+    dropped so that worker processes do not ship it); ``rotations``: ``(name, EXIF tag)`` of a tagged image.
+    """
 
     image_path: Path
     samples: list[RegionSample]
@@ -119,6 +123,13 @@ class ImageGroup:
     masks: list[np.ndarray] = field(default_factory=list)
     ready: list[RegionSample] = field(default_factory=list)  # samples whose region is in boxes/masks
     failed: list[tuple[RegionSample, SampleError]] = field(default_factory=list)
+    prepared: Optional[PreparedImage] = None
+    rotations: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def source(self):
+        """What the model encodes: the prepared pixels, else the decoded image."""
+        return self.prepared if self.prepared is not None else self.image
 
 
 def _uses_mask(sample: RegionSample) -> bool:
@@ -200,19 +211,21 @@ def load_group(samples: list[RegionSample], class_index: dict[str, int], on_rota
     return group
 
 
-def prefetch(fn: Callable[[T], U], items: Sequence[T], workers: int, depth: int = 8) -> Iterator[U]:
-    """``map(fn, items)`` in order, computed up to ``depth`` items ahead by ``workers`` threads (0: inline)."""
-    if workers <= 0:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        position = 0
-        while position < len(items) or pending:
-            while position < len(items) and len(pending) < max(depth, workers):
-                pending.append(pool.submit(fn, items[position]))
-                position += 1
-            yield pending.popleft().result()
+@dataclass(frozen=True)
+class GroupLoader:
+    """``load_group`` as a picklable callable for DataLoader workers; with a ``preprocessor`` (methods
+    without an edit) the worker also preprocesses the image and ships pixels instead of the image."""
+
+    class_index: dict[str, int]
+    preprocessor: Optional[Preprocessor] = None
+
+    def __call__(self, samples: list[RegionSample]) -> ImageGroup:
+        rotations: list[tuple[str, int]] = []
+        group = load_group(samples, self.class_index, on_rotation=lambda name, tag: rotations.append((name, tag)))
+        group.rotations = rotations
+        if self.preprocessor is not None and group.image is not None and group.ready:
+            group.prepared, group.image = self.preprocessor(group.image), None
+        return group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,18 +239,40 @@ def _encode_group(model, group: ImageGroup, method: Method, config, mode: str, b
     """
     regions = dict(masks=group.masks) if group.masks else dict(boxes=np.stack(group.boxes))
     try:
-        emb = encode_with_method(model, group.image, method, config=config, mode=mode, batch_size=batch_size, **regions)
+        emb = encode_with_method(model, group.source, method, config=config, mode=mode, batch_size=batch_size, **regions)
         return list(zip(group.ready, emb)), []
     except InvalidRegionError as exc:
         if len(group.ready) == 1:
             return [], [(group.ready[0], SampleError("bad region", f"{group.image_path}: {exc}"))]
     done, failed = [], []
     for k, s in enumerate(group.ready):
-        single = ImageGroup(group.image_path, [s], group.image, group.boxes[k : k + 1], group.masks[k : k + 1], [s])
+        single = replace(group, samples=[s], boxes=group.boxes[k : k + 1], masks=group.masks[k : k + 1], ready=[s], failed=[])
         d, f = _encode_group(model, single, method, config, mode, batch_size)
         done += d
         failed += f
     return done, failed
+
+
+def _encode_groups(
+    model, groups: list[ImageGroup], method: Method, config, mode: str, batch_size: int
+) -> list[tuple[list, list]]:
+    """:func:`_encode_group` of many groups in one batched call; when a region fails, group by group (it fails alone)."""
+    ready = [g for g in groups if g.ready]
+    try:
+        embeddings = encode_with_method_batch(
+            model,
+            [g.source for g in ready],
+            method,
+            boxes_per_image=[np.stack(g.boxes) if g.boxes else None for g in ready],
+            masks_per_image=[g.masks or None for g in ready],
+            config=config,
+            mode=mode,
+            batch_size=batch_size,
+        )
+    except InvalidRegionError:
+        return [_encode_group(model, g, method, config, mode, batch_size) if g.ready else ([], []) for g in groups]
+    encoded = iter(embeddings)
+    return [(list(zip(g.ready, next(encoded))), []) if g.ready else ([], []) for g in groups]
 
 
 def classification_metrics(records: Sequence[dict], num_classes: int, skipped: int) -> tuple[dict, dict]:
@@ -278,14 +313,17 @@ def evaluate(
     mode: str = "exact",
     run_config: Optional[dict] = None,
     resume: bool = True,
-    workers: int = 4,
-    batch_size: int = 32,
+    workers: Optional[int] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
 ) -> dict:
     """Classify every sample of ``dataset`` and write ``output`` (results JSON) and its predictions JSONL.
 
     run_config: what identifies the run (model, templates, …) — stored with the results and
     compared on resume; the method, mode, bias, dataset and classes are always added.
+    batch_size: images encoded together (and edited images per forward pass); workers: DataLoader
+    processes reading and preprocessing images (default :func:`falip.tasks.loader.default_workers`; 0:
+    inline). Predictions do not depend on either.
     Returns the results dict (``metrics``: top1, top5, n, skipped, and per-group entries).
     """
     method = parse_method(method) if isinstance(method, str) else method
@@ -322,6 +360,7 @@ def evaluate(
         done = rec.done.get(s.id)
         return done is not None and done.get("image_stamp") not in (None, stamp(s.image))
 
+    # Which samples this run computes: this rank's images, the samples not done yet (or whose image changed).
     mine = [s for group in distributed.shard(group_by_image(dataset.samples)) for s in group]  # this rank's images
     todo = [s for s in mine if s.id not in rec.done or changed(s)]
     n_changed = sum(s.id in rec.done for s in todo)
@@ -336,31 +375,40 @@ def evaluate(
     topk = min(5, len(classnames))
     images: set[Path] = set()  # images encoded in this run
     regions = 0
+
+    def write(group: ImageGroup, done: list, failed: list) -> None:
+        """Record a group's predictions (top-k of its region embeddings) and its skipped samples."""
+        nonlocal regions
+        if done:
+            logits = _logits(model, torch.stack([e for _, e in done]), classifier)  # (K, C)
+            best = logits.topk(topk, dim=-1).indices.tolist()
+            for (s, _), top in zip(done, best):
+                truth = class_index[s.label]
+                fields = dict(
+                    label=s.label,
+                    pred=classnames[top[0]],
+                    top5=[classnames[i] for i in top],
+                    correct=top[0] == truth,
+                    correct5=truth in top,
+                )
+                rec.add(s.id, **fields, image_stamp=stamp(s.image), **({"group": s.group} if s.group else {}))
+            images.add(group.image_path)
+            regions += len(done)
+        for s, err in list(group.failed) + failed:
+            rec.skip(s.id, err.reason, err.detail)
+
+    # Workers decode and preprocess (pixels for methods without an edit); the model encodes a batch of images at once.
+    loader = GroupLoader(class_index, None if method.edit else model.preprocessor())
+    workers = default_workers() if workers is None else workers
     start = time.perf_counter()
     with torch.no_grad():
-        for group in prefetch(lambda g: load_group(g, class_index, rotated), groups, workers):
-            failed = list(group.failed)
-            if group.ready:
-                done, encode_failed = _encode_group(model, group, method, config, mode, batch_size)
-                failed += encode_failed
-                if done:
-                    logits = _logits(model, torch.stack([e for _, e in done]), classifier)  # (K, C)
-                    best = logits.topk(topk, dim=-1).indices.tolist()
-                    for (s, _), top in zip(done, best):
-                        truth = class_index[s.label]
-                        fields = dict(
-                            label=s.label,
-                            pred=classnames[top[0]],
-                            top5=[classnames[i] for i in top],
-                            correct=top[0] == truth,
-                            correct5=truth in top,
-                        )
-                        rec.add(s.id, **fields, image_stamp=stamp(s.image), **({"group": s.group} if s.group else {}))
-                    images.add(group.image_path)
-                    regions += len(done)
-            for s, err in failed:
-                rec.skip(s.id, err.reason, err.detail)
-            bar.update(len(group.samples))
+        for batch in load_batches(groups, loader, batch_size, workers, model.device):
+            for group in batch:
+                for name, tag in group.rotations:
+                    rotated(name, tag)
+            for group, (done, failed) in zip(batch, _encode_groups(model, batch, method, config, mode, batch_size)):
+                write(group, done, failed)
+                bar.update(len(group.samples))
     bar.close()
     seconds = max(distributed.all_gather(time.perf_counter() - start, "classify seconds"))  # the slowest rank's
     images = set().union(*distributed.all_gather(images, "classify images"))
