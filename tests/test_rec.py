@@ -361,16 +361,20 @@ def test_score_subtraction_is_seeded_and_excludes_the_own_expression(model, data
 
 def test_each_image_is_encoded_once_per_method_and_model(model, other_model, data, tmp_path, monkeypatch):
     calls, texts = [], []
-    real = rec_module.encode_with_method
-    monkeypatch.setattr(
-        rec_module, "encode_with_method", lambda m, image, method, **kw: calls.append(method.name) or real(m, image, method, **kw)
-    )
+    real = rec_module.encode_with_method_batch
+
+    def record(m, images, method, **kw):
+        calls.append((method.name, len(images)))
+        return real(m, images, method, **kw)
+
+    monkeypatch.setattr(rec_module, "encode_with_method_batch", record)
     real_text = model.encode_text
     monkeypatch.setattr(model, "encode_text", lambda t: texts.extend(t) or real_text(t))
     scorer = RegionScorer([model, other_model], "falip,blur")
     result = run(scorer, refer(data), data, tmp_path / "r.json")
     assert result["metrics"]["n"] == 4 and result["run"]["images_encoded"] == 2
-    assert len(calls) == 2 * 2 * 2  # 2 images × 2 methods × 2 models, for 4 sentences
+    # one batched call per (model, method), each with both images (whose proposals serve all their 4 sentences)
+    assert sorted(calls) == [("blur", 2), ("blur", 2), ("falip", 2), ("falip", 2)]
     assert sorted(texts) == sorted(f"a photo of {s}" for s in ["the red box", "left thing", "blue circle", "top left"])
 
 
@@ -638,3 +642,18 @@ def test_cli_bad_input_is_one_clear_line(data, checkpoint, tmp_path, capsys):
         assert main(["rec", *common, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (extra, err)
+
+
+@pytest.mark.parametrize("methods", ["falip", "none,circle"])
+def test_batched_run_with_workers_equals_batch_size_1_inline(model, data, tmp_path, methods):
+    """Images batched and read by worker processes give the predictions, skips and order of one image at a time."""
+    runs = {}
+    for name, batch_size, workers in [("single", 1, 0), ("batched", 3, 2)]:
+        result = run(
+            RegionScorer([model], methods), refer(data), data, tmp_path / f"{name}.json", batch_size=batch_size, workers=workers
+        )
+        drop = ("expr_per_s", "images_per_s")  # timings
+        runs[name] = ({k: v for k, v in result["metrics"].items() if k not in drop}, result["skipped"], result["run"])
+        runs[name] += ([r for r in lines(tmp_path / f"{name}.predictions.jsonl")],)
+    assert runs["batched"] == runs["single"]
+    assert runs["single"][0]["n"] == 4 and runs["single"][0]["skipped"] == 3

@@ -10,7 +10,7 @@ from ..methods import METHOD_HELP
 from ..prompts import STYLES
 from ..results import check_output_path
 from ..tasks.rec import AGGREGATES, N_CAPTIONS, NO_PROPOSALS, PROMPT, RegionScorer, draw_captions, evaluate, parse_methods
-from .common import add_bias_args, add_model_args, load_from_args, settings_line
+from .common import add_bias_args, add_loader_args, add_model_args, check_loader_flags, load_from_args, settings_line
 
 
 def _load_data(args: argparse.Namespace) -> RecDataset:
@@ -37,6 +37,7 @@ def _load_models(args: argparse.Namespace) -> list:
 
 def cmd_rec(args: argparse.Namespace) -> int:
     check_output_path(args.output)
+    check_loader_flags(args)
     methods = parse_methods(args.method)
     data = _load_data(args)
     captions = draw_captions(data.split_expressions(), args.captions, args.seed) if args.subtract else None
@@ -76,6 +77,8 @@ def cmd_rec(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         progress=not args.quiet,
         no_proposals=args.no_proposals,
+        batch_size=args.batch_size,
+        workers=args.workers,
         pretrained=[m.pretrained for m in models] if any(m.pretrained for m in models) else None,
         device=args.device,
     )
@@ -155,4 +158,5 @@ def register(sub) -> None:
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
     g.add_argument("--no-resume", action="store_true", help="overwrite existing predictions instead of continuing them")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_loader_args(g, "images (each with all its proposals, for all its sentences)")
     p.set_defaults(func=cmd_rec, distributed=True)

@@ -19,7 +19,7 @@ import random
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -42,9 +42,11 @@ from ..encode import MODES
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, RotationNotice, load_image
-from ..methods import METHOD_HELP, Method, encode_with_method, parse_method
+from ..methods import METHOD_HELP, Method, encode_with_method_batch, parse_method
+from ..model import PreparedImage, Preprocessor
 from ..prompts import STYLES
 from ..results import RunRecorder, describe_inputs, file_stamp
+from .loader import DEFAULT_BATCH_SIZE, default_workers, load_batches
 
 PROMPT = "a photo of {}"
 AGGREGATES = ("sum", "max")
@@ -160,22 +162,40 @@ class RegionScorer:
     @torch.no_grad()
     def encode(self, image, boxes: np.ndarray, masks: Optional[list[np.ndarray]] = None) -> list[list[torch.Tensor]]:
         """Region embeddings ``[model][method] → (K, E)`` of K boxes ``(K, 4)`` xyxy; masks feed ``reverse_blur`` only."""
-        return [
-            [
-                encode_with_method(
+        return self.encode_batch([image], [boxes], [masks])[0]
+
+    @torch.no_grad()
+    def encode_batch(
+        self,
+        images: Sequence,
+        boxes_per_image: Sequence[np.ndarray],
+        masks_per_image: Optional[Sequence[Optional[list[np.ndarray]]]] = None,
+        prepared: Optional[Sequence[Sequence[PreparedImage]]] = None,
+    ) -> list[list[list[torch.Tensor]]]:
+        """:meth:`encode` of N images in batched calls: ``[image][model][method] → (K_i, E)``.
+
+        prepared: ``prepared[i][m]``, image i preprocessed for model m (``model.preprocessor()``, e.g. in
+        DataLoader workers), used by methods without an edit; ``images`` may then be None for them.
+        """
+        n = len(boxes_per_image)
+        masks_per_image = list(masks_per_image) if masks_per_image is not None else [None] * n
+        out: list[list[list[torch.Tensor]]] = [[[] for _ in self.models] for _ in range(n)]
+        for m, model in enumerate(self.models):
+            for method in self.methods:
+                sources = [p[m] for p in prepared] if prepared is not None and method.edit is None else images
+                encoded = encode_with_method_batch(
                     model,
-                    image,
+                    sources,
                     method,
-                    boxes=boxes,
-                    masks=masks if method.edit == "reverse_blur" else None,
+                    boxes_per_image=boxes_per_image,
+                    masks_per_image=masks_per_image if method.edit == "reverse_blur" else None,
                     config=self.config,
                     mode=self.mode,
                     edit_style=self.edit_style,
-                ).cpu()
-                for method in self.methods
-            ]
-            for model in self.models
-        ]
+                )
+                for i, e in enumerate(encoded):
+                    out[i][m].append(e.cpu())
+        return out
 
     @torch.no_grad()
     def score(self, features: list[list[torch.Tensor]], expressions: Sequence[str]) -> torch.Tensor:
@@ -298,6 +318,81 @@ def _proposal_masks(
     return masks, missing
 
 
+@dataclass
+class RecImage:
+    """One image of a REC run as a DataLoader worker prepares it.
+
+    ``samples``: its pending samples without a known problem, ``problems``: those with one. ``error``: ``(reason, detail)`` when none of
+    them can be scored (unreadable image, no proposals under ``no_proposals="skip"``). Otherwise
+    ``proposals`` (the whole image when it had none usable: ``fallback``), the kept ``boxes (K', 4)`` xyxy
+    and their indices ``keep``, ``masks`` for ``reverse_blur``, ``image`` (decoded, when a method edits
+    it) and ``prepared[m]`` (the image preprocessed for model m, when a method does not edit it).
+    """
+
+    image_id: str
+    samples: list[RecSample]
+    problems: list[RecSample] = field(default_factory=list)
+    error: Optional[tuple[str, str]] = None
+    proposals: list[Proposal] = field(default_factory=list)
+    boxes: Optional[np.ndarray] = None
+    keep: list[int] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)  # proposals, clamped, dropped, masks_missing
+    fallback: Optional[str] = None
+    masks: Optional[list[np.ndarray]] = None
+    image: Optional[object] = None
+    prepared: Optional[list[PreparedImage]] = None
+    rotations: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RecImageLoader:
+    """Reads one image, its proposals and masks, and preprocesses it (picklable: runs in DataLoader workers)."""
+
+    data: RecDataset
+    image_root: object
+    no_proposals: str
+    need_masks: bool
+    need_image: bool  # a method edits the image
+    preprocessors: Optional[tuple[Preprocessor, ...]]  # one per model, when a method does not edit the image
+
+    def __call__(self, item: tuple[str, list[RecSample]]) -> RecImage:
+        image_id, todo = item
+        loaded = RecImage(image_id, [s for s in todo if not s.problem], [s for s in todo if s.problem])
+        if not loaded.samples:
+            return loaded
+        image = _open_image(self.data, self.image_root, image_id, lambda name, tag: loaded.rotations.append((name, tag)))
+        if isinstance(image, tuple):
+            loaded.error = image
+            return loaded
+        proposals = self.data.proposals(image_id)
+        boxes, keep, clamped = _prepare_proposals(proposals, image.size)
+        loaded.counts = dict(proposals=len(proposals), clamped=clamped, dropped=len(proposals) - len(keep), masks_missing=0)
+        if not keep:
+            detail = f"image {image_id} has no {self.data.proposal_source} proposals"
+            if proposals:
+                detail += f" ({len(proposals)} with no area inside the image)"
+            if self.no_proposals == "skip":
+                loaded.error = ("no proposals", detail)
+                return loaded
+            # The reference code (main.py): `if len(boxes) == 0: boxes = [Box(x=0, y=0, w=img.width, h=img.height)]`.
+            W, H = image.size
+            proposals = [Proposal(bbox=(0.0, 0.0, float(W), float(H)))]
+            boxes, keep, _ = _prepare_proposals(proposals, image.size)
+            loaded.fallback = "whole image"
+        loaded.proposals, loaded.boxes, loaded.keep = proposals, boxes, keep
+        if self.need_masks:
+            loaded.masks, loaded.counts["masks_missing"] = _proposal_masks(proposals, keep, boxes, image.size)
+        if self.preprocessors is not None:
+            cache: dict[Preprocessor, PreparedImage] = {}  # models with the same preprocessing share it
+            for p in self.preprocessors:
+                if p not in cache:
+                    cache[p] = p(image)
+            loaded.prepared = [cache[p] for p in self.preprocessors]
+        if self.need_image:
+            loaded.image = image
+        return loaded
+
+
 def method_label(methods: Sequence[Method], aggregate: str, subtract: bool) -> str:
     """``falip``, ``crop,blur:max``, ``falip+P`` … — the method column of results tables."""
     label = ",".join(m.name for m in methods)
@@ -318,6 +413,8 @@ def evaluate(
     resume: bool = True,
     progress: bool = True,
     no_proposals: str = "whole-image",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: Optional[int] = None,
     **extra,
 ) -> dict:
     """Run REC over ``data`` and write the results JSON (and per-sample JSONL); returns the results dict.
@@ -328,6 +425,8 @@ def evaluate(
     retried when a run is resumed. ``no_proposals``: an image without usable proposals is scored
     with the whole image as its only proposal, as the reference code does (``whole-image``: its
     sentences count, and ``run.no_proposals`` counts them), or its sentences are skipped (``skip``).
+    ``batch_size``: images encoded together; ``workers``: DataLoader processes reading images and
+    proposals (default :func:`falip.tasks.loader.default_workers`; 0: inline). Predictions do not depend on either.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
@@ -375,59 +474,32 @@ def evaluate(
     def skip(s: RecSample, reason: str, detail: str) -> None:
         rec.add(s.id, skipped=reason, detail=detail, image_id=s.image_id, sentence=s.sentence)
 
-    def run_image(image_id: str, todo: list[RecSample]) -> None:
-        """Encode one image's proposals once per (model, method) and score all its pending sentences."""
-        ok = [s for s in todo if not s.problem]
-        for s in todo:
-            if s.problem:
-                skip(s, *s.problem)
-        if not ok:
+    def write(loaded: RecImage, features: Optional[list[list[torch.Tensor]]], error: Optional[tuple[str, str]]) -> None:
+        """Record one image's sentences: predictions from its proposals' ``features``, or skips with ``error``."""
+        for s in loaded.problems:
+            skip(s, *s.problem)
+        for name, tag in loaded.rotations:
+            rotated(name, tag)
+        for key, value in loaded.counts.items():
+            counts[key] += value
+        counts["whole_images"] += loaded.fallback is not None
+        if not loaded.samples:
             return
-        image = _open_image(data, image_root, image_id, rotated)
-        if isinstance(image, tuple):
-            for s in ok:
-                skip(s, *image)
-            return
-        proposals = data.proposals(image_id)
-        boxes, keep, clamped = _prepare_proposals(proposals, image.size)
-        counts["clamped"] += clamped
-        counts["proposals"] += len(proposals)
-        counts["dropped"] += len(proposals) - len(keep)
-        fallback = None
-        if not keep:
-            detail = f"image {image_id} has no {data.proposal_source} proposals"
-            if proposals:
-                detail += f" ({len(proposals)} with no area inside the image)"
-            if no_proposals == "skip":
-                for s in ok:
-                    skip(s, "no proposals", detail)
-                return
-            # The reference code (main.py): `if len(boxes) == 0: boxes = [Box(x=0, y=0, w=img.width, h=img.height)]`.
-            W, H = image.size
-            proposals = [Proposal(bbox=(0.0, 0.0, float(W), float(H)))]
-            boxes, keep, _ = _prepare_proposals(proposals, image.size)
-            fallback = "whole image"
-            counts["whole_images"] += 1
-        masks = None
-        if need_masks:
-            masks, missing = _proposal_masks(proposals, keep, boxes, image.size)
-            counts["masks_missing"] += missing
-        try:
-            features = scorer.encode(image, boxes, masks)
-        except InvalidRegionError as exc:
-            for s in ok:
-                skip(s, "invalid region", f"image {image_id}: {exc}")
+        if error is not None:
+            for s in loaded.samples:
+                skip(s, *error)
             return
         counts["images"] += 1
-        logits = scorer.score(features, [s.sentence for s in ok])  # (T, K')
-        for s, row in zip(ok, logits):
-            k = keep[int(row.argmax())]
+        proposals = loaded.proposals
+        logits = scorer.score(features, [s.sentence for s in loaded.samples])  # (T, K')
+        for s, row in zip(loaded.samples, logits):
+            k = loaded.keep[int(row.argmax())]
             pred = proposals[k].bbox
             targets = data.target_boxes(s)
             overlap = max(iou(pred, t) for t in targets)
             rec.add(
                 s.id,
-                image_id=image_id,
+                image_id=loaded.image_id,
                 ref_id=s.ref_id,
                 sentence=s.sentence,
                 target_ann_ids=list(s.targets),
@@ -435,21 +507,44 @@ def evaluate(
                 pred_index=k,
                 pred_box=list(pred),
                 pred_ann_id=proposals[k].ann_id,
-                image_stamp=stamp(image_id),
+                image_stamp=stamp(loaded.image_id),
                 iou=round(overlap, 4),
                 n_proposals=len(proposals),
                 scores=[round(float(v), 4) for v in row],
                 correct=overlap > 0.5,
-                **({"fallback": fallback} if fallback else {}),
+                **({"fallback": loaded.fallback} if loaded.fallback else {}),
             )
             counts["expressions"] += 1
-            counts["whole_expressions"] += fallback is not None
+            counts["whole_expressions"] += loaded.fallback is not None
 
+    def encode(batch: list[RecImage]) -> list[tuple[Optional[list], Optional[tuple[str, str]]]]:
+        """``(features, error)`` per image: one batched call for the images that loaded; an image whose
+        regions the model cannot use (e.g. outside the centre crop) fails alone, with ``invalid region``."""
+        ready = [x for x in batch if x.samples and x.error is None]
+
+        def run(xs: list[RecImage]) -> list:
+            prepared = [x.prepared for x in xs] if xs[0].prepared is not None else None
+            return scorer.encode_batch([x.image for x in xs], [x.boxes for x in xs], [x.masks for x in xs], prepared)
+
+        try:
+            features = dict(zip(map(id, ready), run(ready))) if ready else {}
+        except InvalidRegionError:
+            features = {}
+            for x in ready:
+                try:
+                    features[id(x)] = run([x])[0]
+                except InvalidRegionError as exc:
+                    x.error = ("invalid region", f"image {x.image_id}: {exc}")
+        return [(features.get(id(x)), x.error) for x in batch]
+
+    # Which samples this run computes: this rank's images, their pending samples (known problems are skipped, not loaded).
     groups: dict[str, list[RecSample]] = {}
     for s in samples:
         groups.setdefault(s.image_id, []).append(s)
     mine = distributed.shard(list(groups.items()))  # this rank's images (all of them in a single process)
     own = [s for _, group in mine for s in group]
+    work = [(image_id, [s for s in group if pending(s)]) for image_id, group in mine]
+    work = [(image_id, todo) for image_id, todo in work if todo]
 
     def tally(records: list[dict]) -> None:
         """Running accuracy on the progress bar (resumed sentences included)."""
@@ -471,10 +566,15 @@ def evaluate(
         disable=not progress or not distributed.is_main(),
     )
     tally([rec.done[s.id] for s in own if not pending(s)])
-    for image_id, group in mine:
-        todo = [s for s in group if pending(s)]
-        if todo:
-            run_image(image_id, todo)
+    # Workers read images and proposals and preprocess; each batch of images is encoded in one call per (model, method).
+    need_image = any(m.edit is not None for m in scorer.methods)
+    preprocessors = tuple(m.preprocessor() for m in scorer.models) if any(m.edit is None for m in scorer.methods) else None
+    loader = RecImageLoader(data, image_root, no_proposals, need_masks, need_image, preprocessors)
+    workers = default_workers() if workers is None else workers
+    for batch in load_batches(work, loader, batch_size, workers, scorer.models[0].device):
+        for loaded, (features, error) in zip(batch, encode(batch)):
+            write(loaded, features, error)
+            todo = loaded.problems + loaded.samples
             bar.update(len(todo))
             tally([rec.done[s.id] for s in todo])
     bar.close()
