@@ -679,3 +679,20 @@ def test_cli_scanobjectnn_with_prompt_file_and_view_weights(cli_files, tmp_path,
     assert [r["label_name"] for r in lines] == ["bag", "chair", "toilet"]
     assert main(base + ["--view-weights", "1,2", "--no-resume"]) == 2
     assert "view weights must be 10" in capsys.readouterr().err
+
+
+def test_batched_run_with_workers_equals_batch_size_1_inline(cli_files, tmp_path):
+    """Batches of clouds (all their views encoded together) checked by worker processes ≡ one cloud at a time, inline."""
+    runs = {}
+    for name, flags in [
+        ("single", ["--batch-size", "1", "--workers", "0"]),
+        ("batched", ["--batch-size", "5", "--workers", "2"]),
+    ]:
+        out = tmp_path / f"{name}.json"
+        args = ["pointcloud", "--dataset", "modelnet40", "--data-root", str(cli_files / "data"), "--method", "falip",
+                "--model", str(cli_files / "tiny.pt"), "--output", str(out), *flags]  # fmt: skip
+        assert main(args) == 0
+        result = json.loads(out.read_text())
+        lines = (tmp_path / f"{name}.predictions.jsonl").read_text().splitlines()[1:]
+        runs[name] = (result["metrics"], result["skipped"], [json.loads(x) for x in lines])
+    assert runs["batched"] == runs["single"] and runs["single"][0]["n"] == 6

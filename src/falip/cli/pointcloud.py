@@ -23,6 +23,7 @@ from ..pointcloud import (
     views_grid,
 )
 from ..tasks.pointcloud import (
+    DEFAULT_CLOUD_BATCH,
     DEFAULT_TEMPLATES,
     METHODS,
     PointCloudClassifier,
@@ -32,7 +33,7 @@ from ..tasks.pointcloud import (
     v2_presets,
 )
 from ..zeroshot import Templates, load_templates
-from .common import add_bias_args, add_model_args, load_from_args, settings_line
+from .common import add_bias_args, add_loader_args, add_model_args, check_loader_flags, load_from_args, settings_line
 
 
 def parse_weights(text: str) -> list[float]:
@@ -69,6 +70,7 @@ def protocol_from_args(args: argparse.Namespace, dataset: str) -> tuple[Template
 
 
 def cmd_pointcloud(args: argparse.Namespace) -> int:
+    check_loader_flags(args)
     dataset = load_dataset(args.dataset, args.data_root, args.variant, args.split)
     templates, weights, source = protocol_from_args(args, dataset.name)
     model = load_from_args(args)
@@ -86,7 +88,9 @@ def cmd_pointcloud(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.method == "falip":
         run_config.update(bias=model.config.to_dict(), mode=args.mode)
-    result = evaluate(classifier, dataset, args.output, run_config, args.batch_size, args.limit, resume=not args.no_resume)
+    result = evaluate(
+        classifier, dataset, args.output, run_config, args.batch_size, args.limit, resume=not args.no_resume, workers=args.workers
+    )
     m = result["metrics"]
     print(
         f"{dataset.name} {dataset.split} {args.method} {args.projection} ({len(classifier.view_names)} views): "
@@ -151,7 +155,7 @@ def register(sub) -> None:
     p.add_argument(
         "--up", default="y", choices=["y", "z"], help="the clouds' up axis, ortho projections (default y, as in the HDF5 files)"
     )
-    p.add_argument("--batch-size", type=int, default=32, help="clouds projected per call (default 32)")
+    add_loader_args(p, "clouds (all their views)", DEFAULT_CLOUD_BATCH)
     p.add_argument("--limit", type=int, default=None, help="only the first N clouds")
     p.add_argument("--output", required=True, help="results JSON (predictions go next to it)")
     p.add_argument("--no-resume", action="store_true", help="overwrite earlier predictions instead of resuming")

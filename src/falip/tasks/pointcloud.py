@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -49,10 +50,12 @@ from ..pointcloud import (
 )
 from ..results import RunRecorder, describe_inputs
 from ..zeroshot import Templates, load_templates, zero_shot_classifier
+from .loader import default_workers, load_batches
 
 DEFAULT_TEMPLATES = ["point cloud depth map of a {}."]  # PointCLIP's trainers/zeroshot.py CUSTOM_TEMPLATES
 METHODS = ("none", "falip")
 V2_PRESETS_FILE = Path(__file__).resolve().parents[1] / "assets" / "pointclip_v2_presets.json"
+DEFAULT_CLOUD_BATCH = 16  # clouds per batch (all their views encoded together)
 SPARSE_VIEWS = ("pointclip", "ortho_sparse")  # views made of isolated points: their foreground is dilated by default
 
 
@@ -202,19 +205,34 @@ def _check_sample(points: np.ndarray, label: int, num_classes: int, up: str) -> 
     return None
 
 
+@dataclass(frozen=True)
+class CloudChecker:
+    """Checks one ``(sample_id, points, label)`` in a DataLoader worker: the item with ``(reason, detail)`` or None."""
+
+    num_classes: int
+    up: str
+
+    def __call__(self, item: tuple[str, np.ndarray, int]) -> tuple[str, np.ndarray, int, Optional[tuple[str, str]]]:
+        sample_id, points, label = item
+        return sample_id, points, label, _check_sample(points, label, self.num_classes, self.up)
+
+
 def evaluate(
     classifier: PointCloudClassifier,
     dataset: PointCloudDataset,
     output,
     run_config: dict,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_CLOUD_BATCH,
     limit: Optional[int] = None,
     resume: bool = True,
     progress: bool = True,
+    workers: Optional[int] = None,
 ) -> dict:
     """Classify the first ``limit`` (default all) clouds of ``dataset``; write and return the results.
 
-    Metrics: ``acc`` (top-1, %), ``n`` (clouds classified), ``skipped`` (clouds that could not be).
+    ``batch_size`` clouds are checked by ``workers`` DataLoader processes (default
+    :func:`falip.tasks.loader.default_workers`; 0: inline) and their views (V per cloud) rendered and
+    encoded together. Metrics: ``acc`` (top-1, %), ``n`` (clouds classified), ``skipped`` (clouds that could not be).
     """
     if batch_size < 1:
         raise FalipError(f"batch size must be >= 1, got {batch_size}")
@@ -222,44 +240,57 @@ def evaluate(
     rec = distributed.open_recorder(output, "pointcloud", run_config, resume=resume, inputs=inputs)
     C = len(classifier.classnames)
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    mine = set(distributed.shard(range(total)))  # this rank's clouds (all of them in a single process)
-    order: list[str] = []
-    batch: list[tuple[str, np.ndarray, int]] = []
 
-    def flush() -> None:
-        points = np.stack([b[1] for b in batch])
-        try:
-            pred = classifier.logits(points).argmax(dim=1).tolist()
-        except FalipError as exc:
-            for sample_id, _, _ in batch:
-                rec.skip(sample_id, "encode error", str(exc))
+    def predict(clouds: list[tuple[str, np.ndarray, int, None]]) -> dict[str, Union[int, tuple[str, str]]]:
+        """Predicted class of each cloud (its id → class), or ``(reason, detail)`` when encoding fails.
+        Clouds of different sizes are projected in separate calls."""
+        out: dict[str, Union[int, tuple[str, str]]] = {}
+        sizes = list(dict.fromkeys(len(c[1]) for c in clouds))
+        for size in sizes:
+            same = [c for c in clouds if len(c[1]) == size]
+            try:
+                pred = classifier.logits(np.stack([c[1] for c in same])).argmax(dim=1).tolist()
+            except FalipError as exc:
+                out.update({c[0]: ("encode error", str(exc)) for c in same})
+            else:
+                out.update({c[0]: p for c, p in zip(same, pred)})
+        return out
+
+    def write(sample_id: str, label: int, outcome: Union[int, tuple[str, str]]) -> None:
+        """Record one cloud: its prediction, or skipped with ``(reason, detail)``."""
+        if isinstance(outcome, tuple):
+            rec.skip(sample_id, *outcome)
         else:
-            for (sample_id, _, label), p in zip(batch, pred):
-                names = classifier.classnames
-                rec.add(sample_id, label=label, pred=p, correct=bool(p == label), label_name=names[label], pred_name=names[p])
-        batch.clear()
+            names = classifier.classnames
+            rec.add(
+                sample_id,
+                label=label,
+                pred=outcome,
+                correct=bool(outcome == label),
+                label_name=names[label],
+                pred_name=names[outcome],
+            )
 
-    for index, (sample_id, points, label) in enumerate(
-        tqdm(dataset, total=total, desc=f"{dataset.name} {dataset.split}", disable=not progress or not distributed.is_main())
-    ):
-        if index >= total:
-            break
-        order.append(sample_id)
-        if sample_id in rec.done or index not in mine:
-            continue
-        problem = _check_sample(points, label, C, classifier.up)
-        if problem:
-            rec.skip(sample_id, *problem)
-            continue
-        if batch and len(points) != len(batch[0][1]):
-            flush()  # clouds of different sizes are projected in separate batches
-        batch.append((sample_id, points, label))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    # Which clouds this run computes: this rank's share of the first ``total``, those not done yet.
+    items = [item for _, item in zip(range(total), dataset)]
+    order = [item[0] for item in items]  # every cloud's id, in dataset order (rank 0 writes the results in it)
+    mine = set(distributed.shard(range(total)))  # this rank's clouds (all of them in a single process)
+    todo = [item for index, item in enumerate(items) if index in mine and item[0] not in rec.done]
+    workers = default_workers() if workers is None else workers
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc=f"{dataset.name} {dataset.split}",
+        disable=not progress or not distributed.is_main(),
+    )
+    for loaded in load_batches(todo, CloudChecker(C, classifier.up), batch_size, workers, classifier.model.device):
+        predicted = predict([c for c in loaded if c[3] is None])
+        for sample_id, _, label, problem in loaded:  # in dataset order, whatever the batch size
+            write(sample_id, label, problem or predicted[sample_id])
+        bar.update(len(loaded))
+    bar.close()
 
-    def write(rec: RunRecorder) -> dict:
+    def results(rec: RunRecorder) -> dict:
         """The metrics over every cloud, and the results JSON (on rank 0 of a distributed run: of all ranks)."""
         records = rec.records()
         acc = 100.0 * sum(r["correct"] for r in records) / len(records) if records else 0.0
@@ -267,4 +298,4 @@ def evaluate(
         metrics = {"acc": acc, "n": len(records), "skipped": skipped}
         return rec.finish(metrics, order=order, dataset=dataset.name, split=dataset.split)
 
-    return distributed.finish(rec, write)
+    return distributed.finish(rec, results)
