@@ -66,6 +66,28 @@ def check_device(device) -> None:
         raise ModelLoadError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
 
 
+def check_precision(precision: str, device) -> None:
+    """Raise ModelLoadError naming the precision and the device when this torch cannot run a ViT's operations
+    (patch convolution, layer norm, linear, GELU, attention) in that dtype there. fp32 runs everywhere."""
+    if precision == "fp32":
+        return
+    dtype = PRECISIONS[precision]
+    try:
+        x = torch.nn.functional.conv2d(
+            torch.ones(1, 3, 4, 4, device=device, dtype=dtype), torch.ones(8, 3, 2, 2, device=device, dtype=dtype), stride=2
+        )
+        t = torch.nn.functional.layer_norm(x.flatten(2).transpose(1, 2), (8,))  # (1, 4, 8)
+        t = torch.nn.functional.gelu(torch.nn.functional.linear(t, torch.ones(8, 8, device=device, dtype=dtype)))
+        q = t.view(1, 1, 4, 8)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 1, 4, 4, device=device, dtype=dtype))
+        torch.softmax(t, dim=-1)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        raise ModelLoadError(
+            f"precision {precision} is not supported on device {device} by torch {torch.__version__} "
+            f"({first_line(exc)}); use --precision fp32" + (" or bf16" if precision == "fp16" else "")
+        ) from None
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one short line (torch's size-mismatch reports run over many lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -16,7 +16,7 @@ from .encode import MODES, BiasPlan, encode_biased
 from .errors import ModelLoadError
 from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
 from .images import load_image
-from .loading import PRECISIONS, check_device
+from .loading import PRECISIONS, check_device, check_precision
 from .runtimes import VisionRuntime, load_runtime
 
 # The defaults of a model without its own settings (a model card's ``preprocess`` and ``falip``
@@ -377,6 +377,7 @@ def load(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     check_device(device)
+    check_precision(precision, device)
     loaded = load_runtime(str(name_or_path), pretrained, device, precision, quick_gelu)
     card = loaded.card or {}
     if config is None and "falip" in card:
