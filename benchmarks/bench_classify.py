@@ -1,18 +1,22 @@
-"""Throughput of region classification (images/s) per method, on generated data.
+"""Throughput of region classification (images/s) per method and loader setting, on generated data.
 
     python benchmarks/bench_classify.py                          # ViT-B/16, random weights, CPU fp32
-    python benchmarks/bench_classify.py --device cuda --precision fp16 --images 512
-    python benchmarks/bench_classify.py --model ViT-B-16 --pretrained openai
+    python benchmarks/bench_classify.py --methods falip --runs 1:0,16:2 --images 64
+    python benchmarks/bench_classify.py --device cuda --precision fp16 --images 512 --runs 1:0,64:8
 
 Writes ``--images`` random 640×480 images with one box each as a generic JSONL dataset and runs
-:func:`falip.tasks.classify.evaluate` once per method (text side excluded from the timing, image
-reading included). Prints a markdown table; ``--output FILE.json`` keeps the figures.
+:func:`falip.tasks.classify.evaluate` once per method and per ``--runs`` entry ``BATCH:WORKERS``
+(images encoded together : DataLoader worker processes; ``1:0`` is the per-image path, everything
+in the main process). Text side excluded from the timing, image reading included; the ratio
+compares each run with the first of its method, measured back to back. Predictions are checked
+to be identical across runs. Prints a markdown table; ``--output FILE.json`` keeps the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import warnings
@@ -24,6 +28,7 @@ from PIL import Image
 
 import falip
 from falip.datasets.generic import load_generic
+from falip.results import predictions_path
 from falip.tasks.classify import evaluate
 
 
@@ -50,9 +55,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--methods", default="none,falip,blur,circle,falip+blur")
     p.add_argument("--mode", default="exact")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--runs", default="1:0,16:2", help="BATCH:WORKERS settings compared (first = baseline)")
     p.add_argument("--output", default=None)
     args = p.parse_args()
+    runs = [tuple(int(v) for v in r.split(":")) for r in args.runs.split(",")]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights
@@ -62,26 +68,46 @@ def main() -> None:
         root = write_dataset(Path(tmp), args.images, classes=10)
         dataset = load_generic(root / "regions.jsonl", root / "classes.txt")
         for method in args.methods.split(","):
-            result = evaluate(
-                model,
-                dataset,
-                root / f"{method}.json",
-                method=method,
-                templates="simple",
-                mode=args.mode,
-                resume=False,
-                workers=args.workers,
-                progress=False,
-            )
-            rows.append(dict(method=method, **result["speed"]))
+            predictions: list[list[dict]] = []
+            base = 0.0
+            for batch_size, workers in runs:
+                out = root / f"{method}-{batch_size}-{workers}.json"
+                result = evaluate(
+                    model,
+                    dataset,
+                    out,
+                    method=method,
+                    templates="simple",
+                    mode=args.mode,
+                    resume=False,
+                    workers=workers,
+                    batch_size=batch_size,
+                    progress=False,
+                )
+                lines = predictions_path(out).read_text().splitlines()[1:]
+                predictions.append([{k: v for k, v in json.loads(line).items() if k != "image_stamp"} for line in lines])
+                speed = result["speed"]
+                base = speed["images_per_s"] if not predictions[:-1] else base  # the method's first run
+                rows.append(
+                    dict(method=method, batch_size=batch_size, workers=workers, ratio=speed["images_per_s"] / base, **speed)
+                )
+                print(f"{method} batch {batch_size} workers {workers}: {speed['images_per_s']:.2f} images/s", flush=True)
+            same = all(p == predictions[0] for p in predictions)
+            for r in rows[-len(runs) :]:
+                r["same_predictions"] = same
     print(
-        f"{args.model} ({args.pretrained or 'random weights'}), {args.device} {args.precision}, mode {args.mode}, "
+        f"\n{args.model} ({args.pretrained or 'random weights'}), {args.device} {args.precision}, mode {args.mode}, "
         f"{args.images} images 640x480, 1 box each; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.machine()}"
+        f"{os.cpu_count()} CPUs, {platform.machine()}\n"
     )
-    print("| method | images/s |\n|---|---:|")
+    print(
+        f"| method | batch | workers | images/s | × batch {runs[0][0]}, workers {runs[0][1]} | same predictions |\n|---|---:|---:|---:|---:|---|"
+    )
     for r in rows:
-        print(f"| {r['method']} | {r['images_per_s']:.2f} |")
+        print(
+            f"| {r['method']} | {r['batch_size']} | {r['workers']} | {r['images_per_s']:.2f} | {r['ratio']:.2f}× "
+            f"| {'yes' if r['same_predictions'] else 'NO'} |"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))
 
