@@ -592,12 +592,3 @@ def test_batched_run_with_workers_equals_batch_size_1_inline(model, generic_data
         runs[name] = (result["metrics"], result["skipped"], [json.loads(line) for line in lines])
     assert runs["batched"] == runs["single"]
     assert runs["single"][0]["n"] == 4 and runs["single"][0]["skipped"] == 7
-
-
-def test_loader_flags_are_checked(tmp_path):
-    from falip.tasks.loader import check_loader_args
-
-    with pytest.raises(FalipError, match="--batch-size must be an integer >= 1, got 0"):
-        check_loader_args(0, 1)
-    with pytest.raises(FalipError, match="--workers must be an integer >= 0"):
-        check_loader_args(4, -1)

@@ -7,7 +7,8 @@ item with its failures recorded (reason + detail), which the task writes as skip
 batch never loses an item, and a resumed run finds every sample either predicted or skipped.
 
 The loader keeps the items' order, yields lists of ``batch_size`` loaded items (:class:`LoadedBatch`),
-and pins the pixels in memory when the model runs on CUDA.
+and pins the pixels in memory when the model runs on CUDA (``torch.cuda.is_available()`` needed: no
+test here covers it, ``benchmarks/gpu_check.sh`` runs it).
 """
 
 from __future__ import annotations
@@ -64,11 +65,19 @@ class LoadedBatch:
 
     def pin_memory(self) -> LoadedBatch:
         for item in self.items:
+            if not dataclasses.is_dataclass(item):
+                continue
             for f in dataclasses.fields(item):
                 value = getattr(item, f.name)
                 if isinstance(value, PreparedImage):
-                    setattr(item, f.name, dataclasses.replace(value, pixels=value.pixels.pin_memory()))
+                    setattr(item, f.name, _pinned(value))
+                elif isinstance(value, list) and value and all(isinstance(v, PreparedImage) for v in value):
+                    setattr(item, f.name, [_pinned(v) for v in value])
         return self
+
+
+def _pinned(prepared: PreparedImage) -> PreparedImage:
+    return dataclasses.replace(prepared, pixels=prepared.pixels.pin_memory())
 
 
 def load_batches(
@@ -76,6 +85,8 @@ def load_batches(
 ) -> Iterator[list[U]]:
     """``load`` applied to ``items`` in order, ``batch_size`` at a time, by ``workers`` processes (0: inline)."""
     check_loader_args(batch_size, workers)
+    if not items:
+        return
     loader = DataLoader(
         _Items(items, load),
         batch_size=batch_size,
