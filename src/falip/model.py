@@ -238,8 +238,8 @@ class FalipModel:
         mode: ``exact`` (default), ``naive`` (one pass per region) or ``approx`` (see README).
         chunk_size: regions per batched pass (default: :func:`falip.encode.default_chunk_size`).
         """
-        if boxes is None and masks is None:
-            raise ValueError("give boxes=... or masks=...")
+        if (boxes is None) == (masks is None):
+            raise ValueError("give exactly one of boxes=... or masks=...")
         kwargs = dict(config=config, mode=mode, preprocess=preprocess, chunk_size=chunk_size)
         if masks is not None:
             return self.encode_regions_batch([image], masks_per_image=[masks], **kwargs)[0]
@@ -268,7 +268,7 @@ class FalipModel:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         images = list(images)
         if (boxes_per_image is None) == (masks_per_image is None):
-            raise ValueError("give boxes_per_image=... or masks_per_image=... (one list per image), not both")
+            raise ValueError("give exactly one of boxes_per_image=... or masks_per_image=... (one list per image)")
         regions = list(boxes_per_image if boxes_per_image is not None else masks_per_image)
         if len(regions) != len(images):
             raise ValueError(f"{len(images)} images but {len(regions)} region lists")
@@ -304,9 +304,8 @@ class FalipModel:
         Keyword arguments are those of :meth:`encode_regions` (``masks``, ``config``, ``mode`` …).
         Like every encoder here it is safe to call from several threads on one model.
         """
-        if "masks" in kwargs:
-            return self.score_regions_batch([image], texts, masks_per_image=[kwargs.pop("masks")], **kwargs)[0]
-        return self.score_regions_batch([image], texts, [boxes], **kwargs)[0]
+        text = self.encode_text(texts)
+        return self.runtime.logits(self.encode_regions(image, boxes, **kwargs), text)
 
     @torch.no_grad()
     def score_regions_batch(
