@@ -89,6 +89,19 @@ def _overlaps(box, boxes, margin: float) -> bool:
     return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin for b in boxes)
 
 
+def _place(rng: np.random.Generator, boxes: list, size: int, size_names: list[str], tries: int):
+    """``(size name, box)`` of a square that overlaps none of ``boxes``, or None after ``tries`` draws."""
+    for _ in range(tries):
+        size_name = str(rng.choice(size_names))
+        lo, hi = SIZES[size_name]
+        d = rng.uniform(lo, hi) * size
+        x0, y0 = rng.uniform(1, size - d - 1, 2)
+        box = (float(x0), float(y0), float(x0 + d), float(y0 + d))
+        if not _overlaps(box, boxes, margin=0.03 * size):
+            return size_name, box
+    return None
+
+
 def make_scene(
     rng: np.random.Generator,
     n_objects: int,
@@ -98,21 +111,23 @@ def make_scene(
 ) -> Scene:
     """A ``size×size`` scene with ``n_objects`` non-overlapping objects of distinct (colour, shape)."""
     pairs = [(c, s) for c in colours for s in shapes]
+    if not 1 <= n_objects <= len(pairs):
+        raise ValueError(f"a scene holds 1 to {len(pairs)} objects of distinct colour and shape, asked for {n_objects}")
     chosen = [pairs[i] for i in rng.choice(len(pairs), size=n_objects, replace=False)]
     image, background = _background(rng, size)
     draw = ImageDraw.Draw(image)
     objects: list[SceneObject] = []
     for colour, shape in chosen:
-        for _ in range(200):
-            size_name = str(rng.choice(list(SIZES)))
-            lo, hi = SIZES[size_name]
-            d = rng.uniform(lo, hi) * size
-            x0, y0 = rng.uniform(1, size - d - 1, 2)
-            box = (float(x0), float(y0), float(x0 + d), float(y0 + d))
-            if not _overlaps(box, [o.box for o in objects], margin=0.03 * size):
-                break
-        else:
-            raise RuntimeError(f"could not place {n_objects} objects in a {size}px scene")
+        placed = _place(rng, [o.box for o in objects], size, list(SIZES), tries=200)
+        # A crowded scene: keep trying with small objects only (scenes that fit at once draw the same
+        # random numbers as before, so existing data sets are unchanged).
+        placed = placed or _place(rng, [o.box for o in objects], size, ["small"], tries=5000)
+        if placed is None:
+            raise ValueError(
+                f"could not place {n_objects} non-overlapping objects in a scene (object sizes are fractions of "
+                f"the image side, so a larger image does not help); use fewer objects per image (--objects)"
+            )
+        size_name, box = placed
         draw_shape(draw, shape, COLOURS[colour], box)
         objects.append(SceneObject(shape, colour, size_name, box))
     scene = Scene(image, objects, background)

@@ -7,8 +7,19 @@ import argparse
 from ..synthetic import write_all
 
 
+def _objects_range(spec: str) -> tuple[int, int]:
+    """``(lo, hi)`` objects per image from ``--objects`` (``3`` or ``2-4``)."""
+    parts = spec.split("-")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--objects must be a count or a range such as 2-4, got {spec!r}")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--objects must name at least 1 object and a range low-high with low <= high, got {spec!r}")
+    return lo, hi
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
-    lo, hi = (int(v) for v in args.objects.split("-")) if "-" in args.objects else (int(args.objects),) * 2
+    lo, hi = _objects_range(args.objects)
     paths = write_all(args.output, args.seed, args.images, (lo, hi), args.size)
     for key, path in paths.items():
         print(f"{key:>11}: {path}")
