@@ -25,6 +25,15 @@ run exactly as without it.
 Tokens: for a ``cls``-pooled runtime token 0 is [CLS]; every other prefix token (registers) rides
 with the patch tokens — "patch tokens" below means all tokens after [CLS]. Nothing here assumes a
 number of prefix tokens.
+
+Attention-pooled runtimes (``pool == "attention_pool"``, SigLIP's MAP probe) have no [CLS] query:
+the bias goes on the probe's attention logits (``BiasPlan.probe``, our extension of FALIP), and on
+the blocks in ``layers`` with rows ``all``/``diagonal`` if any. With the probe alone biased the
+blocks do not depend on the region, so ``exact`` (and ``approx``, which is then the same
+computation) runs the image through the blocks once and evaluates the probe K times — the fast
+path; ``naive`` runs one full pass per region. With blocks biased too, ``exact`` runs the blocks
+before the first biased one once and the rest batched over regions (every token is pooled, so
+there is no query-only shortcut), and ``approx`` is not defined.
 """
 
 from __future__ import annotations
@@ -44,12 +53,14 @@ MODES = ("naive", "exact", "approx")
 @dataclass(frozen=True)
 class BiasPlan:
     """Where the bias goes: sorted block indices, which rows, per-head scales ``(H,)`` or None,
-    and the unleashed blocks ``{block: per-head gain λ (H,)}`` or None."""
+    the unleashed blocks ``{block: per-head gain λ (H,)}`` or None, and ``probe``: the bias also goes
+    on the attention probe's logits (attention-pooled runtimes only)."""
 
     layers: tuple[int, ...]
     rows: str
     head_scales: Optional[torch.Tensor] = None
     unleash: Optional[Mapping[int, torch.Tensor]] = None
+    probe: bool = False
 
 
 def encode_biased(
@@ -83,8 +94,12 @@ def encode_biased(
         )
     if K == 0:
         raise ValueError("encode_biased needs at least one region")
+    pooled = runtime.pool == "attention_pool"
+    if plan.probe and not pooled:
+        raise ValueError(f"BiasPlan.probe is for attention-pooled models; this {runtime.family} model pools {runtime.pool!r}")
     if chunk_size is None:
-        chunk_size = default_chunk_size(runtime, lean=mode == "exact" and plan.rows == "cls")
+        lean = (not plan.layers) if pooled else plan.rows == "cls"
+        chunk_size = default_chunk_size(runtime, lean=mode == "exact" and lean)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     L = runtime.num_prefix + runtime.grid[0] * runtime.grid[1]
@@ -94,8 +109,10 @@ def encode_biased(
             "(build them with the model's region_biases)"
         )
     bias = bias.to(runtime.device, torch.float32)
-    if not plan.layers:
+    if not plan.layers and not plan.probe:
         return runtime.run(pixels)[image_index.to(runtime.device)]
+    if pooled:
+        return _encode_attention_pooled(runtime, pixels, bias, image_index, plan, mode, chunk_size)
     if mode == "naive":
         return torch.cat(
             [
@@ -284,3 +301,68 @@ def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, image_index: torch
         return torch.cat(outs)
 
     return trunk
+
+
+def _encode_attention_pooled(
+    runtime: VisionRuntime,
+    pixels: torch.Tensor,
+    bias: torch.Tensor,
+    image_index: torch.Tensor,
+    plan: BiasPlan,
+    mode: str,
+    chunk_size: int,
+) -> torch.Tensor:
+    """:func:`encode_biased` for a runtime that pools with an attention probe (see the module docstring)."""
+    if plan.layers and plan.rows == "cls":
+        raise ValueError(
+            "rows='cls' biases the class token's query, but this model pools with an attention probe (what is pooled "
+            "is the probe's query, biased already); with layers use rows='all' or rows='diagonal'"
+        )
+    if plan.layers and mode == "approx":
+        raise ValueError(
+            "mode='approx' is defined for an attention-pooled model only when the probe alone is biased "
+            f"(then it equals exact); this plan also biases blocks {list(plan.layers)}: use exact or naive"
+        )
+
+    def probe(b: torch.Tensor) -> Optional[torch.Tensor]:
+        return b if plan.probe else None
+
+    if mode == "naive":
+        return torch.cat(
+            [
+                runtime.run(
+                    pixels[n : n + 1],
+                    _naive_trunk(runtime, bias[k : k + 1], plan) if plan.layers else None,
+                    probe(bias[k : k + 1]),
+                )
+                for k, n in enumerate(image_index.tolist())
+            ]
+        )
+    # Each image's tokens after the unbiased prefix (every block when only the probe is biased, else those before
+    # the first biased block), computed once and reused by every chunk of its regions; a chunk's run() recomputes
+    # only the cheap stem of the images it touches.
+    stop = plan.layers[0] if plan.layers else runtime.num_layers
+    prefix: dict[int, torch.Tensor] = {}  # image → (L, D)
+
+    def chunk_trunk(b: torch.Tensor, regions: list[int], images: list[int]):
+        def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (len(images), L, D), the stems of this chunk's images
+            todo = [j for j, n in enumerate(images) if n not in prefix]
+            if todo:
+                y = x[todo]
+                for i in range(stop):
+                    y = runtime.block(i, y)
+                prefix.update({images[j]: y[t] for t, j in enumerate(todo)})
+            y = torch.stack([prefix[n] for n in regions])
+            mask = full_attention_mask(b, plan.rows, runtime.num_heads, plan.head_scales) if plan.layers else None
+            for i in range(stop, runtime.num_layers):
+                y = _block(runtime, plan, i, y, mask if i in plan.layers else None)
+            return y
+
+        return trunk
+
+    out = []
+    for sl in _chunks(bias.shape[0], chunk_size):
+        regions = image_index[sl].tolist()
+        images = sorted(set(regions))
+        out.append(runtime.run(pixels[images], chunk_trunk(bias[sl], regions, images), probe(bias[sl])))
+    return torch.cat(out)
