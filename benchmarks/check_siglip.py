@@ -56,7 +56,9 @@ def check(name: str, k: int, repeats: int, device: str, rng) -> None:
     print(f"zero bias, exact vs encode_image: {dev(model.encode_regions(image, boxes, config=zero), plain.expand(k, -1))}")
     print(f"probe only: exact vs naive {dev(out['exact'], out['naive'])}, approx vs exact {dev(out['approx'], out['exact'])}")
     print(f"probe only: max |Δ| against the unbiased image embedding {dev(out['exact'], plain.expand(k, -1))}")
-    print(f"probe + blocks {model.plan(blocks).layers} rows=all: exact vs naive {dev(with_blocks['exact'], with_blocks['naive'])}")
+    print(
+        f"probe + blocks {model.plan(blocks).layers} rows=all: exact vs naive {dev(with_blocks['exact'], with_blocks['naive'])}"
+    )
     print(f"probe + blocks: max |Δ| against probe only {dev(with_blocks['exact'], out['exact'])}")
     naive = best_time(lambda: model.encode_regions(image, boxes, mode="naive"), repeats)
     exact = best_time(lambda: model.encode_regions(image, boxes, mode="exact"), repeats)

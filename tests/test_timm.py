@@ -5,6 +5,10 @@ Tiny random towers: timm model names registered here (open_clip passes only a ti
 atol 1e-5 on embeddings (float rounding of batched vs. per-sample kernels).
 """
 
+import json
+import warnings
+
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -13,8 +17,12 @@ from timm.models import register_model
 from timm.models.eva import _create_eva
 from timm.models.vision_transformer import _create_vision_transformer
 
+import falip
+from conftest import random_boxes, random_image
+from falip import FalipModel, FovealConfig, Unleash
 from falip.encode import BiasPlan, encode_biased
-from falip.errors import UnsupportedModelError
+from falip.errors import TextUnavailableError, UnsupportedModelError
+from falip.heads import trace
 from falip.runtimes.open_clip_timm import OpenClipTimmRuntime
 
 ATOL = 1e-5
@@ -55,16 +63,20 @@ def _register_eva() -> None:
 _register_eva()
 
 
-def timm_clip(name: str, pool: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random open_clip model (SigLIP-like: logit bias) whose image tower is the timm model ``name``."""
-    torch.manual_seed(seed)
-    cfg = dict(
+def clip_config(name: str, pool: str) -> dict:
+    """An open_clip model config (SigLIP-like: logit bias; CLIP's BPE tokenizer) with the timm tower ``name``."""
+    return dict(
         embed_dim=24,
         init_logit_bias=-10,
         vision_cfg=dict(image_size=8 * GRID, timm_model_name=name, timm_pool=pool, timm_proj="linear"),
         text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1),
     )
-    clip = open_clip.CustomTextCLIP(**cfg).eval()
+
+
+def timm_clip(name: str, pool: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random open_clip model whose image tower is the timm model ``name``."""
+    torch.manual_seed(seed)
+    clip = open_clip.CustomTextCLIP(**clip_config(name, pool)).eval()
     with torch.no_grad():  # sharper attention than the default init, so that a small bias visibly matters
         trunk = clip.visual.trunk
         for blk in trunk.blocks:
@@ -261,3 +273,102 @@ def test_openai_style_tower_is_refused():
     )
     with pytest.raises(UnsupportedModelError, match="runs open_clip TimmModel towers, got VisionTransformer"):
         OpenClipTimmRuntime(clip, text_missing="no tokenizer in this test")
+
+
+# -- through FalipModel ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probe_model(probe_rt):
+    return FalipModel(probe_rt, preprocess="squash", config=FovealConfig(alpha=2.0))
+
+
+def test_default_config_biases_only_the_probe(probe_model, rng):
+    assert probe_model.bias_layers() == ()
+    plan = probe_model.plan()
+    assert (plan.layers, plan.probe) == ((), True)
+    info = probe_model.info()
+    assert (info["bias_layers"], info["bias_probe"], info["runtime"]["pool"]) == ([], True, "attention_pool")
+    img = random_image(rng, 64, 48)
+    boxes = random_boxes(rng, 64, 48, 4)
+    plain = probe_model.encode_image(img)
+    naive = probe_model.encode_regions(img, boxes, mode="naive")
+    assert moved(naive, plain) > MATTERS
+    for mode in ("exact", "approx"):
+        close(probe_model.encode_regions(img, boxes, mode=mode), naive)
+    zero = FovealConfig(alpha=0.0)
+    for mode in MODES:
+        close(probe_model.encode_regions(img, boxes, mode=mode, config=zero), plain.expand(4, -1))
+    blocks = FovealConfig(alpha=2.0, layers=(-2, -1), rows="all")
+    assert probe_model.bias_layers(blocks) == (1, 2)
+    close(
+        probe_model.encode_regions(img, boxes, config=blocks), probe_model.encode_regions(img, boxes, mode="naive", config=blocks)
+    )
+    mask = np.zeros((48, 64), bool)
+    mask[10:30, 5:40] = True
+    close(probe_model.encode_regions(img, masks=[mask]), probe_model.encode_regions(img, masks=[mask], mode="naive"))
+
+
+def test_block_settings_without_blocks_or_with_rows_cls_are_errors_on_a_probe_model(probe_model):
+    with pytest.raises(ValueError, match="no \\[CLS\\] query: rows='cls' with layers \\[-1\\].*rows='all'"):
+        probe_model.config = FovealConfig(layers=(-1,))
+    for bad, name in ((dict(rows="all"), "rows"), (dict(heads=(0,)), "heads"), (dict(unleash=Unleash(layers=(2,))), "unleash")):
+        with pytest.raises(ValueError, match=f"FovealConfig {name} act on biased blocks.*only its probe"):
+            probe_model.plan(FovealConfig(**bad))
+
+
+def test_head_analysis_is_refused_on_a_probe_model(probe_model):
+    with pytest.raises(UnsupportedModelError, match="head analysis.*attention probe.*no \\[CLS\\] query"):
+        trace(probe_model, pixels())
+
+
+def test_registers_model_through_falip_model(reg_rt, rng):
+    model = FalipModel(reg_rt, preprocess="squash", config=FovealConfig(alpha=2.0))
+    assert model.bias_layers() == (2,) and not model.plan().probe
+    img = random_image(rng, 64, 48)
+    boxes = random_boxes(rng, 64, 48, 3)
+    bias = model.region_biases(model.transform_for((64, 48)), boxes=boxes)
+    assert bias.shape == (3, 3 + GRID * GRID) and not bias[:, :3].any()  # class + 2 register tokens: no bias
+    naive = model.encode_regions(img, boxes, mode="naive")
+    for mode in ("exact", "approx"):
+        close(model.encode_regions(img, boxes, mode=mode), naive)
+    assert trace(model, model.preprocess_image(img)[0]).cls_terms.shape == (1, 3, 4, 32)
+
+
+def test_sigmoid_score_is_the_models_own_logits(probe_model, rng):
+    rt = probe_model.runtime
+    assert rt.score_kind == "sigmoid"
+    img = random_image(rng, 64, 48)
+    boxes = random_boxes(rng, 64, 48, 2)
+    texts = ["a red circle", "a dog"]
+    scores = probe_model.score_regions(img, boxes, texts)
+    regions, text = probe_model.encode_regions(img, boxes), probe_model.encode_text(texts)
+    expected = rt.clip.logit_scale.exp() * regions @ text.T + rt.clip.logit_bias
+    close(scores, expected.detach(), atol=1e-4)
+    close(text, F.normalize(rt.clip.encode_text(open_clip.SimpleTokenizer(context_length=16)(texts)), dim=-1).detach())
+
+
+def test_text_without_tokenizer_raises_a_clear_error():
+    rt = OpenClipTimmRuntime(timm_clip("falip_test_vit_map", "map"), text_missing="its hub tokenizer is not cached (test)")
+    with pytest.raises(TextUnavailableError, match="no tokenizer: its hub tokenizer is not cached"):
+        FalipModel(rt).encode_text(["a dog"])
+
+
+def test_falip_load_picks_the_timm_runtime_and_loads_offline_without_the_hub_tokenizer(tmp_path):
+    """An open_clip config with a timm tower loads through falip.load; a hub tokenizer offline leaves text unavailable."""
+    for name, tokenizer in (("falip-test-timm-map", None), ("falip-test-timm-map-hubtok", "timm/ViT-B-16-SigLIP")):
+        cfg = clip_config("falip_test_vit_map", "map")
+        if tokenizer:
+            cfg["text_cfg"]["hf_tokenizer_name"] = tokenizer
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        model = falip.load("falip-test-timm-map")
+        offline = falip.load("falip-test-timm-map-hubtok")
+    assert isinstance(model.runtime, OpenClipTimmRuntime) and model.runtime.pool == "attention_pool"
+    assert model.encode_text(["a dog"]).shape == (1, 24)
+    img = np.zeros((40, 40, 3), np.uint8)
+    assert offline.encode_regions(img, [(0, 0, 20, 20)]).shape == (1, 24)
+    with pytest.raises(TextUnavailableError, match="tokenizer for falip-test-timm-map-hubtok could not be loaded"):
+        offline.encode_text(["a dog"])

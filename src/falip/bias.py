@@ -67,7 +67,9 @@ class FovealConfig:
         ``hard`` (0 inside the region, ``hard_value`` on patch tokens outside it).
     rows: which attention queries get the bias (``cls``, ``all``, ``diagonal``).
     layers: 0-based block indices that carry the bias (negative counts from the end);
-        ``None`` = the last third of the blocks (blocks 8–11 of 12, as the reference code).
+        ``None`` = the last third of the blocks (blocks 8–11 of 12, as the reference code) for a
+        [CLS]-pooled model, and no block for an attention-pooled one (SigLIP: the bias goes on its
+        probe, always; ``layers`` adds blocks, with rows ``all``/``diagonal``).
     heads: ``None`` = all heads; a sequence of head indices; or ``{head: scale}``.
     unleash: ``None`` (off), or :class:`Unleash` entries amplifying the bias's effect on chosen
         heads of biased blocks (a later entry overrides an earlier one for the same head).
@@ -126,10 +128,11 @@ class FovealConfig:
             )
         return cls(alpha=0.2, sigma=100.0, shape="gaussian", rows="cls", layers=(8, 9, 10, 11), numerics=numerics)
 
-    def resolve_layers(self, depth: int) -> tuple[int, ...]:
-        """Sorted 0-based block indices for a ViT of ``depth`` blocks."""
+    def resolve_layers(self, depth: int, pool: str = "cls") -> tuple[int, ...]:
+        """Sorted 0-based block indices for a ViT of ``depth`` blocks that pools with ``pool`` (``cls`` or
+        ``attention_pool``, as :attr:`falip.runtimes.VisionRuntime.pool`)."""
         if self.layers is None:
-            return tuple(range(depth - depth // 3, depth))
+            return () if pool == "attention_pool" else tuple(range(depth - depth // 3, depth))
         out = set()
         for i in self.layers:
             j = i + depth if i < 0 else i
@@ -150,7 +153,9 @@ class FovealConfig:
             scales[int(h)] = float(s)
         return scales
 
-    def unleash_gains(self, depth: int, num_heads: int, biased_only: bool = True) -> Optional[dict[int, torch.Tensor]]:
+    def unleash_gains(
+        self, depth: int, num_heads: int, biased_only: bool = True, pool: str = "cls"
+    ) -> Optional[dict[int, torch.Tensor]]:
         """``{block: gain (num_heads,) float32}`` for the unleashed blocks, or ``None`` when off.
 
         Raises ValueError for blocks or heads the model lacks, and (``biased_only``, for the bias
@@ -159,7 +164,7 @@ class FovealConfig:
         """
         if self.unleash is None:
             return None
-        biased = self.resolve_layers(depth)
+        biased = self.resolve_layers(depth, pool)
         gains: dict[int, torch.Tensor] = {}
         for entry in self.unleash:
             for i in entry.layers:

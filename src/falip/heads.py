@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from .bias import FovealConfig, Unleash, full_attention_mask
-from .errors import FalipError, ImageLoadError
+from .errors import FalipError, ImageLoadError, UnsupportedModelError
 from .geometry import validate_boxes, validate_masks
 from .images import RotationNotice, load_image
 from .methods import Method, mask_box, parse_method, validated_regions
@@ -57,6 +57,15 @@ class Trace:
     probs: Optional[torch.Tensor]
 
 
+def _require_cls(model) -> None:
+    """UnsupportedModelError unless ``model`` pools its [CLS] token: head analysis reads the [CLS] query's heads."""
+    if model.runtime.pool != "cls":
+        raise UnsupportedModelError(
+            f"head analysis and unleashing read the [CLS] query's per-head terms; {model.name or 'this model'} pools with "
+            f"an attention probe ({model.runtime.family}) and has no [CLS] query, so they are not available for it"
+        )
+
+
 @torch.no_grad()
 def trace(
     model,
@@ -71,6 +80,7 @@ def trace(
     unleashing — exactly as in :meth:`FalipModel.encode_regions`.
     """
     runtime = model.runtime
+    _require_cls(model)
     if pixels.dim() != 4 or pixels.shape[0] != 1:
         raise ValueError(f"trace takes one image as pixels (1, 3, S, S), got shape {tuple(pixels.shape)}")
     plan = model.plan(config)
@@ -314,6 +324,7 @@ def encode_unleashed(
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     if reference == "same-input" and method.edit is not None:
         raise ValueError(f"reference 'same-input' needs a bias-only method; {method.name!r} edits the image: use 'clean'")
+    _require_cls(model)
     config = config or model.config
     entries = unleash if unleash is not None else config.unleash
     if not entries:

@@ -59,10 +59,41 @@ class FalipModel:
 
     @config.setter
     def config(self, config: FovealConfig) -> None:
-        config.resolve_layers(self.runtime.num_layers)  # fail early on layers the model lacks
+        self._check_pooling(config, self.bias_layers(config))  # fail early on layers the model lacks
         # ... and on unleash entries naming blocks or heads it lacks (unbiased blocks fail when the bias is used)
         config.unleash_gains(self.runtime.num_layers, self.runtime.num_heads, biased_only=False)
         self._config = config
+
+    def bias_layers(self, config: Optional[FovealConfig] = None) -> tuple[int, ...]:
+        """The blocks that carry the bias under ``config`` (default: the model's): by default the last third of
+        the blocks of a [CLS]-pooled model, none of an attention-pooled one (its probe carries the bias)."""
+        return (config or self.config).resolve_layers(self.runtime.num_layers, self.runtime.pool)
+
+    def _check_pooling(self, config: FovealConfig, layers: tuple[int, ...]) -> None:
+        """ValueError for settings an attention-pooled model cannot honour (it has no [CLS] query to bias)."""
+        if self.runtime.pool != "attention_pool":
+            return
+        if layers and config.rows == "cls":
+            raise ValueError(
+                f"{self.name or 'this model'} pools with an attention probe and has no [CLS] query: rows='cls' with "
+                f"layers {list(config.layers)} has nothing to bias; use rows='all' or rows='diagonal' (the probe is biased anyway)"
+            )
+        if not layers:
+            block_only = [
+                f
+                for f, on in (
+                    ("rows", config.rows != "cls"),
+                    ("heads", config.heads is not None),
+                    ("unleash", config.unleash is not None),
+                )
+                if on
+            ]
+            if block_only:
+                raise ValueError(
+                    f"FovealConfig {'/'.join(block_only)} act on biased blocks, but {self.name or 'this model'} pools with an "
+                    "attention probe and, with layers=None, only its probe carries the bias; set layers (e.g. "
+                    "layers=(-4, -3, -2, -1), rows='all') to bias blocks too"
+                )
 
     # -- geometry -------------------------------------------------------------------------------
     image_size = property(lambda self: self.runtime.image_size)
@@ -90,7 +121,8 @@ class FalipModel:
             mean=list(self.runtime.mean),
             std=list(self.runtime.std),
             config=self.config.to_dict(),
-            bias_layers=list(self.config.resolve_layers(self.num_layers)),
+            bias_layers=list(self.bias_layers()),
+            bias_probe=self.runtime.pool == "attention_pool",
             runtime=self.runtime.info(),
         )
 
@@ -132,12 +164,18 @@ class FalipModel:
         return prepared.pixels, prepared.transform
 
     def plan(self, config: Optional[FovealConfig] = None) -> BiasPlan:
+        """Where ``config`` (default: the model's) puts the bias on this model: blocks, rows, heads, unleashing,
+        and (attention-pooled models) the probe."""
         config = config or self.config
+        layers = self.bias_layers(config)
+        self._check_pooling(config, layers)
+        pool = self.runtime.pool
         return BiasPlan(
-            layers=config.resolve_layers(self.num_layers),
+            layers=layers,
             rows=config.rows,
             head_scales=config.head_scales(self.num_heads),
-            unleash=config.unleash_gains(self.num_layers, self.num_heads),
+            unleash=config.unleash_gains(self.num_layers, self.num_heads, pool=pool),
+            probe=pool == "attention_pool",
         )
 
     def region_biases(

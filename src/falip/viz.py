@@ -109,7 +109,7 @@ def attention_maps(
     config = config or model.config
     pil = load_image(image)
     boxes = validate_boxes(boxes, pil.size)
-    drawn = resolve_layers(layers, model.num_layers, config.resolve_layers(model.num_layers))
+    drawn = resolve_layers(layers, model.num_layers, model.bias_layers(config))
     pixels, transform = model.preprocess_image(pil)
     bias = model.region_biases(transform, boxes=boxes, config=config)
     plain = trace(model, pixels, full_probs=True)

@@ -207,7 +207,7 @@ class ScoringService:
             preprocess=m.preprocess,
             num_layers=m.num_layers,
             config=m.config.to_dict(),
-            bias_layers=list(m.config.resolve_layers(m.num_layers)),
+            bias_layers=list(m.bias_layers()),
             methods=list(PAGE_METHODS),
             modes=list(MODES),
             limits=self.limits.to_dict(),
@@ -226,8 +226,7 @@ class ScoringService:
             changes["layers"] = parsed
         try:
             config = replace(self.model.config, **changes)
-            config.resolve_layers(self.model.num_layers)
-            config.unleash_gains(self.model.num_layers, self.model.num_heads)
+            self.model.plan(config)  # layers, unleashing and rows the model cannot honour
         except ValueError as exc:
             raise InputError(f"FALIP options: {exc}") from None
         return config
@@ -242,7 +241,7 @@ class ScoringService:
             method=method,
             mode=mode,
             config=config.to_dict(),
-            bias_layers=list(config.resolve_layers(self.model.num_layers)),
+            bias_layers=list(self.model.bias_layers(config)),
             model=self.model.name,
             image_size=list(image.size),
             boxes=boxes,

@@ -8,13 +8,13 @@ and so must stay last:
   holding a ``config.json``; register its ``ADAPTER`` above the open_clip line.
 - open_clip's timm towers (``open_clip_timm.py``) are not a separate adapter: the open_clip loader
   picks the runtime class by the image tower's type; that module calls
-  ``open_clip_loading.register_visual_runtime("TimmModel", ...)`` — import it below, before the
-  open_clip adapter is used.
+  ``open_clip_loading.register_visual_runtime("TimmModel", ...)`` when imported (below, with its class).
 """
 
 from . import open_clip_loading
 from .base import BlockHeads, Trunk, VisionRuntime
 from .open_clip import OpenClipRuntime
+from .open_clip_timm import OpenClipTimmRuntime
 from .registry import ADAPTERS, Adapter, LoadedModel, list_models, load_runtime, register
 
 register(open_clip_loading.ADAPTER)  # last: claims every input
@@ -25,6 +25,7 @@ __all__ = [
     "BlockHeads",
     "LoadedModel",
     "OpenClipRuntime",
+    "OpenClipTimmRuntime",
     "Trunk",
     "VisionRuntime",
     "list_models",

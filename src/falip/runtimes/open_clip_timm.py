@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import BlockHeads, Trunk
 from .open_clip import OPENAI_MEAN, OPENAI_STD, OpenClipModelParts
+from .open_clip_loading import register_visual_runtime
 
 
 def _tail(blk: nn.Module, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -116,8 +117,11 @@ class OpenClipTimmRuntime(OpenClipModelParts):
         self.num_layers = len(self.blocks)
         self.num_heads = int(self.blocks[0].attn.num_heads)
         self.width = int(trunk.embed_dim)
-        self.mean = tuple(mean or OPENAI_MEAN)
-        self.std = tuple(std or OPENAI_STD)
+        # The weights' normalisation when open_clip knows it (a pretrained tag), else the timm tower's own.
+        self.mean = tuple(mean or trunk.pretrained_cfg.get("mean") or OPENAI_MEAN)
+        self.std = tuple(std or trunk.pretrained_cfg.get("std") or OPENAI_STD)
+        # open_clip gives a model a logit bias when it is trained with the sigmoid loss (SigLIP).
+        self.score_kind = "sigmoid" if getattr(clip, "logit_bias", None) is not None else "softmax"
         if tokenizer is None and text_missing is None:
             raise ValueError("give the model's tokenizer, or text_missing saying why there is none")
         self.tokenizer = tokenizer
@@ -317,3 +321,6 @@ class OpenClipTimmRuntime(OpenClipModelParts):
                 f"this timm/open_clip version's ViT does not match falip's {what} (max |diff| {err:.3g}); "
                 "falip is tested with timm 1.0.x and open_clip_torch 3.x"
             )
+
+
+register_visual_runtime("TimmModel", OpenClipTimmRuntime)

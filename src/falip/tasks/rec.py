@@ -126,7 +126,7 @@ class RegionScorer:
         return dict(
             models=[{k: v for k, v in m.info().items() if k != "device"} for m in self.models],
             bias=[(self.config or m.config).to_dict() for m in self.models],
-            bias_layers=[list((self.config or m.config).resolve_layers(m.num_layers)) for m in self.models],
+            bias_layers=[list(m.bias_layers(self.config)) for m in self.models],
             mode=self.mode,
             methods=[m.name for m in self.methods],
             edit_style=self.edit_style if any(m.edit for m in self.methods) else None,
