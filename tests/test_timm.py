@@ -261,7 +261,7 @@ def test_average_pooled_timm_tower_is_refused():
 
 
 def test_eva_tower_is_refused():
-    with pytest.raises(UnsupportedModelError, match="timm tower is a Eva; .*EVA02 / PE-Core"):
+    with pytest.raises(UnsupportedModelError, match="timm tower is Eva; .*EVA02 / PE-Core"):
         OpenClipTimmRuntime(timm_clip("falip_test_eva", "token"), text_missing="no tokenizer in this test")
 
 

@@ -71,7 +71,7 @@ class OpenClipTimmRuntime(OpenClipModelParts):
         trunk = visual.trunk
         if type(trunk) is not VisionTransformer:
             raise UnsupportedModelError(
-                f"this open_clip model's timm tower is a {type(trunk).__name__}; falip runs timm VisionTransformer towers "
+                f"this open_clip model's timm tower is {type(trunk).__name__}; falip runs timm VisionTransformer towers "
                 "only (EVA02 / PE-Core `Eva` towers and rel-pos ViTs add rotary or relative-position terms inside "
                 "attention that falip does not evaluate; see the README's 'Supported models')"
             )
@@ -118,8 +118,9 @@ class OpenClipTimmRuntime(OpenClipModelParts):
         self.num_heads = int(self.blocks[0].attn.num_heads)
         self.width = int(trunk.embed_dim)
         # The weights' normalisation when open_clip knows it (a pretrained tag), else the timm tower's own.
-        self.mean = tuple(mean or trunk.pretrained_cfg.get("mean") or OPENAI_MEAN)
-        self.std = tuple(std or trunk.pretrained_cfg.get("std") or OPENAI_STD)
+        own = getattr(trunk, "pretrained_cfg", None) or {}
+        self.mean = tuple(mean or own.get("mean") or OPENAI_MEAN)
+        self.std = tuple(std or own.get("std") or OPENAI_STD)
         # open_clip gives a model a logit bias when it is trained with the sigmoid loss (SigLIP).
         self.score_kind = "sigmoid" if getattr(clip, "logit_bias", None) is not None else "softmax"
         if tokenizer is None and text_missing is None:
