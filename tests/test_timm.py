@@ -176,6 +176,16 @@ def test_probe_only_modes_agree_and_batched_equals_one_by_one(probe_rt):
     close(alone, naive)
 
 
+@pytest.mark.parametrize("layers", [(), (1, 2)])
+def test_probe_regions_of_several_images_equal_each_image_alone(probe_rt, layers):
+    px, b = pixels(batch=3), biases(probe_rt, 6)
+    index = torch.tensor([2, 0, 2, 1, 0, 2])
+    plan = BiasPlan(layers=layers, rows="all", probe=True)
+    alone = torch.cat([encode_biased(probe_rt, px[n : n + 1], b[k : k + 1], plan, "naive") for k, n in enumerate(index.tolist())])
+    for mode, chunk in (("naive", None), ("exact", 4), ("exact", 1)):
+        close(encode_biased(probe_rt, px, b, plan, mode, chunk_size=chunk, image_index=index), alone)
+
+
 @pytest.mark.parametrize("rows", ["all", "diagonal"])
 def test_probe_and_blocks_exact_equals_naive(probe_rt, rows):
     px, b = pixels(), biases(probe_rt, 4)
@@ -307,6 +317,14 @@ def test_default_config_biases_only_the_probe(probe_model, rng):
     mask = np.zeros((48, 64), bool)
     mask[10:30, 5:40] = True
     close(probe_model.encode_regions(img, masks=[mask]), probe_model.encode_regions(img, masks=[mask], mode="naive"))
+
+
+def test_encode_regions_batch_on_a_probe_model_equals_each_image_alone(probe_model, rng):
+    images = [random_image(rng, 64, 48), random_image(rng, 40, 56)]
+    boxes = [random_boxes(rng, 64, 48, 3), random_boxes(rng, 40, 56, 2)]
+    batched = probe_model.encode_regions_batch(images, boxes, chunk_size=2)
+    for image, box, out in zip(images, boxes, batched):
+        close(out, probe_model.encode_regions(image, box, mode="naive"))
 
 
 def test_block_settings_without_blocks_or_with_rows_cls_are_errors_on_a_probe_model(probe_model):
