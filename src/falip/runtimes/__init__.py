@@ -11,12 +11,13 @@ and so must stay last:
   ``open_clip_loading.register_visual_runtime("TimmModel", ...)`` when imported (below, with its class).
 """
 
-from . import open_clip_loading
+from . import hf, open_clip_loading
 from .base import BlockHeads, Trunk, VisionRuntime
 from .open_clip import OpenClipRuntime
 from .open_clip_timm import OpenClipTimmRuntime
 from .registry import ADAPTERS, Adapter, LoadedModel, list_models, load_runtime, register
 
+register(hf.ADAPTER)
 register(open_clip_loading.ADAPTER)  # last: claims every input
 
 __all__ = [

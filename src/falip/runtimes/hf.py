@@ -1,0 +1,576 @@
+"""HF transformers adapter: ``CLIPModel``, ``SiglipModel`` and ``Siglip2Model`` (tested with transformers 5.x).
+
+It relies only on these seams of the transformers models:
+
+- the image tower is ``vision_model.embeddings`` (+ ``pre_layrnorm`` for CLIP) → the layers
+  ``vision_model.encoder.layers[i]`` → the pooling head: ``post_layernorm`` on token 0 and
+  ``visual_projection`` (CLIP), or ``post_layernorm`` on every token and the attention probe
+  ``vision_model.head`` (SigLIP's MAP head). A biased call runs the stem, our trunk and the head
+  through these seams, so the shared model is never modified (checked against the model's own
+  ``get_image_features`` when the adapter is built);
+- a layer called as ``layer(x, attention_mask)``: its mask reaches the attention interface (eager or
+  sdpa) as an additive float bias ``(B, H, Q, L)`` — falip's ``(B·H, Q, L)`` masks are reshaped to it;
+- the layer's submodules ``layer_norm1``, ``self_attn.q_proj/k_proj/v_proj/out_proj`` (and ``scale``),
+  ``layer_norm2``, ``mlp`` for evaluating a layer at chosen queries only, head by head, or with a
+  bias on the [CLS] row alone; checked numerically against the layer's own forward;
+- the probe's ``nn.MultiheadAttention`` (``head.attention``), called with an ``attn_mask`` of shape
+  ``(B·H, 1, L)`` to put the foveal bias on the probe's logits, then the head's ``layernorm`` and
+  ``mlp``; checked against the head's own forward with a zero bias.
+
+SigLIP2 (``model_type`` ``siglip2``, the NaFlex checkpoints) takes patchified, variable-resolution
+input; falip runs it only at its native square grid (``√num_patches`` patches a side), the fixed-
+resolution form, with no padding patches. (The fixed-resolution SigLIP2 checkpoints are ``siglip``.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TextUnavailableError, UnsupportedModelError
+from .base import BlockHeads, Trunk
+from .open_clip import OPENAI_MEAN, OPENAI_STD, TOKENIZER_PROBE
+from .registry import Adapter
+
+MODEL_TYPES = ("clip", "siglip", "siglip2")
+FAMILIES = {"clip": "hf-clip", "siglip": "hf-siglip", "siglip2": "hf-siglip2"}
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # the ones whose layers take an additive float mask
+
+
+def model_type_of(model: nn.Module) -> str:
+    """``clip`` / ``siglip`` / ``siglip2`` for the transformers models falip runs, else UnsupportedModelError."""
+    from transformers import CLIPModel, Siglip2Model, SiglipModel
+
+    for cls, kind in ((CLIPModel, "clip"), (SiglipModel, "siglip"), (Siglip2Model, "siglip2")):
+        if isinstance(model, cls):
+            return kind
+    raise UnsupportedModelError(
+        f"falip runs transformers' CLIPModel, SiglipModel and Siglip2Model (image and text towers), got {type(model).__name__}"
+    )
+
+
+class HFRuntime:
+    """Runs the vision tower of a transformers CLIP / SigLIP / SigLIP2 model with attention biases.
+
+    ``tokenizer``: the model's own tokenizer, or None with ``text_missing`` saying why (text calls
+    then raise :class:`TextUnavailableError`). ``mean``/``std``: the directory's
+    ``preprocessor_config.json`` values, else the family's defaults (``mean_std_source`` says which).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        text_missing: str = "no tokenizer was given",
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+    ):
+        self.kind = model_type_of(model)
+        impl = model.config._attn_implementation
+        if impl not in ATTN_IMPLEMENTATIONS:
+            raise UnsupportedModelError(
+                f"this model runs attention with {impl!r}; falip's biases need an additive float mask, which "
+                f"{' and '.join(ATTN_IMPLEMENTATIONS)} take: load it with attn_implementation='sdpa'"
+            )
+        model.eval()
+        self.model = model
+        self.vision = model.vision_model
+        self.layers = self.vision.encoder.layers
+        vcfg = model.config.vision_config
+        self.family = FAMILIES[self.kind]
+        self.patch_size = int(vcfg.patch_size)
+        if self.kind == "siglip2":
+            side = int(round(vcfg.num_patches**0.5))
+            if side * side != vcfg.num_patches:
+                raise UnsupportedModelError(f"SigLIP2 with {vcfg.num_patches} position embeddings has no square native grid")
+            self.image_size = side * self.patch_size
+        else:
+            self.image_size = int(vcfg.image_size)
+        g = self.image_size // self.patch_size
+        self.grid = (g, g)
+        self.num_layers = len(self.layers)
+        self.num_heads = int(vcfg.num_attention_heads)
+        self.width = int(vcfg.hidden_size)
+        if self.kind == "clip":
+            self.num_prefix, self.pool, self.score_kind = 1, "cls", "softmax"
+            self.embed_dim = int(model.visual_projection.out_features)
+            default_mean, default_std = OPENAI_MEAN, OPENAI_STD
+        else:
+            if not getattr(self.vision, "use_head", False):
+                raise UnsupportedModelError(
+                    f"this {type(model).__name__} has no attention-pooling head (vision_use_head=False): no image embedding to steer"
+                )
+            self.num_prefix, self.pool, self.score_kind = 0, "attention_pool", "sigmoid"
+            self.embed_dim = self.width
+            default_mean, default_std = SIGLIP_MEAN, SIGLIP_STD
+        self.mean = tuple(float(v) for v in (mean or default_mean))
+        self.std = tuple(float(v) for v in (std or default_std))
+        self.mean_std_source = "preprocessor_config.json" if mean else f"{self.kind} defaults (no preprocessor_config.json)"
+        self.tokenizer = tokenizer
+        self.text_missing = text_missing
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+        self._check_stem_head_seam()
+        self._check_query_seam()
+        if self.pool == "attention_pool":
+            self._check_probe_seam()
+        self._heads_checked = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision.embeddings.patch_embedding.weight.device
+
+    # -- image tower ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if pool_bias is not None and self.pool != "attention_pool":
+            raise ValueError(f"{self.family} pools its [CLS] token; pool_bias is for attention-pooled models")
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if trunk is None and pool_bias is None:
+            return self._own_features(pixels)
+        tokens = self._stem(pixels)
+        tokens = self._blocks(tokens) if trunk is None else trunk(tokens)
+        return self._head(tokens, pool_bias)
+
+    def _own_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's own ``get_image_features`` ``(B, E)`` of normalised pixels ``(B, 3, S, S)``."""
+        if self.kind == "siglip2":
+            patches, spatial = self._patchify(pixels)
+            mask = torch.ones(patches.shape[:2], dtype=torch.long, device=self.device)
+            out = self.model.get_image_features(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=spatial)
+        else:
+            out = self.model.get_image_features(pixel_values=pixels)
+        return out.pooler_output
+
+    def _patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SigLIP2's input: patches ``(B, gh·gw, p·p·3)`` row-major, each patch (row, col, channel)-ordered as its
+        image processor writes them, and ``spatial_shapes (B, 2)``."""
+        B, C, S, _ = pixels.shape
+        p, g = self.patch_size, self.grid[0]
+        patches = pixels.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * C)
+        spatial = torch.tensor([[g, g]] * B, dtype=torch.long, device=pixels.device)
+        return patches, spatial
+
+    def _stem(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, L, D)`` entering block 0."""
+        emb = self.vision.embeddings
+        if self.kind == "clip":
+            return self.vision.pre_layrnorm(emb(pixels))
+        if self.kind == "siglip2":
+            return emb(*self._patchify(pixels))
+        return emb(pixels)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, None)
+        return x
+
+    def _head(self, tokens: torch.Tensor, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings ``(B, E)`` of trunk outputs ``(B, L', D)``: the model's own pooling and projection."""
+        if self.kind == "clip":
+            return self.model.visual_projection(self.vision.post_layernorm(tokens[:, 0]))
+        tokens = self.vision.post_layernorm(tokens)
+        if pool_bias is None:
+            return self.vision.head(tokens)
+        return self._probe(tokens, pool_bias)
+
+    def _probe(self, tokens: torch.Tensor, pool_bias: torch.Tensor) -> torch.Tensor:
+        """The MAP head on normalised tokens ``(B, L, D)`` with ``pool_bias (B, L)`` added to every probe head's logits."""
+        head = self.vision.head
+        B, L, D = tokens.shape
+        if pool_bias.shape != (B, L):
+            raise ValueError(f"pool_bias of shape {tuple(pool_bias.shape)} does not fit the tokens (B={B}, L={L})")
+        mask = pool_bias.to(device=tokens.device, dtype=tokens.dtype)[:, None, None, :]
+        mask = mask.expand(B, self.num_heads, 1, L).reshape(B * self.num_heads, 1, L)
+        x = head.attention(head.probe.expand(B, 1, D), tokens, tokens, attn_mask=mask, need_weights=False)[0]
+        x = x + head.mlp(head.layernorm(x))
+        return x[:, 0]
+
+    # -- blocks ---------------------------------------------------------------------------------
+    def _mask4(self, mask: Optional[torch.Tensor], B: int, Q: int, L: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """falip's additive mask ``(B·H, Q, L)`` (``(H, Q, L)`` for B = 1, or ``(Q, L)``) as ``(B or 1, H or 1, Q, L)``."""
+        if mask is None:
+            return None
+        if mask.dtype == torch.bool:
+            raise ValueError("falip's attention masks are additive float masks, got a boolean mask")
+        mask = mask.to(device=self.device, dtype=dtype)
+        H = self.num_heads
+        if mask.dim() == 2 and mask.shape == (Q, L):
+            return mask.view(1, 1, Q, L)
+        if mask.dim() != 3 or mask.shape[0] not in (H, B * H) or mask.shape[1:] != (Q, L):
+            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit B={B}, H={H}, Q={Q}, L={L}")
+        return mask.view(-1, H, Q, L)
+
+    def block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, L, _ = x.shape
+        mask = self._mask4(attn_mask, B, L, L, x.dtype)
+        if mask is not None:
+            mask = mask.expand(B, self.num_heads, L, L)
+        return self.layers[index](x, mask)
+
+    def _qkv(self, attn: nn.Module, q_x: torch.Tensor, kv_x: torch.Tensor):
+        """Per-head queries ``(B, H, Q, dh)``, keys and values ``(B, H, L, dh)``."""
+        B, Q, _ = q_x.shape
+        L, H = kv_x.shape[1], self.num_heads
+        q = attn.q_proj(q_x).view(B, Q, H, -1).transpose(1, 2)
+        k = attn.k_proj(kv_x).view(B, L, H, -1).transpose(1, 2)
+        v = attn.v_proj(kv_x).view(B, L, H, -1).transpose(1, 2)
+        return q, k, v
+
+    def _merge(self, attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+        """Attention output ``(B, Q, D)`` of per-head outputs ``(B, H, Q, dh)``."""
+        B, H, Q, dh = heads.shape
+        return attn.out_proj(heads.transpose(1, 2).reshape(B, Q, H * dh))
+
+    def block_query(
+        self, index: int, query: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        layer = self.layers[index]
+        attn = layer.self_attn
+        q, k, v = self._qkv(attn, layer.layer_norm1(query), layer.layer_norm1(context))
+        mask = self._mask4(attn_mask, query.shape[0], query.shape[1], context.shape[1], q.dtype)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        return self.block_tail(index, query, self._merge(attn, heads))
+
+    def block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
+        if self.num_prefix == 0:
+            raise ValueError(f"{self.family} has no class token: there is no [CLS] row to bias")
+        if not self._heads_checked:
+            self._check_heads_seam()
+        return self._block_cls_biased(index, x, cls_mask)
+
+    def _block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[index]
+        attn = layer.self_attn
+        B, L, _ = x.shape
+        H = self.num_heads
+        h = layer.layer_norm1(x)
+        q, k, v = self._qkv(attn, h, h)
+        mask = cls_mask.to(device=q.device, dtype=q.dtype)
+        if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] not in (1, H) or mask.shape[2:] != (1, L):
+            raise ValueError(f"[CLS] mask of shape {tuple(mask.shape)} does not fit (B={B}, H={H} or 1, 1, L={L})")
+        # The [CLS] query with its bias row, the other queries unmasked: no (B, H, L, L) mask is built.
+        cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=mask, scale=attn.scale)
+        rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, scale=attn.scale)
+        return self.block_tail(index, x, self._merge(attn, torch.cat([cls, rest], dim=2)))
+
+    def block_heads(
+        self,
+        index: int,
+        query: torch.Tensor,
+        context: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        *,
+        base_mask: Optional[torch.Tensor] = None,
+        gain: Optional[torch.Tensor] = None,
+        keep_terms: bool = False,
+    ) -> BlockHeads:
+        if not self._heads_checked:
+            self._check_heads_seam()
+        return self._block_heads(index, query, context, attn_mask, base_mask, gain, keep_terms)
+
+    def _block_heads(self, index, query, context, attn_mask, base_mask, gain, keep_terms) -> BlockHeads:
+        layer = self.layers[index]
+        attn = layer.self_attn
+        B, Q, D = query.shape
+        Lk, H = context.shape[1], self.num_heads
+        q, k, v = self._qkv(attn, layer.layer_norm1(query), layer.layer_norm1(context))
+        logits = (q * attn.scale) @ k.transpose(-1, -2)  # (B, H, Q, Lk)
+
+        def probs_under(mask):
+            m = self._mask4(mask, B, Q, Lk, logits.dtype)
+            return torch.softmax(logits if m is None else logits + m, dim=-1)
+
+        probs = probs_under(attn_mask)
+        if gain is not None:
+            probs = probs + gain.to(probs).view(1, H, 1, 1) * (probs - probs_under(base_mask))
+        heads = probs @ v  # (B, H, Q, dh)
+        out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
+        if out_b is None:
+            out_b = out_w.new_zeros(D)
+        attended = self._merge(attn, heads)
+        terms = torch.einsum("bhqd,ehd->bqhe", heads, out_w.view(D, H, -1)) if keep_terms else None
+        return BlockHeads(out=self.block_tail(index, query, attended), probs=probs, terms=terms, out_bias=out_b)
+
+    def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[index]
+        x = query + attended
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    # -- text tower and score -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise TextUnavailableError(f"{self.family} model has no tokenizer: {self.text_missing}")
+        # Padded to the model's full context: SigLIP pools the last position and was trained that way;
+        # CLIP's causal text tower ignores what follows its end-of-text token.
+        tokens = self.tokenizer(
+            list(texts), padding="max_length", max_length=self.context_length, truncation=True, return_tensors="pt"
+        )
+        inputs = {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask") if k in tokens}
+        return self.model.get_text_features(**inputs).pooler_output
+
+    def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        scale = self.model.logit_scale.detach().float().exp().cpu()
+        out = scale * (image.float().cpu() @ text.float().cpu().T)
+        if self.kind != "clip":
+            out = out + self.model.logit_bias.detach().float().cpu()
+        return out
+
+    def digest(self, part: str = "all") -> str:
+        """Hex sha256 of the model's tensors. ``"all"``: every state-dict entry (name, dtype, shape, values).
+        ``"text"``: the text tower and text projection, the model's dtype and the tokenizer (its class, context
+        length and the ids of fixed probe strings)."""
+        if part not in ("all", "text"):
+            raise ValueError(f"digest part must be 'all' or 'text', got {part!r}")
+        h = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            if part == "text" and not name.startswith(("text_model.", "text_projection.")):
+                continue
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if part == "text":
+            h.update(
+                f"{self.dtype}|{type(self.tokenizer).__module__}.{type(self.tokenizer).__qualname__}|{self.context_length}".encode()
+            )
+            if self.tokenizer is not None:
+                ids = self.tokenizer(list(TOKENIZER_PROBE), padding="max_length", max_length=self.context_length, truncation=True)
+                h.update(json.dumps(ids["input_ids"]).encode())
+        return h.hexdigest()
+
+    def info(self) -> dict:
+        return dict(
+            family=self.family,
+            model_class=type(self.model).__name__,
+            attn_implementation=self.model.config._attn_implementation,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            grid=list(self.grid),
+            num_prefix=self.num_prefix,
+            pool=self.pool,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            width=self.width,
+            embed_dim=self.embed_dim,
+            score_kind=self.score_kind,
+            mean=list(self.mean),
+            std=list(self.std),
+            mean_std_source=self.mean_std_source,
+            logit_bias=self.kind != "clip",
+            text=self.tokenizer is not None,
+            **({} if self.tokenizer is not None else {"text_missing": self.text_missing}),
+            context_length=self.context_length,
+        )
+
+    # -- seam checks ----------------------------------------------------------------------------
+    def _random(self, *shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return (scale * torch.randn(*shape, generator=gen)).to(self.device, self.dtype)
+
+    @property
+    def _tokens(self) -> int:
+        return self.num_prefix + self.grid[0] * self.grid[1]
+
+    @torch.no_grad()
+    def _check_stem_head_seam(self) -> None:
+        """stem → layers → :meth:`_head` == the model's own ``get_image_features``."""
+        pixels = self._random(1, 3, self.image_size, self.image_size, seed=2)
+        self._check_close(
+            "stem/pooling/projection seams", self._head(self._blocks(self._stem(pixels))), self._own_features(pixels)
+        )
+
+    @torch.no_grad()
+    def _check_query_seam(self) -> None:
+        """block_query == block()[:, :2] with a random per-head mask (the layer's own forward, through its attention interface)."""
+        L = self._tokens
+        x = self._random(2, L, self.width, seed=0)
+        mask = self._random(2 * self.num_heads, L, L, seed=3, scale=0.5)
+        full = self.block(0, x, mask)
+        query = self.block_query(0, x[:, :2], x, mask[:, :2])
+        self._check_close("query evaluation (block_query)", query, full[:, :2])
+
+    @torch.no_grad()
+    def _check_probe_seam(self) -> None:
+        """The probe with a zero ``pool_bias`` == the head's own forward."""
+        tokens = self._random(2, self._tokens, self.width, seed=4)
+        zero = torch.zeros(2, self._tokens)
+        self._check_close("attention-probe evaluation", self._probe(tokens, zero), self.vision.head(tokens))
+
+    @torch.no_grad()
+    def _check_heads_seam(self) -> None:
+        """block_heads == block(), its per-head terms sum to the layer's own attention output, and (with a class
+        token) block_cls_biased == block() with a mask on row 0 only."""
+        L, H = self._tokens, self.num_heads
+        x = self._random(2, L, self.width, seed=1)
+        mask = self._random(2 * H, L, L, seed=5, scale=0.5)
+        heads = self._block_heads(0, x, x, mask, None, None, True)
+        layer = self.layers[0]
+        attended, _ = layer.self_attn(layer.layer_norm1(x), attention_mask=mask.view(2, H, L, L))
+        self._check_close("per-head evaluation (block output)", heads.out, self.block(0, x, mask))
+        self._check_close("per-head evaluation (attention output)", heads.terms.sum(2) + heads.out_bias, attended)
+        if self.num_prefix:
+            row0 = torch.zeros_like(mask).view(2, H, L, L)
+            row0[:, :, :1] = mask.view(2, H, L, L)[:, :, :1]
+            self._check_close(
+                "[CLS]-biased evaluation", self._block_cls_biased(0, x, row0[:, :, :1]), self.block(0, x, row0.view(-1, L, L))
+            )
+        self._heads_checked = True
+
+    def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+        """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the model's own."""
+        ours, theirs = ours.float(), theirs.float()
+        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        err = (ours - theirs).abs().max().item()
+        if not err <= tol * max(1.0, theirs.abs().max().item()):
+            import transformers
+
+            raise UnsupportedModelError(
+                f"transformers {transformers.__version__}'s {type(self.model).__name__} does not match falip's {what} "
+                f"(max |diff| {err:.3g}); falip is tested with transformers 5.x"
+            )
+
+
+def read_preprocessor_stats(directory: Path) -> tuple[Optional[list], Optional[list]]:
+    """``image_mean``/``image_std`` from ``directory/preprocessor_config.json``, or (None, None) without one."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return None, None
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    return cfg.get("image_mean"), cfg.get("image_std")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: a save_pretrained directory, or a hub id spelled "hf:<org>/<name>"
+
+HUB_PREFIX = "hf:"
+# What a CLIP/SigLIP repository needs, and nothing else (hub repos also hold PyTorch/Flax/TF/open_clip copies).
+HUB_FILES = [
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+]
+HUB_BIN_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def claims(name_or_path: str, pretrained: Optional[str] = None) -> bool:
+    """A hub id ``hf:<org>/<name>``, or a directory holding a transformers ``config.json``."""
+    name = str(name_or_path)
+    if name.startswith(HUB_PREFIX):
+        return True
+    path = Path(name).expanduser()
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """The local snapshot of hub repo ``repo_id``: the cache first, then a download when the hub answers."""
+    from huggingface_hub import snapshot_download
+
+    from ..errors import ModelLoadError
+    from ..loading import hub_offline, reachable
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ModelLoadError(
+            f"hub id '{HUB_PREFIX}{repo_id}' is not of the form hf:<org>/<name>, e.g. hf:openai/clip-vit-base-patch16"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError) or a broken cache entry
+        pass
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else reachable("https://huggingface.co")
+    if reason is None:
+        try:
+            snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+            if not any(snapshot.glob("*.safetensors")):  # an older repo with PyTorch pickles only
+                snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_BIN_FILES))
+            return snapshot
+        except Exception as exc:  # unknown repo, gated repo, network errors
+            reason = f"the download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    raise ModelLoadError(
+        f"cannot load {HUB_PREFIX}{repo_id}: it is not in the local Hugging Face cache and {reason}. Download it where "
+        f"you have internet (huggingface-cli download {repo_id}, or save_pretrained) and pass the directory: falip.load('/path/to/dir')"
+    )
+
+
+def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision: str, quick_gelu: Optional[bool]):
+    """:class:`~falip.runtimes.registry.LoadedModel` of a transformers CLIP / SigLIP / SigLIP2 directory or hub id."""
+    from ..errors import ModelLoadError
+    from ..loading import PRECISIONS, check_finite, first_line
+    from .registry import LoadedModel
+
+    name = str(name_or_path)
+    if pretrained is not None:
+        raise ValueError(f"{name} is a transformers model with its own weights; do not pass pretrained=")
+    if quick_gelu is not None:
+        raise ValueError(
+            f"{name} is a transformers model: its activation is in its config.json (hidden_act); do not pass quick_gelu"
+        )
+    directory = resolve_hub_id(name[len(HUB_PREFIX) :]) if name.startswith(HUB_PREFIX) else Path(name).expanduser()
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {directory / 'config.json'}: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is None:
+        raise UnsupportedModelError(
+            f"{directory / 'config.json'} has no model_type: not a transformers model; falip runs transformers "
+            f"model_type {' / '.join(MODEL_TYPES)} directories, open_clip names and OpenAI-layout checkpoint files"
+        )
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{name} is a transformers {model_type!r} model; falip runs model_type {' / '.join(MODEL_TYPES)} "
+            "(CLIPModel, SiglipModel, Siglip2Model with image and text towers)"
+        )
+    import transformers
+
+    cls = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel, "siglip2": transformers.Siglip2Model}[model_type]
+    try:
+        # eager attention: its float-mask path is the plain softmax(s·QKᵀ + M) that open_clip's attention computes too,
+        # so the same weights give the same numbers in both runtimes (sdpa's CPU kernel drifts by ~1e-5).
+        model = cls.from_pretrained(directory, dtype=PRECISIONS[precision], attn_implementation="eager")
+    except Exception as exc:  # transformers raises many types for missing or foreign files
+        raise ModelLoadError(f"cannot load {name} as a {cls.__name__}: {type(exc).__name__}: {first_line(exc)}") from exc
+    check_finite(model, name)
+    model.to(device)
+    tokenizer, text_missing = _tokenizer(directory)
+    mean, std = read_preprocessor_stats(directory)
+    runtime = HFRuntime(model, tokenizer, text_missing, mean, std)
+    return LoadedModel(runtime=runtime, name=name, pretrained=None, weights_file=directory, card=None)
+
+
+def _tokenizer(directory: Path):
+    """(the directory's own tokenizer, "") or (None, what is missing)."""
+    from transformers import AutoTokenizer
+
+    from ..loading import first_line
+
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None, f"{directory} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
+    try:
+        return AutoTokenizer.from_pretrained(directory), ""
+    except Exception as exc:  # no tokenizer files, or a tokenizer library that is not installed
+        return None, f"no usable tokenizer in {directory} ({type(exc).__name__}: {first_line(exc)})"
+
+
+ADAPTER = Adapter(name="hf", claims=claims, load=load_hf)
