@@ -186,7 +186,8 @@ def test_sdpa_and_eager_attention_give_the_same_blocks(pair):
 
 
 def test_info_names_family_prefix_pooling_and_normalisation_source(pair):
-    _, hf, _ = pair
+    _, hf, directory = pair
+    assert hf.pretrained == str(directory) and hf.weights_digest().startswith("file:")  # model.safetensors
     info = hf.runtime.info()
     assert info["family"] == "hf-clip" and info["num_prefix"] == 1 and info["pool"] == "cls"
     assert info["mean_std_source"] == "preprocessor_config.json" and info["score_kind"] == "softmax"

@@ -526,6 +526,12 @@ def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision
         raise ValueError(
             f"{name} is a transformers model: its activation is in its config.json (hidden_act); do not pass quick_gelu"
         )
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError(
+            f"{name} is a transformers model: install the hf extra (pip install 'falip[hf]', transformers 5.x)"
+        ) from None
     directory = resolve_hub_id(name[len(HUB_PREFIX) :]) if name.startswith(HUB_PREFIX) else Path(name).expanduser()
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -542,8 +548,6 @@ def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision
             f"{name} is a transformers {model_type!r} model; falip runs model_type {' / '.join(MODEL_TYPES)} "
             "(CLIPModel, SiglipModel, Siglip2Model with image and text towers)"
         )
-    import transformers
-
     cls = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel, "siglip2": transformers.Siglip2Model}[model_type]
     try:
         # eager attention: its float-mask path is the plain softmax(s·QKᵀ + M) that open_clip's attention computes too,
@@ -556,7 +560,10 @@ def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision
     tokenizer, text_missing = _tokenizer(directory)
     mean, std = read_preprocessor_stats(directory)
     runtime = HFRuntime(model, tokenizer, text_missing, mean, std)
-    return LoadedModel(runtime=runtime, name=name, pretrained=None, weights_file=directory, card=None)
+    single = directory / "model.safetensors"  # sharded weights: none (run fingerprints then hash the tensors)
+    return LoadedModel(
+        runtime=runtime, name=name, pretrained=str(directory), weights_file=single if single.is_file() else None, card=None
+    )
 
 
 def _tokenizer(directory: Path):
