@@ -297,9 +297,6 @@ def test_siglip_text_uses_its_own_tokenizer_padded_to_max_length_and_sigmoid_log
 SIGLIP_SETTINGS = {"probe": FovealConfig(alpha=4.0), "probe+blocks-all": FovealConfig(alpha=2.0, rows="all", layers=(1, 2))}
 
 
-@pytest.mark.skipif(
-    not hasattr(falip.BiasPlan, "probe"), reason="needs encode's attention-probe path (BiasPlan.probe, issue 11 item 4)"
-)
 @pytest.mark.parametrize("mode", ["naive", "exact", "approx"])
 @pytest.mark.parametrize("name", list(SIGLIP_SETTINGS))
 def test_siglip_regions_in_every_mode_equal_naive_and_differ_from_the_plain_image(siglip_model, mode, name):
