@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TextUnavailableError, UnsupportedModelError
+from .attention import check_close, cls_biased_heads, head_terms, unleashed_heads
 from .base import BlockHeads, Trunk
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -247,14 +248,7 @@ class OpenClipRuntime(OpenClipModelParts):
         H = self.num_heads
         qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, H, D // H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, dh)
-        mask = cls_mask.to(device=q.device, dtype=q.dtype)
-        if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] not in (1, H) or mask.shape[2:] != (1, L):
-            raise ValueError(f"[CLS] mask of shape {tuple(mask.shape)} does not fit (B={B}, H={H} or 1, 1, L={L})")
-        # The [CLS] query with its bias row and the patch queries without a mask: two fused attention
-        # calls over the same keys and values, so no (B·H, L, L) mask is ever materialised.
-        cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=mask)
-        patches = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
-        heads = torch.cat([cls, patches], dim=2).transpose(1, 2).reshape(B, L, D)
+        heads = cls_biased_heads(q, k, v, cls_mask).transpose(1, 2).reshape(B, L, D)
         attended = F.linear(heads, attn.out_proj.weight, attn.out_proj.bias)
         return _residual_tail(blk, x, attended)
 
@@ -285,35 +279,17 @@ class OpenClipRuntime(OpenClipModelParts):
         q = F.linear(q_x, w[:D], b[:D]).view(B, Q, H, dh).transpose(1, 2)  # (B, H, Q, dh)
         k = F.linear(kv_x, w[D : 2 * D], b[D : 2 * D]).view(B, Lk, H, dh).transpose(1, 2)
         v = F.linear(kv_x, w[2 * D :], b[2 * D :]).view(B, Lk, H, dh).transpose(1, 2)
-        logits = (q * dh**-0.5) @ k.transpose(-1, -2)  # (B, H, Q, Lk)
-        probs = torch.softmax(logits + self._heads_mask(attn_mask, B, Q, Lk, logits.dtype), dim=-1)
-        if gain is not None:
-            base = torch.softmax(logits + self._heads_mask(base_mask, B, Q, Lk, logits.dtype), dim=-1)
-            probs = probs + gain.to(probs).view(1, H, 1, 1) * (probs - base)
-        heads = probs @ v  # (B, H, Q, dh)
+        heads, probs = unleashed_heads(q, k, v, dh**-0.5, attn_mask, base_mask, gain)  # (B, H, Q, dh), (B, H, Q, Lk)
         out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
         if out_b is None:
             out_b = out_w.new_zeros(D)
         attended = F.linear(heads.transpose(1, 2).reshape(B, Q, D), out_w, out_b)
-        terms = torch.einsum("bhqd,ehd->bqhe", heads, out_w.view(D, H, dh)) if keep_terms else None
+        terms = head_terms(heads, out_w) if keep_terms else None
         return BlockHeads(out=_residual_tail(blk, query, attended), probs=probs, terms=terms, out_bias=out_b)
 
     def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Block ``index``'s residual and MLP tail on an attention output ``attended (B, Q, D)`` at ``query (B, Q, D)``."""
         return _residual_tail(self.blocks[index], query, attended)
-
-    def _heads_mask(self, mask: Optional[torch.Tensor], B: int, Q: int, Lk: int, dtype: torch.dtype):
-        """An additive mask as ``(B or 1, H or 1, Q, Lk)`` (0 for None)."""
-        if mask is None:
-            return torch.zeros((), dtype=dtype, device=self.device)
-        if mask.dtype == torch.bool:
-            raise ValueError("block_heads takes additive float masks, got a boolean mask")
-        mask = mask.to(device=self.device, dtype=dtype)
-        if mask.dim() == 2:
-            return mask.view(1, 1, Q, Lk)
-        if mask.dim() != 3 or mask.shape[0] not in (self.num_heads, B * self.num_heads) or mask.shape[1:] != (Q, Lk):
-            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit B={B}, H={self.num_heads}, Q={Q}, L={Lk}")
-        return mask.view(-1, self.num_heads, Q, Lk)
 
     @torch.no_grad()
     def _check_stem_head_seam(self) -> int:
@@ -369,11 +345,4 @@ class OpenClipRuntime(OpenClipModelParts):
 
     def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the block's own."""
-        ours, theirs = ours.float(), theirs.float()
-        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
-        err = (ours - theirs).abs().max().item()
-        if not err <= tol * max(1.0, theirs.abs().max().item()):
-            raise UnsupportedModelError(
-                f"this open_clip version's ResidualAttentionBlock does not match falip's {what} "
-                f"(max |diff| {err:.3g}); falip is tested with open_clip_torch 3.x"
-            )
+        check_close(what, ours, theirs, self.dtype, "this open_clip version's ResidualAttentionBlock", "open_clip_torch 3.x")
