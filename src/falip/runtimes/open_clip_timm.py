@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .attention import check_close, cls_biased_heads, head_terms, heads_mask, unleashed_heads
 from .base import BlockHeads, Trunk
 from .open_clip import OPENAI_MEAN, OPENAI_STD, OpenClipModelParts
 from .open_clip_loading import register_visual_runtime
@@ -184,18 +185,8 @@ class OpenClipTimmRuntime(OpenClipModelParts):
 
     # -- blocks ---------------------------------------------------------------------------------
     def _mask(self, mask: Optional[torch.Tensor], B: int, Q: int, Lk: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """An additive mask ``(B·H, Q, Lk)``, ``(H, Q, Lk)`` (B = 1) or ``(Q, Lk)`` as ``(B or 1, H or 1, Q, Lk)``."""
-        if mask is None:
-            return None
-        if mask.dtype == torch.bool:
-            raise ValueError("falip's attention masks are additive float masks, got a boolean mask")
-        H = self.num_heads
-        mask = mask.to(device=self.device, dtype=dtype)
-        if mask.dim() == 2 and tuple(mask.shape) == (Q, Lk):
-            return mask.view(1, 1, Q, Lk)
-        if mask.dim() != 3 or mask.shape[0] not in (H, B * H) or tuple(mask.shape[1:]) != (Q, Lk):
-            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit B={B}, H={H}, Q={Q}, L={Lk}")
-        return mask.view(-1, H, Q, Lk)
+        """falip's additive mask as timm's ``(B or 1, H or 1, Q, Lk)`` (see :func:`.attention.heads_mask`)."""
+        return heads_mask(mask, B, self.num_heads, Q, Lk, dtype, self.device)
 
     def _qkv(self, blk: nn.Module, query: torch.Tensor, context: Optional[torch.Tensor]):
         """Heads ``q (B, H, Q, dh)``, ``k, v (B, H, Lk, dh)`` of block inputs (before ``norm1``); ``context`` None:
@@ -232,17 +223,8 @@ class OpenClipTimmRuntime(OpenClipModelParts):
 
     def block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
         blk = self.blocks[index]
-        B, L, _ = x.shape
-        H = self.num_heads
-        mask = cls_mask.to(device=x.device, dtype=x.dtype)
-        if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (1, L):
-            raise ValueError(f"[CLS] mask of shape {tuple(mask.shape)} does not fit (B={B}, H={H} or 1, 1, L={L})")
         q, k, v = self._qkv(blk, x, None)
-        # Query 0 with its bias row, the other queries unmasked: two fused calls over the same keys and
-        # values, so no (B·H, L, L) mask is ever built.
-        first = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=mask, scale=blk.attn.scale)
-        rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, scale=blk.attn.scale)
-        return self._merge(blk, x, torch.cat([first, rest], dim=2))
+        return self._merge(blk, x, cls_biased_heads(q, k, v, cls_mask, scale=blk.attn.scale))
 
     def block_heads(
         self,
@@ -256,23 +238,11 @@ class OpenClipTimmRuntime(OpenClipModelParts):
         keep_terms: bool = False,
     ) -> BlockHeads:
         blk = self.blocks[index]
-        B, Q, D = query.shape
-        Lk, H = context.shape[1], self.num_heads
         q, k, v = self._qkv(blk, query, context)
-        logits = (q * blk.attn.scale) @ k.transpose(-1, -2)  # (B, H, Q, Lk)
-        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-
-        def softmax(mask):
-            m = self._mask(mask, B, Q, Lk, logits.dtype)
-            return torch.softmax(logits + (zero if m is None else m), dim=-1)
-
-        probs = softmax(attn_mask)
-        if gain is not None:
-            probs = probs + gain.to(probs).view(1, H, 1, 1) * (probs - softmax(base_mask))
-        heads = probs @ v  # (B, H, Q, dh)
+        heads, probs = unleashed_heads(q, k, v, blk.attn.scale, attn_mask, base_mask, gain)  # (B, H, Q, dh), (B, H, Q, Lk)
         proj = blk.attn.proj
-        out_b = proj.bias if proj.bias is not None else proj.weight.new_zeros(D)
-        terms = torch.einsum("bhqd,ehd->bqhe", heads, proj.weight.view(D, H, -1)) if keep_terms else None
+        out_b = proj.bias if proj.bias is not None else proj.weight.new_zeros(query.shape[2])
+        terms = head_terms(heads, proj.weight) if keep_terms else None
         return BlockHeads(out=self._merge(blk, query, heads), probs=probs, terms=terms, out_bias=out_b)
 
     def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -314,14 +284,7 @@ class OpenClipTimmRuntime(OpenClipModelParts):
 
     def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the model's own."""
-        ours, theirs = ours.float(), theirs.float()
-        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
-        err = (ours - theirs).abs().max().item()
-        if not err <= tol * max(1.0, theirs.abs().max().item()):
-            raise UnsupportedModelError(
-                f"this timm/open_clip version's ViT does not match falip's {what} (max |diff| {err:.3g}); "
-                "falip is tested with timm 1.0.x and open_clip_torch 3.x"
-            )
+        check_close(what, ours, theirs, self.dtype, "this timm/open_clip version's ViT", "timm 1.0.x and open_clip_torch 3.x")
 
 
 register_visual_runtime("TimmModel", OpenClipTimmRuntime)
