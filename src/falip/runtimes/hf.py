@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TextUnavailableError, UnsupportedModelError
+from .attention import check_close, cls_biased_heads, head_terms, heads_mask, unleashed_heads
 from .base import BlockHeads, Trunk
 from .open_clip import OPENAI_MEAN, OPENAI_STD, TOKENIZER_PROBE
 from .registry import Adapter
@@ -199,18 +200,8 @@ class HFRuntime:
 
     # -- blocks ---------------------------------------------------------------------------------
     def _mask4(self, mask: Optional[torch.Tensor], B: int, Q: int, L: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """falip's additive mask ``(B·H, Q, L)`` (``(H, Q, L)`` for B = 1, or ``(Q, L)``) as ``(B or 1, H or 1, Q, L)``."""
-        if mask is None:
-            return None
-        if mask.dtype == torch.bool:
-            raise ValueError("falip's attention masks are additive float masks, got a boolean mask")
-        mask = mask.to(device=self.device, dtype=dtype)
-        H = self.num_heads
-        if mask.dim() == 2 and mask.shape == (Q, L):
-            return mask.view(1, 1, Q, L)
-        if mask.dim() != 3 or mask.shape[0] not in (H, B * H) or mask.shape[1:] != (Q, L):
-            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit B={B}, H={H}, Q={Q}, L={L}")
-        return mask.view(-1, H, Q, L)
+        """falip's additive mask as the layers' ``(B or 1, H or 1, Q, L)`` (see :func:`.attention.heads_mask`)."""
+        return heads_mask(mask, B, self.num_heads, Q, L, dtype, self.device)
 
     def block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, L, _ = x.shape
@@ -253,17 +244,9 @@ class HFRuntime:
     def _block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
         attn = layer.self_attn
-        B, L, _ = x.shape
-        H = self.num_heads
         h = layer.layer_norm1(x)
         q, k, v = self._qkv(attn, h, h)
-        mask = cls_mask.to(device=q.device, dtype=q.dtype)
-        if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] not in (1, H) or mask.shape[2:] != (1, L):
-            raise ValueError(f"[CLS] mask of shape {tuple(mask.shape)} does not fit (B={B}, H={H} or 1, 1, L={L})")
-        # The [CLS] query with its bias row, the other queries unmasked: no (B, H, L, L) mask is built.
-        cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=mask, scale=attn.scale)
-        rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, scale=attn.scale)
-        return self.block_tail(index, x, self._merge(attn, torch.cat([cls, rest], dim=2)))
+        return self.block_tail(index, x, self._merge(attn, cls_biased_heads(q, k, v, cls_mask, scale=attn.scale)))
 
     def block_heads(
         self,
@@ -283,24 +266,13 @@ class HFRuntime:
     def _block_heads(self, index, query, context, attn_mask, base_mask, gain, keep_terms) -> BlockHeads:
         layer = self.layers[index]
         attn = layer.self_attn
-        B, Q, D = query.shape
-        Lk, H = context.shape[1], self.num_heads
         q, k, v = self._qkv(attn, layer.layer_norm1(query), layer.layer_norm1(context))
-        logits = (q * attn.scale) @ k.transpose(-1, -2)  # (B, H, Q, Lk)
-
-        def probs_under(mask):
-            m = self._mask4(mask, B, Q, Lk, logits.dtype)
-            return torch.softmax(logits if m is None else logits + m, dim=-1)
-
-        probs = probs_under(attn_mask)
-        if gain is not None:
-            probs = probs + gain.to(probs).view(1, H, 1, 1) * (probs - probs_under(base_mask))
-        heads = probs @ v  # (B, H, Q, dh)
+        heads, probs = unleashed_heads(q, k, v, attn.scale, attn_mask, base_mask, gain)  # (B, H, Q, dh), (B, H, Q, Lk)
         out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
         if out_b is None:
-            out_b = out_w.new_zeros(D)
+            out_b = out_w.new_zeros(query.shape[2])
         attended = self._merge(attn, heads)
-        terms = torch.einsum("bhqd,ehd->bqhe", heads, out_w.view(D, H, -1)) if keep_terms else None
+        terms = head_terms(heads, out_w) if keep_terms else None
         return BlockHeads(out=self.block_tail(index, query, attended), probs=probs, terms=terms, out_bias=out_b)
 
     def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -430,16 +402,10 @@ class HFRuntime:
 
     def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the model's own."""
-        ours, theirs = ours.float(), theirs.float()
-        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
-        err = (ours - theirs).abs().max().item()
-        if not err <= tol * max(1.0, theirs.abs().max().item()):
-            import transformers
+        import transformers
 
-            raise UnsupportedModelError(
-                f"transformers {transformers.__version__}'s {type(self.model).__name__} does not match falip's {what} "
-                f"(max |diff| {err:.3g}); falip is tested with transformers 5.x"
-            )
+        subject = f"transformers {transformers.__version__}'s {type(self.model).__name__}"
+        check_close(what, ours, theirs, self.dtype, subject, "transformers 5.x")
 
 
 def read_preprocessor_stats(directory: Path) -> tuple[Optional[list], Optional[list]]:
