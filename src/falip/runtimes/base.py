@@ -34,6 +34,34 @@ import torch
 
 Trunk = Callable[[torch.Tensor], torch.Tensor]
 
+# Strings whose token ids identify a tokenizer (vocabulary, merges, casing, context length, padding) in digests.
+TOKENIZER_PROBE = ["a photo of a dog.", "Zebra-crossing at 3:45pm, naïve café!", "the " * 100]
+
+
+def hash_tensor(h, name: str, tensor: torch.Tensor) -> None:
+    """Feed one named tensor to the hashlib object ``h``: its name, dtype and shape, then its raw bytes."""
+    t = tensor.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def protocol_info(runtime: VisionRuntime) -> dict:
+    """The protocol's own description of a runtime (family, geometry, prefix tokens, pooling, widths, score);
+    each adapter's :meth:`VisionRuntime.info` adds what is particular to it."""
+    return dict(
+        family=runtime.family,
+        image_size=runtime.image_size,
+        patch_size=runtime.patch_size,
+        grid=list(runtime.grid),
+        num_prefix=runtime.num_prefix,
+        pool=runtime.pool,
+        num_layers=runtime.num_layers,
+        num_heads=runtime.num_heads,
+        width=runtime.width,
+        embed_dim=runtime.embed_dim,
+        score_kind=runtime.score_kind,
+    )
+
 
 @dataclass(frozen=True)
 class BlockHeads:

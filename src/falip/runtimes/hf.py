@@ -36,8 +36,8 @@ from torch import nn
 
 from ..errors import TextUnavailableError, UnsupportedModelError
 from .attention import check_close, cls_biased_heads, head_terms, heads_mask, unleashed_heads
-from .base import BlockHeads, Trunk
-from .open_clip import OPENAI_MEAN, OPENAI_STD, TOKENIZER_PROBE
+from .base import TOKENIZER_PROBE, BlockHeads, Trunk, hash_tensor, protocol_info
+from .open_clip import OPENAI_MEAN, OPENAI_STD
 from .registry import Adapter
 
 MODEL_TYPES = ("clip", "siglip", "siglip2")
@@ -310,9 +310,7 @@ class HFRuntime:
         for name, tensor in self.model.state_dict().items():
             if part == "text" and not name.startswith(("text_model.", "text_projection.")):
                 continue
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            hash_tensor(h, name, tensor)
         if part == "text":
             h.update(
                 f"{self.dtype}|{type(self.tokenizer).__module__}.{type(self.tokenizer).__qualname__}|{self.context_length}".encode()
@@ -324,19 +322,9 @@ class HFRuntime:
 
     def info(self) -> dict:
         return dict(
-            family=self.family,
+            **protocol_info(self),
             model_class=type(self.model).__name__,
             attn_implementation=self.model.config._attn_implementation,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            grid=list(self.grid),
-            num_prefix=self.num_prefix,
-            pool=self.pool,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            width=self.width,
-            embed_dim=self.embed_dim,
-            score_kind=self.score_kind,
             mean=list(self.mean),
             std=list(self.std),
             mean_std_source=self.mean_std_source,

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import TextUnavailableError, UnsupportedModelError
 from .attention import check_close, cls_biased_heads, head_terms, unleashed_heads
-from .base import BlockHeads, Trunk
+from .base import TOKENIZER_PROBE, BlockHeads, Trunk, hash_tensor, protocol_info
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,10 +46,6 @@ def _residual_tail(blk: nn.Module, query: torch.Tensor, attended: torch.Tensor) 
     """The rest of a pre-norm block after attention: ``x = q + ls_1(attn); x + ls_2(mlp(ln_2(x)))``."""
     x = query + blk.ls_1(attended)
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-
-
-# Strings whose token ids identify a tokenizer (vocabulary, BPE merges, casing, context length, padding).
-TOKENIZER_PROBE = ["a photo of a dog.", "Zebra-crossing at 3:45pm, naïve café!", "the " * 100]
 
 
 class OpenClipModelParts:
@@ -99,9 +95,7 @@ class OpenClipModelParts:
         for name, tensor in sorted(tensors, key=lambda item: item[0]):
             if name.startswith("visual.") or name.startswith("logit_"):
                 continue  # the image tower and the logit scale/bias do not change text embeddings
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            hash_tensor(h, name, tensor)
         h.update(str(self.dtype).encode())
         tokenizer = self.tokenizer
         h.update(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
@@ -112,17 +106,7 @@ class OpenClipModelParts:
     def info(self) -> dict:
         """JSON-able description: family, geometry, prefix tokens, pooling, widths, score, whether text works."""
         return dict(
-            family=self.family,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            grid=list(self.grid),
-            num_prefix=self.num_prefix,
-            pool=self.pool,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            width=self.width,
-            embed_dim=self.embed_dim,
-            score_kind=self.score_kind,
+            **protocol_info(self),
             logit_bias=getattr(self.clip, "logit_bias", None) is not None,
             text=self.tokenizer is not None,
         )
