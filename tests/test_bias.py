@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from falip import FovealConfig, InvalidRegionError, RegionClampWarning, bump, region_bias
-from falip.bias import NUMERICS, bias_from_weights, full_attention_mask, private_cls_mask, query_rows_mask
+from falip.bias import NUMERICS, approx_sequence_mask, bias_from_weights, full_attention_mask, query_rows_mask
 from reference import spec_bias_row, spec_bump
 
 A = 0.2
@@ -162,13 +162,19 @@ def test_rows_variants_build_the_masks_they_name():
     assert q.shape == (2, 1, 5) and torch.equal(q[1, 0], 0.5 * v[0])
 
 
-def test_private_cls_mask_hides_the_other_regions_cls_keys():
-    b = torch.tensor([[0.0, 1.0, 2.0], [0.5, 3.0, 4.0]])  # K=2 regions, L=3
-    m = private_cls_mask(b, 2, torch.tensor([0.0, 2.0]))
-    assert m.shape == (2, 2, 4)  # keys: cls_1, cls_2, patch_1, patch_2
+def test_approx_sequence_mask_keeps_the_image_tokens_plain_and_the_copies_apart():
+    b = torch.tensor([[[0.0, 1.0, 2.0], [0.5, 3.0, 4.0]]])  # one image, Q=2 copies, L=3 tokens
+    m = approx_sequence_mask(b, 2, torch.tensor([0.0, 2.0]))
+    assert m.shape == (2, 5, 5)  # keys: cls, patch_1, patch_2, copy_1, copy_2
     inf = float("-inf")
-    assert m[1].tolist() == [[0.0, inf, 2.0, 4.0], [inf, 1.0, 6.0, 8.0]]
-    assert m[0].tolist() == [[0.0, inf, 0.0, 0.0], [inf, 0.0, 0.0, 0.0]]  # head scale 0: no NaN
+    assert m[1].tolist() == [
+        [0.0, 0.0, 0.0, inf, inf],  # the image tokens never see the copies: the plain pass
+        [0.0, 0.0, 0.0, inf, inf],
+        [0.0, 0.0, 0.0, inf, inf],
+        [inf, 2.0, 4.0, 0.0, inf],  # copy 1: the patches with its bias, its own key, nothing else
+        [inf, 6.0, 8.0, inf, 1.0],
+    ]
+    assert m[0, 3:].tolist() == [[inf, 0.0, 0.0, 0.0, inf], [inf, 0.0, 0.0, inf, 0.0]]  # head scale 0: no NaN
 
 
 def test_layers_default_to_the_last_third_and_accept_negative_indices():

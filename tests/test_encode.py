@@ -158,6 +158,69 @@ def test_approx_is_close_but_not_identical(rng, b16_tiny):
     assert 1e-5 < deviation < 0.05  # an approximation (4 biased blocks), not the exact computation under another name
 
 
+def approx_by_definition(runtime, pixels, bias, plan):
+    """``approx`` one region at a time, as the README defines it: [CLS] alone goes through the biased
+    blocks, over its own key and the tokens after [CLS] of the plain pass; ``(K, E)``."""
+    H, L = runtime.num_heads, bias.shape[1]
+    scales = torch.ones(H) if plan.head_scales is None else plan.head_scales
+    out = []
+    for b in bias:
+
+        def trunk(x, b=b):
+            for i in range(plan.layers[0]):
+                x = runtime.block(i, x)
+            cls = x[:, :1]
+            for i in range(plan.layers[0], runtime.num_layers):
+                context = torch.cat([cls, x[:, 1:]], dim=1)
+                mask = (scales[:, None, None] * b).view(H, 1, L) if i in plan.layers else torch.zeros(H, 1, L)
+                gain = (plan.unleash or {}).get(i) if i in plan.layers else None
+                if gain is None:
+                    cls = runtime.block_query(i, cls, context, mask)
+                else:
+                    cls = runtime.block_heads(i, cls, context, mask, gain=gain).out
+                x = runtime.block(i, x)
+            return cls
+
+        out.append(runtime.run(pixels, trunk))
+    return torch.cat(out)
+
+
+APPROX_CONFIGS = {
+    "four-blocks": FovealConfig(alpha=2.0, layers=(2, 3, 4, 5)),
+    "gap-and-heads": FovealConfig(alpha=2.0, layers=(2, 4, 5), heads={0: 1.0, 1: 0.5}),
+    "unleashed": FovealConfig(alpha=1.0, layers=(3, 4, 5), unleash=(Unleash((3, 5), (0, 1), 2.0),)),
+}
+
+
+@pytest.mark.parametrize("name", list(APPROX_CONFIGS))
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_approx_equals_its_definition_region_by_region(rng, batch_model, name, chunk_size):
+    model = wrap(batch_model, config=APPROX_CONFIGS[name])
+    sizes = [(256, 200), (180, 300), (300, 300)]
+    images = [random_image(rng, w, h) for w, h in sizes]
+    boxes = [random_boxes(rng, w, h, k) for (w, h), k in zip(sizes, (3, 1, 4))]
+    batched = model.encode_regions_batch(images, boxes, mode="approx", chunk_size=chunk_size)
+    plan = model.plan()
+    for image, box, got in zip(images, boxes, batched):
+        pixels, transform = model.preprocess_image(image)
+        bias = model.region_biases(transform, boxes=box)
+        close(got, F.normalize(approx_by_definition(model.runtime, pixels, bias, plan), dim=-1))
+    if name == "four-blocks":  # the patch tokens of exact see the biased [CLS]; approx's do not
+        assert (batched[0] - model.encode_regions(images[0], boxes[0], mode="exact")).abs().max() > 1e-4
+
+
+def test_approx_packs_regions_by_image_within_the_mask_budget():
+    from falip.encode import MASK_BUDGET_BYTES, _approx_chunks
+
+    index = torch.tensor([1, 0, 1, 0, 2])
+    assert [c.tolist() for c in _approx_chunks(index, 197, 12, None)] == [[1, 3, 0, 2, 4]]  # one pass, by image
+    assert [c.tolist() for c in _approx_chunks(index, 197, 12, 2)] == [[1, 3], [0, 2], [4]]
+    # one image with more regions than one pass's mask allows: split, each pass within budget
+    per_pass = [len(c) for c in _approx_chunks(torch.zeros(3000, dtype=torch.long), 577, 16, None)]
+    assert sum(per_pass) == 3000 and len(per_pass) > 1
+    assert all(16 * (577 + q) ** 2 * 4 <= MASK_BUDGET_BYTES // 2 for q in per_pass)
+
+
 def test_approx_rejects_rows_other_than_cls(rng, b16_tiny):
     model = wrap(b16_tiny, config=FovealConfig(rows="all"))
     with pytest.raises(ValueError, match="approx"):

@@ -329,16 +329,22 @@ def query_rows_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[to
     return mask
 
 
-def private_cls_mask(bias: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
-    """Additive mask ``(H, K, K + L - 1)`` for K [CLS] queries over keys ``[cls_1..cls_K, rest]``.
+def approx_sequence_mask(bias_rows: torch.Tensor, num_heads: int, head_scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """Additive mask ``(m·H, L + Q, L + Q)`` for m sequences ``[L image tokens, Q [CLS] copies]`` (``approx`` mode).
 
-    Query k sees its own [CLS] key (bias ``bias[k, 0]``) and the shared keys after it — register
-    tokens, if any, then patches (bias ``bias[k, 1:]``); the other regions' [CLS] keys get ``-inf``,
-    i.e. exactly zero weight. This evaluates K independent [CLS] rows that share the other tokens in
-    one attention call.
+    ``bias_rows (m, Q, L)``: copy q of image j carries the bias ``bias_rows[j, q]``. The image tokens
+    attend to each other unmasked and never to the copies (``-inf``), so they stay the plain pass.
+    Copy q sees its own key (bias ``[..., 0]``) and the image's tokens after [CLS] — register tokens,
+    if any, then patches (bias ``[..., 1:]``); the image's own [CLS] and the other copies get
+    ``-inf``, i.e. exactly zero weight. So Q independent biased [CLS] rows share one attention call
+    with the unbiased tokens they read.
     """
-    K = bias.shape[0]
-    scaled = query_rows_mask(bias, num_heads, head_scales)  # (H, K, L)
-    own = torch.full((num_heads, K, K), float("-inf"), dtype=bias.dtype, device=bias.device)
-    own.diagonal(dim1=1, dim2=2).copy_(scaled[:, :, 0])
-    return torch.cat([own, scaled[:, :, 1:]], dim=2)
+    m, Q, L = bias_rows.shape
+    rows = bias_rows[:, None].expand(m, num_heads, Q, L)
+    if head_scales is not None:
+        rows = rows * head_scales.to(rows)[None, :, None, None]
+    mask = bias_rows.new_full((m, num_heads, L + Q, L + Q), float("-inf"))
+    mask[:, :, :L, :L] = 0
+    mask[:, :, L:, 1:L] = rows[..., 1:]
+    mask[:, :, L:, L:].diagonal(dim1=-2, dim2=-1).copy_(rows[..., 0])
+    return mask.view(m * num_heads, L + Q, L + Q)

@@ -11,9 +11,12 @@
   and the unmasked patch queries through ``block_query``. The last block runs at the [CLS] query
   only, the one token pooled. Equal to ``naive`` up to float rounding.
 - ``approx``: only [CLS] goes through the biased blocks, attending to the *unbiased* patch tokens
-  of one plain pass; the K [CLS] tokens share one sequence and are kept independent by ``-inf``
-  on each other's keys. Cost ≈ one image pass for any number of regions. Not FALIP exactly: its
-  deviation is measured in ``benchmarks/`` and reported in the README.
+  of one plain pass. From the first biased block on, each image's sequence carries its tokens
+  followed by one [CLS] copy per region (:func:`falip.bias.approx_sequence_mask`): the image
+  tokens never see the copies, so they are the plain pass, and each copy sees its own key and the
+  image's tokens after [CLS], so the copies stay independent. The plain pass and all its regions'
+  [CLS] rows share every matrix product. Cost ≈ one image pass for any number of regions. Not
+  FALIP exactly: its deviation is measured in ``benchmarks/`` and reported in the README.
 
 Every mode takes N images and K regions with a region→image index (:func:`encode_biased`): the
 shared prefix runs batched over the images, the biased suffix over the regions of all of them.
@@ -44,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from .bias import full_attention_mask, private_cls_mask, query_rows_mask
+from .bias import approx_sequence_mask, full_attention_mask, query_rows_mask
 from .runtimes.base import VisionRuntime
 
 MODES = ("naive", "exact", "approx")
@@ -77,8 +80,9 @@ def encode_biased(
     ``bias (K, L)``: region k's bias vector, ``L = runtime.num_prefix + gh·gw`` (:func:`falip.bias.region_biases`); ``image_index (K,)``: the image region k belongs to
     (default: all regions of a single image, N = 1). The unbiased prefix blocks run once per image,
     batched over the N images; the biased suffix runs batched over regions of any images, in
-    chunks of ``chunk_size`` regions (default: :func:`default_chunk_size`). Each region's embedding
-    equals the one-image call up to float rounding.
+    chunks of ``chunk_size`` regions (default: :func:`default_chunk_size`; ``approx`` on a [CLS]
+    model: as many regions as keep one pass's mask within budget, see :func:`_approx_chunks`). Each
+    region's embedding equals the one-image call up to float rounding.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -97,10 +101,10 @@ def encode_biased(
     pooled = runtime.pool == "attention_pool"
     if plan.probe and not pooled:
         raise ValueError(f"BiasPlan.probe is for attention-pooled models; this {runtime.family} model pools {runtime.pool!r}")
-    if chunk_size is None:
+    if chunk_size is None and not (mode == "approx" and not pooled):
         lean = (not plan.layers) if pooled else plan.rows == "cls"
         chunk_size = default_chunk_size(runtime, lean=mode == "exact" and lean)
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     L = runtime.num_prefix + runtime.grid[0] * runtime.grid[1]
     if bias.ndim != 2 or bias.shape[1] != L:
@@ -148,12 +152,20 @@ def default_chunk_size(runtime: VisionRuntime, lean: bool = False) -> int:
     return max(1, min(32, MASK_BUDGET_BYTES // (4 * runtime.num_heads * L * L)))
 
 
-def _block(runtime: VisionRuntime, plan: BiasPlan, i: int, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Block ``i`` on tokens ``(B, L, D)``; unleashed against the unmasked attention when the plan says so."""
-    gain = plan.unleash.get(i) if plan.unleash and mask is not None else None
+def _block(
+    runtime: VisionRuntime,
+    plan: BiasPlan,
+    i: int,
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    base_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Block ``i`` on tokens ``(B, L, D)``; a biased block named in ``plan.unleash`` is unleashed against
+    ``base_mask`` (the same tokens without the bias; None = unmasked)."""
+    gain = plan.unleash.get(i) if plan.unleash and i in plan.layers and mask is not None else None
     if gain is None:
         return runtime.block(i, x, mask)
-    return runtime.block_heads(i, x, x, mask, gain=gain).out
+    return runtime.block_heads(i, x, x, mask, base_mask=base_mask, gain=gain).out
 
 
 def _block_query(
@@ -274,31 +286,55 @@ def _exact_trunk(runtime: VisionRuntime, bias: torch.Tensor, image_index: torch.
     return trunk
 
 
-def _approx_trunk(runtime: VisionRuntime, bias: torch.Tensor, image_index: torch.Tensor, plan: BiasPlan, chunk_size: int):
-    first, depth, H = plan.layers[0], runtime.num_layers, runtime.num_heads
+def _approx_chunks(image_index: torch.Tensor, L: int, num_heads: int, chunk_size: Optional[int]) -> list[torch.Tensor]:
+    """Region positions ``(k,)`` of each ``approx`` pass, grouped by image (regions of one image together).
+
+    ``chunk_size`` regions per pass, or by default as many as keep the pass's fp32 mask
+    ``(m·H, L + Q, L + Q)`` (m images, Q = the most regions of one of them) within half of
+    ``MASK_BUDGET_BYTES`` — all regions of a batch in one pass, unless there are thousands.
+    """
+    order = torch.argsort(image_index, stable=True)
+    if chunk_size is not None:
+        return [order[sl] for sl in _chunks(len(order), chunk_size)]
+    chunks, start, counts, most = [], 0, {}, 0
+    for pos, n in enumerate(image_index[order].tolist()):
+        counts[n] = counts.get(n, 0) + 1
+        most = max(most, counts[n])
+        if pos > start and len(counts) * num_heads * (L + most) ** 2 * 4 > MASK_BUDGET_BYTES // 2:
+            chunks.append(order[start:pos])
+            start, counts, most = pos, {n: 1}, 1
+    chunks.append(order[start:])
+    return chunks
+
+
+def _approx_trunk(
+    runtime: VisionRuntime, bias: torch.Tensor, image_index: torch.Tensor, plan: BiasPlan, chunk_size: Optional[int]
+):
+    first, last, H = plan.layers[0], runtime.num_layers - 1, runtime.num_heads
 
     def trunk(x: torch.Tensor) -> torch.Tensor:  # x: (N, L, D), one sequence per image
         for i in range(first):
             x = runtime.block(i, x)
-        cls_in = x[:, :1]  # [CLS] entering the first biased block, before any bias
-        patches = []  # unbiased patch tokens entering blocks first..depth-1
-        for i in range(first, depth):
-            patches.append(x[:, 1:])
-            if i < depth - 1:
-                x = runtime.block(i, x)
-        outs = []
-        for sl in _chunks(bias.shape[0], chunk_size):
-            images, row, slot = _by_image(image_index[sl])
-            per_image = _per_image_rows(bias[sl], row, slot, len(images))  # (m, Q, L)
-            # An image's [CLS] tokens ride in one sequence with its patches; each sees only its own [CLS] key.
-            biased = torch.cat([private_cls_mask(r, H, plan.head_scales) for r in per_image])  # (m·H, Q, Q + L - 1)
-            plain = private_cls_mask(torch.zeros_like(per_image[0]), H, None).repeat(len(images), 1, 1)
-            cls = cls_in[images].expand(-1, per_image.shape[1], -1)  # (m, Q, D)
-            for j, i in enumerate(range(first, depth)):
-                context = torch.cat([cls, patches[j][images]], dim=1)
-                cls = _block_query(runtime, plan, i, cls, context, biased if i in plan.layers else plain, plain)
-            outs.append(cls[row, slot][:, None])
-        return torch.cat(outs)
+        L = x.shape[1]
+        out = x.new_empty(bias.shape[0], 1, x.shape[2])
+        for regions in _approx_chunks(image_index, L, H, chunk_size):
+            images, row, slot = _by_image(image_index[regions])
+            rows = _per_image_rows(bias[regions.to(bias.device)], row, slot, len(images))  # (m, Q, L)
+            m, Q = rows.shape[:2]
+            biased = approx_sequence_mask(rows, H, plan.head_scales)  # (m·H, L+Q, L+Q)
+            plain = approx_sequence_mask(torch.zeros_like(rows), H, None)
+            # Each image's tokens, then a [CLS] copy per region: the tokens run the plain pass, the copies the biased rows.
+            seq = torch.cat([x[images], x[images, :1].expand(-1, Q, -1)], dim=1)
+            for i in range(first, last):
+                seq = _block(runtime, plan, i, seq, biased if i in plan.layers else plain, plain)
+            # Only [CLS] leaves the ViT, so the last block runs at the copies alone (their mask rows (m·H, Q, L+Q)).
+            plain_rows, biased_rows = (
+                mask.view(m, H, L + Q, L + Q)[:, :, L:].reshape(m * H, Q, L + Q) for mask in (plain, biased)
+            )
+            last_mask = biased_rows if last in plan.layers else plain_rows
+            cls = _block_query(runtime, plan, last, seq[:, L:], seq, last_mask, plain_rows)
+            out[regions.to(out.device)] = cls[row, slot][:, None]
+        return out
 
     return trunk
 
