@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import random_image, tiny_clip, wrap
 from falip.cli import main
-from falip.demo import run_demo
+from falip.demo import run_demo, write_demo
 
 
 def test_demo_on_a_generated_scene_writes_html_and_png(tmp_path, capsys):
@@ -56,3 +56,16 @@ def test_run_demo_scores_match_the_method_layer():
     result = run_demo(model, img, [(0, 0, 80, 80), (80, 80, 160, 160)], ["x", "y"], ["none", "falip"])
     assert result.scores["none"].shape == (2, 2)
     assert torch.allclose(result.scores["none"][0], result.scores["none"][1])  # the whole image for every box
+
+
+def test_demo_on_an_attention_pooled_model_says_why_there_are_no_maps(tmp_path):
+    from falip import FalipModel
+    from test_timm import runtime
+
+    model = FalipModel(runtime("falip_test_vit_map"), preprocess="squash")
+    img = random_image(np.random.default_rng(2), 160, 120)
+    paths = write_demo(model, tmp_path, img, [(0, 0, 80, 120), (80, 0, 160, 120)], ["a", "b"], ["none", "falip"])
+    assert set(paths) == {"html", "summary"} and not (tmp_path / "attention.png").exists()
+    page = paths["html"].read_text()
+    assert "biases its attention probe towards the box" in page and "No attention maps" in page
+    assert page.count("<table>") == 2

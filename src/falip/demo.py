@@ -3,8 +3,9 @@
 Offline by default: the shipped ``falip-toy`` model on a generated scene, one expression per
 object. With ``--model/--pretrained --image --box --text`` the same page is made for real CLIP
 weights and a user's photo. For each expression the page shows every method's score for every
-box, the box each method picks and, for generated scenes, which box is right; below, the [CLS]
-attention maps without and with FALIP on each box (``falip.viz``).
+box, the box each method picks and, for generated scenes, which box is right; below, for a
+[CLS]-pooled model, the [CLS] attention maps without and with FALIP on each box (``falip.viz``).
+A model pooled by an attention probe (SigLIP) has no [CLS] query to draw: the page says so.
 """
 
 from __future__ import annotations
@@ -80,8 +81,15 @@ def _upscaled(image: Image.Image, min_side: int = 320) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
-def render_html(result: DemoResult, title: str, extra_figures: Sequence[tuple[str, Image.Image]] = ()) -> str:
-    """The page: the image with numbered boxes, then per expression a methods × boxes score table."""
+def render_html(
+    result: DemoResult,
+    title: str,
+    extra_figures: Sequence[tuple[str, Image.Image]] = (),
+    steered: str = "the [CLS] attention",
+    note: Optional[str] = None,
+) -> str:
+    """The page: the image with numbered boxes, then per expression a methods × boxes score table, then
+    ``extra_figures`` (caption, image) and ``note``. ``steered``: what falip biases, for the intro."""
     scale = 320 / min(result.image.size) if min(result.image.size) < 320 else 1.0
     boxes_scaled = [tuple(v * max(1, int(np.ceil(scale))) for v in b) for b in result.boxes]
     picture = draw_boxes(_upscaled(result.image), boxes_scaled)
@@ -115,10 +123,11 @@ img {{ image-rendering: pixelated; }}
 <h1>{html.escape(title)}</h1>
 <p>Scores are the model's logits (logit_scale · cosine for CLIP) between the region's embedding and "a photo of &lt;expression&gt;".
 <b>none</b> encodes the whole image (every box ties); <b>crop</b>, <b>blur</b>, <b>circle</b> edit the image per box;
-<b>falip</b> leaves the image alone and biases the [CLS] attention towards the box.</p>
+<b>falip</b> leaves the image alone and biases {html.escape(steered)} towards the box.</p>
 <img src="{_png_data_uri(picture)}">
 {"".join(rows)}
 {figures}
+{"" if note is None else f"<p>{html.escape(note)}</p>"}
 </body></html>
 """
 
@@ -164,17 +173,27 @@ def write_demo(
     targets=None,
     config: Optional[FovealConfig] = None,
 ) -> dict[str, Path]:
-    """Write ``index.html``, ``demo.png`` and ``attention.png`` into the folder ``output``; returns their paths."""
+    """Write ``index.html``, ``demo.png`` and, for a [CLS]-pooled model, ``attention.png`` into the folder
+    ``output``; returns their paths (keys ``html``, ``summary``, ``attention`` when written)."""
     from .viz import attention_maps, draw_attention
 
     result = run_demo(model, image, boxes, texts, methods, targets, config=config)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     title = f"FALIP demo — {model.name}" + (f" ({model.pretrained})" if model.pretrained else "")
-    maps = draw_attention(attention_maps(model, image, boxes, config=config))
-    caption = "[CLS]→patch attention in the biased blocks, without the bias (top row) and with FALIP on each box"
-    paths = dict(html=out / "index.html", summary=out / "demo.png", attention=out / "attention.png")
-    paths["html"].write_text(render_html(result, title, [(caption, maps)]), encoding="utf-8")
-    maps.save(paths["attention"])
+    paths = dict(html=out / "index.html", summary=out / "demo.png")
+    if model.runtime.pool == "cls":
+        maps = draw_attention(attention_maps(model, image, boxes, config=config))
+        caption = "[CLS]→patch attention in the biased blocks, without the bias (top row) and with FALIP on each box"
+        page = render_html(result, title, [(caption, maps)])
+        paths["attention"] = out / "attention.png"
+        maps.save(paths["attention"])
+    else:
+        note = (
+            "No attention maps: this model pools its tokens with an attention probe, so it has no [CLS] query "
+            "to draw; falip biases the probe's attention (see docs/probe-bias.md)."
+        )
+        page = render_html(result, title, steered="its attention probe", note=note)
+    paths["html"].write_text(page, encoding="utf-8")
     summary_png(result).save(paths["summary"])
     return paths

@@ -25,7 +25,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         image, boxes, texts, targets = demo_scene(args.seed)
     paths = write_demo(model, args.output, image, boxes, texts, args.methods.split(","), targets)
-    print(f"wrote {paths['html']} (open it in a browser), {paths['summary']} and {paths['attention']}")
+    others = " and ".join(str(paths[key]) for key in ("summary", "attention") if key in paths)
+    print(f"wrote {paths['html']} (open it in a browser), {others}")
     return 0
 
 
