@@ -30,7 +30,7 @@ export HF_HUB_OFFLINE=1
 if [[ $device == cuda ]]; then
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device (use --cpu)')"
     models=falip-toy,ViT-B-16; scenes=32; enc_model=ViT-B-16; ks=1,5,10,20,50; repeats=3; dev_images=20
-    images=750; objects=5-6; size=320; precision=fp16; batch=64; workers=8
+    images=750; objects=8-10; size=320; precision=fp16; batch=64; workers=8  # ≈ 9 boxes per image (testA: ≈ 10)
 else
     models=falip-toy; scenes=2; enc_model=falip-toy; ks=1,10; repeats=1; dev_images=2
     images=24; objects=3; size=256; precision=fp32; batch=8; workers=1

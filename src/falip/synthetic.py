@@ -29,6 +29,7 @@ COLOURS = {
     "blue": (45, 85, 225),
     "yellow": (235, 205, 35),
 }
+LAYOUT_ATTEMPTS = 20
 SIZES = {"small": (0.16, 0.22), "large": (0.28, 0.36)}  # object diameter as a fraction of the image side
 
 
@@ -102,6 +103,29 @@ def _place(rng: np.random.Generator, boxes: list, size: int, size_names: list[st
     return None
 
 
+def _layout(rng: np.random.Generator, n_objects: int, size: int, attempts: int = LAYOUT_ATTEMPTS) -> list:
+    """``n_objects`` non-overlapping ``(size name, box)`` placed one after another at random.
+
+    When an object does not fit, it is retried as a small one; when that fails too, the layout starts
+    over (up to ``attempts`` layouts). A scene that fits at once draws the same random numbers as a
+    single pass, so existing data sets are unchanged; crowded ones (up to ~10 objects) still place.
+    """
+    for _ in range(attempts):
+        placed: list = []
+        for _ in range(n_objects):
+            boxes = [box for _, box in placed]
+            spot = _place(rng, boxes, size, list(SIZES), tries=200) or _place(rng, boxes, size, ["small"], tries=5000)
+            if spot is None:
+                break
+            placed.append(spot)
+        else:
+            return placed
+    raise ValueError(
+        f"could not place {n_objects} non-overlapping objects in a scene in {attempts} layouts (object sizes are "
+        "fractions of the image side, so a larger image does not help); use fewer objects per image (--objects)"
+    )
+
+
 def make_scene(
     rng: np.random.Generator,
     n_objects: int,
@@ -117,17 +141,7 @@ def make_scene(
     image, background = _background(rng, size)
     draw = ImageDraw.Draw(image)
     objects: list[SceneObject] = []
-    for colour, shape in chosen:
-        placed = _place(rng, [o.box for o in objects], size, list(SIZES), tries=200)
-        # A crowded scene: keep trying with small objects only (scenes that fit at once draw the same
-        # random numbers as before, so existing data sets are unchanged).
-        placed = placed or _place(rng, [o.box for o in objects], size, ["small"], tries=5000)
-        if placed is None:
-            raise ValueError(
-                f"could not place {n_objects} non-overlapping objects in a scene (object sizes are fractions of "
-                f"the image side, so a larger image does not help); use fewer objects per image (--objects)"
-            )
-        size_name, box = placed
+    for (colour, shape), (size_name, box) in zip(chosen, _layout(rng, n_objects, size)):
         draw_shape(draw, shape, COLOURS[colour], box)
         objects.append(SceneObject(shape, colour, size_name, box))
     scene = Scene(image, objects, background)
