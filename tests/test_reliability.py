@@ -501,3 +501,28 @@ def test_a_replaced_image_file_is_computed_again_on_resume(tmp_path, generic):
     assert second["metrics"]["n"] == first["metrics"]["n"] == 3
     records = [json.loads(line) for line in predictions_path(tmp_path / "r.json").read_text().splitlines()[1:]]
     assert sorted(r["id"] for r in records) == ["1", "2", "3"]  # one line per sample after the recompute
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-A: run outputs, fingerprints by content, locks, lost inputs, batch isolation (tasks layer).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-B: damaged and odd input files: images, masks, annotation formats, texts, resource bounds (readers).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-C: numbers that overflow, non-finite scores, threads, the CLI's one-line error handler (core and CLI).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-D: the server: Host/Origin, time and size bounds, decoding as the CLI does (falip serve).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-E: models that disagree with their weights (loading).
+# (cases of this family go below this line, above the next section)

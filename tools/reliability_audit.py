@@ -529,6 +529,31 @@ def _(t):
     return out if isinstance(out, str) else ("right" if out.sum() == 240 else "silent")
 
 
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-A: run outputs, fingerprints by content, locks, lost inputs, batch isolation (tasks layer).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-B: damaged and odd input files: images, masks, annotation formats, texts, resource bounds (readers).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-C: numbers that overflow, non-finite scores, threads, the CLI's one-line error handler (core and CLI).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-D: the server: Host/Origin, time and size bounds, decoding as the CLI does (falip serve).
+# (cases of this family go below this line, above the next section)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3, R3-E: models that disagree with their weights (loading).
+# (cases of this family go below this line, above the next section)
+
+
 def run_all() -> list[tuple[str, str, str]]:
     rows = []
     for group, name, fn in CASES:
