@@ -13,8 +13,8 @@ from falip import FovealConfig, InvalidRegionError, UnsupportedModelError
 from falip.bias import Unleash
 from falip.cli import build_parser, main
 from falip.cli.common import config_from_args, parse_head_spec, parse_unleash
-from falip.heads import encode_unleashed, head_delta, prompt_response, rank_heads, trace
-from falip.methods import encode_with_method
+from falip.heads import head_delta, prompt_response, rank_heads, trace
+from falip.methods import encode_unleashed, encode_with_method
 from falip.prompts import apply_edit
 from falip.viz import attention_figure_size, attention_maps, draw_attention, draw_head_heatmap, heatmap_size, rollout
 

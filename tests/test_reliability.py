@@ -28,14 +28,13 @@ from falip.bias import Unleash
 from falip.cli import main
 from falip.datasets.generic import load_generic, read_mask, read_regions_jsonl
 from falip.datasets.refer import BoxConventionWarning, load_detections, load_reclip, load_refer
+from falip.digests import describe_inputs, file_digest
 from falip.errors import FalipError, ImageLoadError, InvalidRegionError, ModelLoadError
 from falip.images import ExifIgnoredWarning, ImageTooLargeError, RotationNotice, load_image
 from falip.results import (
     OutputInUseError,
     ResumeMismatchError,
     RunRecorder,
-    describe_inputs,
-    file_digest,
     predictions_path,
 )
 from falip.tasks.classify import evaluate as classify_evaluate

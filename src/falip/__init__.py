@@ -20,8 +20,7 @@ from .runtimes.open_clip_loading import normalize_model_name
 from .tasks.classify import classify
 from .tasks.pointcloud import classify_points
 from .tasks.rec import Grounding, ground
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def list_models() -> list[str]:
@@ -30,6 +29,7 @@ def list_models() -> list[str]:
 
 
 __all__ = [
+    "__version__",
     "BiasPlan",
     "Grounding",
     "Unleash",

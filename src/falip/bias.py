@@ -160,7 +160,7 @@ class FovealConfig:
 
         Raises ValueError for blocks or heads the model lacks, and (``biased_only``, for the bias
         alone) for blocks without the bias: there is no prompt-induced change to amplify there.
-        Image-edit prompts change every block (:func:`falip.heads.encode_unleashed`).
+        Image-edit prompts change every block (:func:`falip.methods.encode_unleashed`).
         """
         if self.unleash is None:
             return None

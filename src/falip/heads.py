@@ -1,20 +1,11 @@
-"""Attention-head analysis: per-head decomposition of the [CLS] token, head response, unleashing.
+"""Attention-head analysis: how much each head's [CLS] term changes under a prompt, and which heads respond.
 
-In block ℓ the [CLS] token's attention output is a sum over heads plus the output bias::
+:func:`prompt_response` compares the per-head terms (:func:`falip.trace.trace`) of a prompted input
+(an image edit of :data:`falip.prompts.EDITS`, the FALIP bias, or both) with those of the original
+image; :func:`head_response` averages that over a regions file; :func:`rank_heads` orders the heads.
 
-    attn_ℓ(x)[CLS] = Σ_h  W_O[:, h] · (Σ_j P_ℓh[CLS, j] · v_ℓh[j])  +  b_O
-
-Each summand is head h's *term* ``(D,)``. :func:`trace` records every block's terms (and attention
-probabilities) for an image with or without a FALIP bias; :func:`prompt_response` compares the
-terms of a prompted input (an image edit of :data:`falip.prompts.EDITS`, the FALIP bias, or both)
-with those of the original image; :func:`head_response` averages that over a regions file.
-
-Unleashing (the paper's Eq. 6) is a field of the bias config, :class:`falip.bias.Unleash`. In an
-unleashed block the [CLS] attention output becomes ``Σ_h [G'_h + λ_h (G'_h − G_h)] + b_O`` with
-``G'_h`` head h's term with the prompt and ``G_h`` without it. For the FALIP bias alone, ``G_h`` is
-the term at the same block input without the bias — equal to amplifying the attention
-probabilities, ``P + λ(P − P0)``, which every encoding path and :func:`trace` do. For prompts with
-an image edit, :func:`encode_unleashed` takes ``G_h`` from the clean image's own pass.
+Unleashing (the paper's Eq. 6) is a field of the bias config, :class:`falip.bias.Unleash`: every
+encoding path applies it, and :func:`falip.methods.encode_unleashed` for prompts with an image edit.
 """
 
 from __future__ import annotations
@@ -27,91 +18,14 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .bias import FovealConfig, Unleash, full_attention_mask
-from .errors import FalipError, ImageLoadError, UnsupportedModelError
-from .geometry import validate_boxes, validate_masks
+from .bias import FovealConfig
+from .errors import FalipError, ImageLoadError
 from .images import RotationNotice, load_image
-from .methods import Method, mask_box, parse_method, validated_regions
-from .prompts import apply_edit
+from .methods import Method, parse_method, prompted_input
+from .trace import trace
 
 STATISTICS = ("l2", "relative", "cosine")
-
-
-@dataclass(frozen=True)
-class Trace:
-    """One pass of the ViT over B sequences (B = number of regions, or 1 without a bias), block by block.
-
-    embedding: ``(B, E)`` image embeddings (not normalised) — equal to :meth:`FalipModel.encode_regions`'s.
-    cls_terms: ``(B, layers, H, D)`` each head's term in the [CLS] attention output.
-    out_bias: ``(layers, D)`` output-projection biases: ``cls_terms.sum(2) + out_bias`` is the [CLS] attention output.
-    cls_probs: ``(B, layers, H, L)`` the [CLS] query's attention probabilities ([CLS] key first, then patches).
-    probs: ``(B, layers, H, L, L)`` every query's probabilities, or None unless ``full_probs=True``.
-    """
-
-    embedding: torch.Tensor
-    cls_terms: torch.Tensor
-    out_bias: torch.Tensor
-    cls_probs: torch.Tensor
-    probs: Optional[torch.Tensor]
-
-
-def _require_cls(model) -> None:
-    """UnsupportedModelError unless ``model`` pools its [CLS] token: head analysis reads the [CLS] query's heads."""
-    if model.runtime.pool != "cls":
-        raise UnsupportedModelError(
-            f"head analysis and unleashing read the [CLS] query's per-head terms; {model.name or 'this model'} pools with "
-            f"an attention probe ({model.runtime.family}) and has no [CLS] query, so they are not available for it"
-        )
-
-
-@torch.no_grad()
-def trace(
-    model,
-    pixels: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    config: Optional[FovealConfig] = None,
-    full_probs: bool = False,
-) -> Trace:
-    """Run ``pixels (1, 3, S, S)`` through the model head by head, under K biases ``(K, L)`` or none.
-
-    The bias goes where ``config`` (default: the model's) puts it — layers, rows, head scales,
-    unleashing — exactly as in :meth:`FalipModel.encode_regions`.
-    """
-    runtime = model.runtime
-    _require_cls(model)
-    if pixels.dim() != 4 or pixels.shape[0] != 1:
-        raise ValueError(f"trace takes one image as pixels (1, 3, S, S), got shape {tuple(pixels.shape)}")
-    plan = model.plan(config)
-    K = 1 if bias is None else bias.shape[0]
-    mask = None
-    if bias is not None:
-        mask = full_attention_mask(bias.to(runtime.device, torch.float32), plan.rows, runtime.num_heads, plan.head_scales)
-    terms, out_bias, cls_probs, probs = [], [], [], []
-
-    def trunk(x: torch.Tensor) -> torch.Tensor:
-        x = x.expand(K, -1, -1)
-        for i in range(runtime.num_layers):
-            m = mask if mask is not None and i in plan.layers else None
-            gain = plan.unleash.get(i) if plan.unleash and m is not None else None
-            r = runtime.block_heads(i, x, x, m, gain=gain, keep_terms=True)
-            terms.append(r.terms[:, 0].float())
-            out_bias.append(r.out_bias.float())
-            cls_probs.append(r.probs[:, :, 0].float())
-            if full_probs:
-                probs.append(r.probs.float())
-            x = r.out
-        return x
-
-    embedding = runtime.run(pixels, trunk).float()
-    return Trace(
-        embedding=embedding,
-        cls_terms=torch.stack(terms, dim=1),
-        out_bias=torch.stack(out_bias),
-        cls_probs=torch.stack(cls_probs, dim=1),
-        probs=torch.stack(probs, dim=1) if full_probs else None,
-    )
 
 
 def head_delta(prompted: torch.Tensor, plain: torch.Tensor, statistic: str = "l2") -> torch.Tensor:
@@ -128,32 +42,6 @@ def head_delta(prompted: torch.Tensor, plain: torch.Tensor, statistic: str = "l2
     if statistic == "relative":
         diff = diff / plain.norm(dim=-1).clamp_min(1e-12)
     return diff
-
-
-def prompted_input(
-    model, image: Image.Image, method: Method, box=None, mask: Optional[np.ndarray] = None, config=None, edit_style: str = "clean"
-):
-    """``(pixels (1, 3, S, S), bias (1, L) or None)`` of ``image`` prompted by ``method`` for one region.
-
-    The region is a ``box`` (xyxy pixels) or a boolean ``mask (H, W)`` (edits use its bounding box).
-    """
-    if box is None and mask is None:
-        raise ValueError("give the region as box=... or mask=...")
-    masks = validate_masks([mask], image.size) if mask is not None else None
-    if box is not None:
-        box = tuple(validate_boxes(box, image.size)[0])
-    else:
-        box = mask_box(masks[0])
-    region_mask = None if masks is None else masks[0]
-    if method.edit is not None:
-        edited = apply_edit(image, method.edit, box, region_mask, style=edit_style)
-        image, box, region_mask = edited.image, edited.box, edited.mask
-    pixels, transform = model.preprocess_image(image)
-    if not method.foveal:
-        return pixels, None
-    if region_mask is not None and region_mask.any():
-        return pixels, model.region_biases(transform, masks=[region_mask], config=config)
-    return pixels, model.region_biases(transform, boxes=[box], config=config)
 
 
 def prompt_response(
@@ -266,83 +154,3 @@ def head_response(
         prompt=method.name,
         skipped=skipped,
     )
-
-
-REFERENCES = ("clean", "same-input")
-
-
-def _unleashed_trunk(runtime, mask, layers, gains: dict, clean: Optional[torch.Tensor]):
-    """The block stack of one prompted pass (bias ``mask`` in ``layers``), unleashed in the blocks of ``gains``.
-
-    clean: the clean pass's [CLS] terms ``(layers, H, D)``, or None to take G_h at the same input without the bias.
-    """
-
-    def trunk(x: torch.Tensor) -> torch.Tensor:
-        for i in range(runtime.num_layers):
-            m = mask if mask is not None and i in layers else None
-            if i not in gains:
-                x = runtime.block_heads(i, x, x, m).out
-                continue
-            r = runtime.block_heads(i, x, x, m, keep_terms=True)
-            prompted = r.terms[:, 0]  # (1, H, D): G'_h
-            plain = clean[i][None] if clean is not None else runtime.block_heads(i, x, x, None, keep_terms=True).terms[:, 0]
-            shift = (gains[i].to(prompted).view(1, -1, 1) * (prompted - plain.to(prompted))).sum(1)  # Σ_h λ_h (G'_h − G_h)
-            attended = r.terms.sum(2) + r.out_bias  # (1, L, D)
-            attended = torch.cat([attended[:, :1] + shift[:, None], attended[:, 1:]], dim=1)
-            x = runtime.block_tail(i, x, attended)
-        return x
-
-    return trunk
-
-
-@torch.no_grad()
-def encode_unleashed(
-    model,
-    image,
-    method: Union[str, Method],
-    boxes=None,
-    masks: Optional[Sequence[np.ndarray]] = None,
-    config: Optional[FovealConfig] = None,
-    unleash: Optional[Sequence[Unleash]] = None,
-    reference: str = "clean",
-    edit_style: str = "clean",
-) -> torch.Tensor:
-    """L2-normalised embeddings ``(K, E)`` of K regions under ``method``, unleashed as the paper's Eq. 6.
-
-    In each unleashed block ℓ of the prompted pass, the [CLS] attention output is replaced by
-    ``Σ_h [G'_h + λ_h (G'_h − G_h)] + b_O``: ``G'_h`` is head h's [CLS] term in the prompted pass
-    (the edited image, with the bias for ``falip`` methods), ``G_h`` its term without the prompt —
-    ``reference="clean"``: in the clean image's own pass (no edit, no bias; the only choice for an
-    edit); ``"same-input"``: at the prompted pass's block input without the bias (bias-only
-    methods; equal to the attention-space unleashing of :meth:`FalipModel.encode_regions`).
-    Patch tokens are not changed; the change propagates to later blocks. Heads not named keep λ = 0.
-    unleash: the entries (default: ``config.unleash``, default the model's); any block may be
-    unleashed. Runs head by head (numerically the ``naive`` mode). ``edit_style``: as :func:`falip.prompts.apply_edit`'s ``style``.
-    """
-    method = parse_method(method) if isinstance(method, str) else method
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-    if reference == "same-input" and method.edit is not None:
-        raise ValueError(f"reference 'same-input' needs a bias-only method; {method.name!r} edits the image: use 'clean'")
-    _require_cls(model)
-    config = config or model.config
-    entries = unleash if unleash is not None else config.unleash
-    if not entries:
-        raise ValueError("nothing to unleash: give Unleash entries (or a config with unleash=...)")
-    runtime = model.runtime
-    gains = FovealConfig(unleash=tuple(entries)).unleash_gains(runtime.num_layers, runtime.num_heads, biased_only=False)
-    pil = load_image(image)
-    box_arr, mask_list = validated_regions(pil.size, boxes, masks)
-    clean = trace(model, model.preprocess_image(pil)[0]).cls_terms[0] if reference == "clean" else None  # (layers, H, D)
-    plan = model.plan(config) if method.foveal else None
-    layers = plan.layers if plan is not None else ()
-    out = []
-    for k, box in enumerate(box_arr):
-        pixels, bias = prompted_input(model, pil, method, box, None if mask_list is None else mask_list[k], config, edit_style)
-        mask = None
-        if bias is not None:
-            mask = full_attention_mask(bias.to(runtime.device, torch.float32), plan.rows, runtime.num_heads, plan.head_scales)
-
-        trunk = _unleashed_trunk(runtime, mask, layers, gains, clean)
-        out.append(runtime.run(pixels, trunk).float())
-    return torch.nn.functional.normalize(torch.cat(out), dim=-1)

@@ -6,22 +6,31 @@ A method name is one of
 - ``none``: the full, unedited image for every region (the no-prompt baseline);
 - an edit of :data:`falip.prompts.EDITS` (``crop``, ``blur``, ``circle`` …): one edited image per region;
 - ``falip+<edit>`` (or ``<edit>+falip``): the edited image *and* the bias on the region's place in it.
+
+Unleashing (the paper's Eq. 6) is a field of the bias config, :class:`falip.bias.Unleash`. In an
+unleashed block the [CLS] attention output becomes ``Σ_h [G'_h + λ_h (G'_h − G_h)] + b_O`` with
+``G'_h`` head h's term with the prompt and ``G_h`` without it (:mod:`falip.trace`). For the FALIP bias
+alone, ``G_h`` is the term at the same block input without the bias — equal to amplifying the attention
+probabilities, ``P + λ(P − P0)``, which every encoding path and :func:`falip.trace.trace` do. For prompts
+with an image edit, :func:`encode_unleashed` takes ``G_h`` from the clean image's own pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .bias import FovealConfig
+from .bias import FovealConfig, Unleash, full_attention_mask
 from .geometry import validate_boxes, validate_masks
 from .images import load_image
 from .model import PreparedImage
 from .prompts import EDITS, STYLES, apply_edit
+from .trace import require_cls, trace
 
 METHOD_HELP = f"falip, none, one of {', '.join(EDITS)}, or falip+<edit>"
 
@@ -88,7 +97,7 @@ def encode_with_method(
     boxes drive the edits and the masks the bias. An edit without boxes uses each mask's bounding box.
     ``edit_style``: how edits are drawn, ``clean`` or ``reference`` (see :mod:`falip.prompts`).
     With ``unleash`` in the config, ``falip`` amplifies the bias's change at the same input (any
-    ``mode``), and a method with an edit goes through :func:`falip.heads.encode_unleashed` (G_h
+    ``mode``), and a method with an edit goes through :func:`encode_unleashed` (G_h
     from the clean image; head by head, ``mode`` does not apply). ``none`` prompts nothing to unleash.
     """
     method = parse_method(method) if isinstance(method, str) else method
@@ -101,8 +110,6 @@ def encode_with_method(
     K = len(box_arr)
 
     if (config or model.config).unleash:  # Eq. 6 for an edit prompt: G_h from the clean image's pass
-        from .heads import encode_unleashed
-
         return encode_unleashed(model, pil, method, boxes=box_arr, masks=mask_list, config=config, edit_style=edit_style)
     edited = [
         apply_edit(pil, method.edit, box_arr[k], None if mask_list is None else mask_list[k], style=edit_style) for k in range(K)
@@ -167,6 +174,112 @@ def encode_with_method_batch(
         for i, e in zip(chosen, encoded):
             out[i] = e
     return out  # type: ignore[return-value]
+
+
+def prompted_input(
+    model, image: Image.Image, method: Method, box=None, mask: Optional[np.ndarray] = None, config=None, edit_style: str = "clean"
+):
+    """``(pixels (1, 3, S, S), bias (1, L) or None)`` of ``image`` prompted by ``method`` for one region.
+
+    The region is a ``box`` (xyxy pixels) or a boolean ``mask (H, W)`` (edits use its bounding box).
+    """
+    if box is None and mask is None:
+        raise ValueError("give the region as box=... or mask=...")
+    masks = validate_masks([mask], image.size) if mask is not None else None
+    if box is not None:
+        box = tuple(validate_boxes(box, image.size)[0])
+    else:
+        box = mask_box(masks[0])
+    region_mask = None if masks is None else masks[0]
+    if method.edit is not None:
+        edited = apply_edit(image, method.edit, box, region_mask, style=edit_style)
+        image, box, region_mask = edited.image, edited.box, edited.mask
+    pixels, transform = model.preprocess_image(image)
+    if not method.foveal:
+        return pixels, None
+    if region_mask is not None and region_mask.any():
+        return pixels, model.region_biases(transform, masks=[region_mask], config=config)
+    return pixels, model.region_biases(transform, boxes=[box], config=config)
+
+
+REFERENCES = ("clean", "same-input")
+
+
+def _unleashed_trunk(runtime, mask, layers, gains: dict, clean: Optional[torch.Tensor]):
+    """The block stack of one prompted pass (bias ``mask`` in ``layers``), unleashed in the blocks of ``gains``.
+
+    clean: the clean pass's [CLS] terms ``(layers, H, D)``, or None to take G_h at the same input without the bias.
+    """
+
+    def trunk(x: torch.Tensor) -> torch.Tensor:
+        for i in range(runtime.num_layers):
+            m = mask if mask is not None and i in layers else None
+            if i not in gains:
+                x = runtime.block_heads(i, x, x, m).out
+                continue
+            r = runtime.block_heads(i, x, x, m, keep_terms=True)
+            prompted = r.terms[:, 0]  # (1, H, D): G'_h
+            plain = clean[i][None] if clean is not None else runtime.block_heads(i, x, x, None, keep_terms=True).terms[:, 0]
+            shift = (gains[i].to(prompted).view(1, -1, 1) * (prompted - plain.to(prompted))).sum(1)  # Σ_h λ_h (G'_h − G_h)
+            attended = r.terms.sum(2) + r.out_bias  # (1, L, D)
+            attended = torch.cat([attended[:, :1] + shift[:, None], attended[:, 1:]], dim=1)
+            x = runtime.block_tail(i, x, attended)
+        return x
+
+    return trunk
+
+
+@torch.no_grad()
+def encode_unleashed(
+    model,
+    image,
+    method: Union[str, Method],
+    boxes=None,
+    masks: Optional[Sequence[np.ndarray]] = None,
+    config: Optional[FovealConfig] = None,
+    unleash: Optional[Sequence[Unleash]] = None,
+    reference: str = "clean",
+    edit_style: str = "clean",
+) -> torch.Tensor:
+    """L2-normalised embeddings ``(K, E)`` of K regions under ``method``, unleashed as the paper's Eq. 6.
+
+    In each unleashed block ℓ of the prompted pass, the [CLS] attention output is replaced by
+    ``Σ_h [G'_h + λ_h (G'_h − G_h)] + b_O``: ``G'_h`` is head h's [CLS] term in the prompted pass
+    (the edited image, with the bias for ``falip`` methods), ``G_h`` its term without the prompt —
+    ``reference="clean"``: in the clean image's own pass (no edit, no bias; the only choice for an
+    edit); ``"same-input"``: at the prompted pass's block input without the bias (bias-only
+    methods; equal to the attention-space unleashing of :meth:`FalipModel.encode_regions`).
+    Patch tokens are not changed; the change propagates to later blocks. Heads not named keep λ = 0.
+    unleash: the entries (default: ``config.unleash``, default the model's); any block may be
+    unleashed. Runs head by head (numerically the ``naive`` mode). ``edit_style``: as :func:`falip.prompts.apply_edit`'s ``style``.
+    """
+    method = parse_method(method) if isinstance(method, str) else method
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if reference == "same-input" and method.edit is not None:
+        raise ValueError(f"reference 'same-input' needs a bias-only method; {method.name!r} edits the image: use 'clean'")
+    require_cls(model)
+    config = config or model.config
+    entries = unleash if unleash is not None else config.unleash
+    if not entries:
+        raise ValueError("nothing to unleash: give Unleash entries (or a config with unleash=...)")
+    runtime = model.runtime
+    gains = FovealConfig(unleash=tuple(entries)).unleash_gains(runtime.num_layers, runtime.num_heads, biased_only=False)
+    pil = load_image(image)
+    box_arr, mask_list = validated_regions(pil.size, boxes, masks)
+    clean = trace(model, model.preprocess_image(pil)[0]).cls_terms[0] if reference == "clean" else None  # (layers, H, D)
+    plan = model.plan(config) if method.foveal else None
+    layers = plan.layers if plan is not None else ()
+    out = []
+    for k, box in enumerate(box_arr):
+        pixels, bias = prompted_input(model, pil, method, box, None if mask_list is None else mask_list[k], config, edit_style)
+        mask = None
+        if bias is not None:
+            mask = full_attention_mask(bias.to(runtime.device, torch.float32), plan.rows, runtime.num_heads, plan.head_scales)
+
+        trunk = _unleashed_trunk(runtime, mask, layers, gains, clean)
+        out.append(runtime.run(pixels, trunk).float())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
 @torch.no_grad()

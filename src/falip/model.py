@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .bias import FovealConfig, region_biases
+from .digests import file_digest
 from .encode import MODES, BiasPlan, encode_biased
 from .errors import ModelLoadError
 from .geometry import PREPROCESS_MODES, ImageTransform, make_transform
@@ -132,8 +133,6 @@ class FalipModel:
         initialisation differs on each load unless torch was seeded)."""
         if self._digest is None:
             if self.weights_file is not None:
-                from .results import file_digest
-
                 self._digest = "file:" + file_digest(self.weights_file)
             else:
                 kind = "memory" if self.pretrained else "random"

@@ -22,13 +22,10 @@ the file itself), so an interrupted distributed run resumes with or without torc
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 import re
-import tempfile
-import threading
 import time
 import warnings
 import weakref
@@ -39,6 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import FalipError
+from .files import atomic_write
+from .version import __version__
 
 MAX_SKIP_EXAMPLES = 50
 MAX_DIFFERENCES = 6
@@ -80,74 +79,6 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-# ----------------------------------------------------------------------------------------------
-# What a run's answers depend on: file digests and the fingerprint of a run's inputs
-
-
-def _digest_cache() -> Path:
-    return Path(os.environ.get("FALIP_CACHE_DIR", "~/.cache/falip")).expanduser() / "digests.json"
-
-
-_DIGEST_LOCK = threading.Lock()
-
-
-def file_digest(path) -> str:
-    """SHA-256 (hex, 16 chars) of a file's bytes, cached per (absolute path, size, mtime) so large
-    weights files are hashed once, not on every run."""
-    path = Path(path).expanduser().resolve()
-    st = path.stat()
-    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
-    cache_file = _digest_cache()
-    with _DIGEST_LOCK:
-        try:
-            cache = json.loads(cache_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            cache = {}
-        hit = cache.get(key) if isinstance(cache, dict) else None
-        if isinstance(hit, dict) and hit.get("stamp") == stamp:
-            return hit["sha256"]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        digest = h.hexdigest()[:16]
-        cache = cache if isinstance(cache, dict) else {}
-        cache[key] = {"stamp": stamp, "sha256": digest}
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(cache_file, json.dumps(cache))
-        except OSError:
-            pass  # an unwritable cache only costs re-hashing next time
-        return digest
-
-
-def file_stamp(path) -> Optional[str]:
-    """``"<size>:<mtime_ns>"`` of a file (None when it is missing): a cheap per-record identity of an
-    image, so a resume recomputes the samples whose image file was replaced."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def describe_inputs(models=(), files: Optional[dict] = None, image_root=None) -> dict:
-    """The inputs that determine a run's answers besides its settings (stored and checked on resume).
-
-    models: FalipModels (their weights digest; None for a stand-in without one); files: ``{name: path}`` of annotation files (a
-    digest each; folders by absolute path); image_root: by absolute path.
-    """
-    out: dict = {"weights": [m.weights_digest() if hasattr(m, "weights_digest") else None for m in models]}
-    for name, path in sorted((files or {}).items()):
-        if path is None:
-            continue
-        p = Path(path).expanduser()
-        out[name] = file_digest(p) if p.is_file() else str(p.resolve())
-    if image_root is not None:
-        out["image_root"] = str(Path(image_root).expanduser().resolve())
-    return out
-
-
 def _flatten(obj, prefix: str = "") -> dict:
     if isinstance(obj, dict):
         items = {}
@@ -178,21 +109,7 @@ def describe_differences(old: dict, new: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Output files: checks before work, atomic writes, locks
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# Output files: checks before work, locks
 
 
 def check_output_path(path, what: str = "output") -> Path:
@@ -451,7 +368,7 @@ class RunRecorder:
     def _compact(self) -> None:
         """Rewrite the JSONL atomically: the header, then one parseable line per sample (the latest)."""
         lines = [self._header(), *self.done.values()]
-        _atomic_write(self.pred_path, "".join(json.dumps(r, default=str) + "\n" for r in lines))
+        atomic_write(self.pred_path, "".join(json.dumps(r, default=str) + "\n" for r in lines))
 
     def _write(self, record: dict) -> None:
         if self._superseded:
@@ -506,8 +423,6 @@ class RunRecorder:
             self.done = ordered
         if self._rewrite:
             self._compact()  # a retried sample's new record replaces its old one; the order asked for
-        from . import __version__
-
         result = {
             "task": self.task,
             "metrics": metrics,
@@ -523,7 +438,7 @@ class RunRecorder:
             "elapsed_s": round(time.time() - self.started, 2),
         }
         try:
-            _atomic_write(self.output, json.dumps(result, indent=2, default=str))
+            atomic_write(self.output, json.dumps(result, indent=2, default=str))
         finally:
             self._lock.release(self)
         return result

@@ -13,6 +13,7 @@ and the prompts.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FalipError
+from .files import atomic_write
 
 Templates = Union[list, dict]
 
@@ -115,7 +117,7 @@ def zero_shot_classifier(
     classifier = torch.stack(weights)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks of a distributed run fill the cache at once
-        torch.save(classifier, tmp)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        torch.save(classifier, buffer)
+        atomic_write(path, buffer.getvalue())  # a unique temporary file per call: threads and ranks fill the cache at once
     return classifier

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..digests import describe_inputs
 from ..errors import FalipError
 from ..heads import STATISTICS, head_response, rank_heads
 from ..methods import METHOD_HELP, parse_method
-from ..results import RunRecorder, describe_inputs
+from ..results import RunRecorder
 from ..viz import attention_maps, draw_attention, draw_head_heatmap
 from .common import add_bias_args, add_model_args, load_from_args, parse_box, parse_index_list, settings_line
 

@@ -30,12 +30,13 @@ from tqdm import tqdm
 from .. import distributed
 from ..bias import FovealConfig
 from ..datasets.generic import RegionDataset, RegionSample, read_mask
+from ..digests import describe_inputs, file_stamp
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, RotationNotice, load_image
 from ..methods import Method, encode_with_method, encode_with_method_batch, parse_method
 from ..model import PreparedImage, Preprocessor
-from ..results import RunRecorder, describe_inputs, file_stamp
+from ..results import RunRecorder
 from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
 from .loader import DEFAULT_BATCH_SIZE, default_workers, load_batches
 

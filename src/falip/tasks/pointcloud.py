@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..bias import FovealConfig
 from ..datasets.pointclouds import PointCloudDataset
+from ..digests import describe_inputs
 from ..errors import FalipError
 from ..pointcloud import (
     AUTHOR_INFO,
@@ -48,7 +49,7 @@ from ..pointcloud import (
     validate_points,
     view_foreground,
 )
-from ..results import RunRecorder, describe_inputs
+from ..results import RunRecorder
 from ..zeroshot import Templates, load_templates, zero_shot_classifier
 from .loader import default_workers, load_batches
 

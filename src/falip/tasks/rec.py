@@ -38,6 +38,7 @@ from ..datasets.refer import (
     segmentation_mask,
     xywh_to_xyxy,
 )
+from ..digests import describe_inputs, file_stamp
 from ..encode import MODES
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
@@ -45,7 +46,7 @@ from ..images import ImageTooLargeError, RotationNotice, load_image
 from ..methods import METHOD_HELP, Method, encode_with_method_batch, parse_method
 from ..model import PreparedImage, Preprocessor
 from ..prompts import STYLES
-from ..results import RunRecorder, describe_inputs, file_stamp
+from ..results import RunRecorder
 from .loader import DEFAULT_BATCH_SIZE, default_workers, load_batches
 
 PROMPT = "a photo of {}"
