@@ -522,6 +522,158 @@ def test_a_replaced_image_file_is_computed_again_on_resume(tmp_path, generic):
 # (cases of this family go below this line, above the next section)
 
 
+def _app_client(model, **limits):
+    """A TestClient of ``falip serve``'s app (Guard included) for ``model``, addressed as http://127.0.0.1:7860."""
+    pytest.importorskip("fastapi", reason="the app extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from falip.app.server import create_app
+    from falip.app.service import Limits
+
+    return TestClient(create_app(model, Limits(**limits)), base_url="http://127.0.0.1:7860")
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _score_form(image: bytes, boxes, texts, **fields):
+    data = dict(boxes=json.dumps(boxes) if not isinstance(boxes, str) else boxes, texts=json.dumps(texts), **fields)
+    return dict(files={"image": ("i.png", image, "image/png")}, data=data)
+
+
+def test_server_answers_only_to_its_own_host_names_and_refuses_cross_origin_posts(tiny_model):
+    client = _app_client(tiny_model)
+    form = _score_form(_png(Image.fromarray(random_image(np.random.default_rng(0), 64, 48))), [[4, 4, 40, 30]], ["a cat"])
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "LOCALHOST"):
+        assert client.get("/api/health", headers={"host": host}).status_code == 200, host
+    rebound = client.get("/api/health", headers={"host": "attacker.example:7860"})
+    assert rebound.status_code == 400 and "--allow-host attacker.example" in rebound.json()["error"]
+    assert client.post("/api/score", headers={"host": "evil.test"}, **form).status_code == 400
+    for origin in ("http://attacker.example", "http://127.0.0.1:9999", "null"):
+        r = client.post("/api/score", headers={"origin": origin}, **form)
+        assert r.status_code == 403 and "cross-origin" in r.json()["error"], origin
+    assert client.post("/api/score", headers={"origin": "http://127.0.0.1:7860"}, **form).status_code == 200  # the page
+    assert client.post("/api/score", **form).status_code == 200  # no Origin: curl, scripts
+
+
+def test_allowed_hosts_follow_the_bind_address_and_the_allow_list():
+    pytest.importorskip("fastapi", reason="the app extra is not installed")
+    from falip.app.server import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("0.0.0.0") == {"localhost", "127.0.0.1", "::1"}  # a wildcard names no host
+    assert "192.168.1.5" in allowed_hosts("192.168.1.5") and "lab.box" in allowed_hosts("0.0.0.0", ["Lab.Box"])
+    assert allowed_hosts("0.0.0.0", ["*"]) is None
+
+
+def test_stalled_uploads_are_closed_and_health_answers_meanwhile(tiny_model):
+    """A bounded number of stalled clients on 127.0.0.1: 6 send headers and part of a body, 3 send nothing."""
+    import socket
+    import threading
+
+    httpx = pytest.importorskip("httpx", reason="the app extra is not installed")
+    pytest.importorskip("fastapi", reason="the app extra is not installed")
+    from falip.app.server import make_server, url_of
+    from falip.app.service import Limits
+
+    server, sock = make_server(tiny_model, "127.0.0.1", 0, Limits(read_timeout_s=1.0, max_connections=32), "warning")
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        thread.join(timeout=0.05)
+    url = url_of(sock)
+    port = sock.getsockname()[1]
+    try:
+        stalled = []
+        for i in range(9):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+            if i < 6:
+                head = f"POST /api/score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n\r\n"
+                conn.sendall(head.encode() + b"x" * 10)
+            stalled.append(conn)
+        assert httpx.get(url + "api/health", timeout=60).status_code == 200
+        answers = []
+        for conn in stalled:  # each is answered 408 (body) or closed (no request) by the server, not by us
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+            conn.close()
+            answers.append(data)
+        assert all(a.startswith(b"HTTP/1.1 408") and b"not received within 1 s" in a for a in answers[:6]), answers
+        assert answers[6:] == [b"", b"", b""]
+        assert httpx.get(url + "api/health", timeout=60).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_pixel_limit_holds_for_what_crop_preprocessing_makes_of_an_image():
+    model = wrap(tiny_clip(64, 16, layers=2, width=64), preprocess="crop")
+    client = _app_client(model)  # default limit: 16 000 000 pixels, so the 200000x1 upload itself passes
+    strip = _png(Image.new("RGB", (200_000, 1), "gray"))
+    r = client.post("/api/score", **_score_form(strip, [[0, 0, 100, 1]], ["a line"]))
+    assert r.status_code == 413 and "resized to 12800000x64" in r.json()["error"], r.text
+    client = _app_client(model, max_pixels=1_000_000)
+    square = _png(Image.new("RGB", (400, 400), "gray"))  # fine as an image; its crop of a 400x1 box (25600x64) is not
+    r = client.post("/api/score", **_score_form(square, [[0, 0, 400, 1]], ["a line"], method="crop"))
+    assert r.status_code == 413 and "box 0's crop of 400x1 is resized to 25600x64" in r.json()["error"], r.text
+    assert client.post("/api/score", **_score_form(square, [[0, 0, 400, 1]], ["a line"])).status_code == 200  # falip
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "float"])
+def test_uploads_are_decoded_as_falip_score_decodes_the_file(tmp_path, tiny_model, kind):
+    import io
+
+    from falip.methods import score_with_method
+
+    rng = np.random.default_rng(3)
+    if kind == "16-bit":  # a 16-bit grayscale PNG
+        image, name = Image.fromarray(rng.integers(0, 65536, (48, 64), dtype=np.uint16)), "i.png"
+    else:  # a float TIFF in [0, 1]
+        image, name = Image.fromarray(rng.uniform(0, 1, (48, 64)).astype(np.float32)), "i.tif"
+    image.save(tmp_path / name)
+    data = (tmp_path / name).read_bytes()
+    boxes, texts = [[4, 4, 40, 30], [20, 10, 60, 44]], ["a cat", "a dog"]
+    r = _app_client(tiny_model).post(
+        "/api/score", files={"image": (name, data)}, data=dict(boxes=json.dumps(boxes), texts=json.dumps(texts))
+    )
+    assert r.status_code == 200, r.text
+    want = score_with_method(tiny_model, tmp_path / name, texts, "falip", boxes=boxes)  # the file, read as the CLI reads it
+    np.testing.assert_allclose(r.json()["scores"], want.numpy(), rtol=0, atol=1e-5)
+    clipped = score_with_method(tiny_model, Image.open(io.BytesIO(data)).convert("RGB"), texts, "falip", boxes=boxes)
+    assert not np.allclose(clipped.numpy(), want.numpy(), atol=1e-3)  # the old decoding (clipping) differs
+
+
+BAD_NUMBERS = {
+    "deeply nested texts": ("texts", "[" * 100_000 + "]" * 100_000, "texts: JSON nested too deeply"),
+    "deeply nested boxes": ("boxes", "[" * 100_000, "boxes: JSON nested too deeply"),
+    "integer over the digit limit": ("boxes", "[[1, 2, 3, 1" + "0" * 5000 + "]]", "boxes: not valid JSON"),
+    "integer too large for a float": ("boxes", "[[1, 2, 3, 1" + "0" * 400 + "]]", "too large for a float"),
+    "huge layer index": ("layers", "[10000000000000000000000000]", "FALIP options"),
+    "huge alpha": ("alpha", "1e400", "alpha"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_NUMBERS))
+def test_deep_json_and_huge_numbers_are_a_400_not_a_500(tiny_model, name):
+    field, value, fragment = BAD_NUMBERS[name]
+    form = _score_form(_png(Image.fromarray(random_image(np.random.default_rng(0), 64, 48))), [[4, 4, 40, 30]], ["a cat"])
+    form["data"][field] = value
+    r = _app_client(tiny_model).post("/api/score", **form)
+    assert r.status_code == 400 and fragment in r.json()["error"], r.text
+
+
+def test_health_names_a_checkpoint_by_its_file_name_not_its_path(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "secret-folder" / "weights.pt") if (tmp_path / "secret-folder").mkdir() is None else None
+    info = _app_client(falip.load(str(ckpt))).get("/api/health").json()
+    assert info["model"] == "weights.pt" and str(tmp_path) not in json.dumps(info)
+
+
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-E: models that disagree with their weights (loading).
 # (cases of this family go below this line, above the next section)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from falip import RegionClampWarning
 from falip.cli import main
 from falip.loading import shipped_model
+from falip.ranking import winners
 from falip.synthetic import make_scene
 
 httpx = pytest.importorskip("httpx", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -141,9 +143,80 @@ def test_score_equals_falip_score_json_for_the_same_inputs(client, scene, tmp_pa
     scores = np.array(api["scores"])
     assert scores.shape == (len(boxes), len(texts))
     np.testing.assert_allclose(scores, np.array(cli["scores"]), rtol=1e-5, atol=1e-5)
-    assert api["best"] == [int(j) for j in np.argmax(np.array(cli["scores"]), axis=0)]
+    assert api["best"] == winners(torch.tensor(cli["scores"])).best
     if method == "falip":  # a sanity check of the semantics, not only of the plumbing
         assert api["best"] == [0, 1, 2]
+
+
+def test_score_answers_with_the_score_table_shape_ties_and_the_score_name(client, scene):
+    boxes, texts = [list(o.box) for o in scene.objects], [f"the {o.name}" for o in scene.objects]
+    r = score(client, png_bytes(scene.image), boxes, texts, method="none")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body)[:6] == ["texts", "scores", "best", "tie", "tied", "score"]
+    assert body["score"] == {"kind": "softmax", "name": "logit scale · cosine"}
+    assert body["tie"] == [True] * 3 and body["tied"] == [[0, 1, 2]] * 3 and body["best"] == [0, 0, 0]  # none: every box ties
+    assert body["regions"] == [",".join(f"{v:g}" for v in b) for b in boxes] and body["masks"] == []
+    assert client.get("/api/health").json()["score"] == body["score"]
+
+
+def mask_png(size, box) -> bytes:
+    m = np.zeros((size[1], size[0]), np.uint8)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    m[y0:y1, x0:x1] = 255
+    return png_bytes(Image.fromarray(m))
+
+
+def test_masks_are_regions_scored_as_falip_score_mask_scores_them(client, scene, tmp_path, capsys):
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    texts = [f"the {o.name}" for o in scene.objects]
+    masks = [mask_png(scene.image.size, o.box) for o in scene.objects[:2]]
+    for k, m in enumerate(masks):
+        (tmp_path / f"m{k}.png").write_bytes(m)
+    files = [("image", ("s.png", path.read_bytes(), "image/png"))] + [
+        ("masks", (f"m{k}.png", m, "image/png")) for k, m in enumerate(masks)
+    ]
+    box = list(scene.objects[2].box)
+    r = client.post("/api/score", files=files, data=dict(texts=json.dumps(texts), boxes=json.dumps([box])))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["regions"][1:] == ["m0.png", "m1.png"] and body["masks"] == ["m0.png", "m1.png"] and body["boxes"] == [box]
+    capsys.readouterr()
+    argv = [
+        "score",
+        str(path),
+        "--model",
+        "falip-toy",
+        "--json",
+        "--mask",
+        str(tmp_path / "m0.png"),
+        "--mask",
+        str(tmp_path / "m1.png"),
+    ]
+    assert main(argv + [a for t in texts for a in ("--text", t)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(np.array(body["scores"])[1:], cli["scores"], rtol=1e-5, atol=1e-5)  # the mask rows
+    alone = score(client, path.read_bytes(), [box], texts).json()
+    np.testing.assert_allclose(np.array(body["scores"])[:1], alone["scores"], rtol=0, atol=1e-6)  # the box row
+
+
+@pytest.mark.parametrize(
+    "mask,status,fragment",
+    [
+        (b"not a png", 415, "masks: mask 0 (bad.png): not an image file"),
+        ("small", 400, "masks: mask 0 (bad.png) is 10x10 but the image is 256x256"),
+        ("empty", 400, "masks: mask 0 (bad.png) is empty: no pixel inside"),
+    ],
+)
+def test_bad_masks_are_a_4xx_naming_the_mask(client, scene, mask, status, fragment):
+    if mask == "small":
+        mask = mask_png((10, 10), (0, 0, 5, 5))
+    elif mask == "empty":
+        mask = png_bytes(Image.new("L", scene.image.size, 100))
+    files = [("image", ("s.png", png_bytes(scene.image), "image/png")), ("masks", ("bad.png", mask, "image/png"))]
+    r = client.post("/api/score", files=files, data=dict(texts=GOOD_TEXTS))
+    assert r.status_code == status and fragment in r.json()["error"], r.text
 
 
 def test_score_applies_exif_orientation_so_boxes_refer_to_the_displayed_image(client, scene):
@@ -174,6 +247,7 @@ BAD_REQUESTS = {
     "over the pixel limit": ({}, "big", 413, f"over the limit of {MAX_PIXELS} pixels"),
     "over the upload limit": ({}, "huge", 413, "over the upload limit"),
     "no image field": ({}, "missing", 400, "image: Field required"),
+    "no boxes field and no masks": ({"boxes": None}, None, 400, "boxes: Field required"),
     "boxes not JSON": ({"boxes": "[[1, 2, 3"}, None, 400, "boxes: not valid JSON"),
     "boxes not a list": ({"boxes": '{"x": 1}'}, None, 400, "boxes: give a non-empty JSON list"),
     "no boxes": ({"boxes": "[]"}, None, 400, "boxes: give a non-empty JSON list"),

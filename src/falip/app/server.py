@@ -4,15 +4,24 @@ Routes: ``GET /`` (the page), ``GET /api/health``, ``POST /api/score``, ``POST /
 ``GET /api/examples/{name}.png``. Every error is JSON ``{"error": "..."}`` with a 4xx status that
 names the input; an unexpected failure is a 500 without a traceback (it is logged on the server).
 Model calls run in worker threads under the service's lock (see :mod:`falip.app.service`).
+
+Bounds before the application sees a request (:class:`Guard`, :func:`bounded_protocol`): the ``Host`` header
+must name where the server is bound (DNS rebinding), a POST from a page of another origin is refused (cross-site
+requests), a request's headers and then its body must arrive within ``Limits.read_timeout_s`` and its body
+within ``Limits.max_upload_bytes``, and at most ``Limits.max_connections`` connections are open at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import ipaddress
 import logging
 import socket
+from collections.abc import Iterable
 from importlib import resources
 from typing import Optional
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -21,41 +30,112 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FalipError
-from .service import InputError, Limits, ScoringService, check_method, check_mode, decode_image, parse_boxes, parse_texts
+from ..methods import parse_method
+from .service import (
+    InputError,
+    Limits,
+    ScoringService,
+    check_method,
+    check_mode,
+    check_preprocessed_size,
+    decode_image,
+    decode_masks,
+    parse_boxes,
+    parse_texts,
+)
 
 log = logging.getLogger("falip.serve")
 
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 when a request body is larger than ``max_bytes``.
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
-    The body is read (at most ``max_bytes + 1`` bytes are kept) before the application sees it, so a
-    too-large upload is refused whether or not it declares a Content-Length.
+
+def host_name(value: str) -> str:
+    """The host part of a ``Host`` header or URL netloc, lower-case: ``"[::1]:7860"`` → ``"::1"``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return (value.rsplit(":", 1)[0] if value.count(":") == 1 else value).rstrip(".")
+
+
+def allowed_hosts(bind_host: str, extra: Iterable[str] = ()) -> Optional[frozenset[str]]:
+    """The ``Host`` names a server bound to ``bind_host`` answers to: the loopback names, the bound address unless
+    it is a wildcard (0.0.0.0, ::), and ``extra`` (``--allow-host``); None (any name) when ``extra`` holds ``*``."""
+    extra = [host_name(h) for h in extra]
+    if "*" in extra:
+        return None
+    names = set(LOOPBACK_NAMES) | set(extra)
+    try:
+        if not ipaddress.ip_address(bind_host).is_unspecified:
+            names.add(host_name(bind_host))
+    except ValueError:  # a name such as localhost or a machine name
+        names.add(host_name(bind_host))
+    return frozenset(names)
+
+
+class Guard:
+    """ASGI middleware in front of the app, for HTTP requests:
+
+    - 400 when the ``Host`` header names a host outside ``hosts`` (None = any), and 403 for a POST whose
+      ``Origin`` is not the server's own (``http(s)://`` + its ``Host``): a page elsewhere cannot reach the API;
+    - 413 when the body is larger than ``limits.max_upload_bytes`` (at most that + 1 bytes are kept), declared
+      or not; 408 and the connection closed when the body has not arrived ``limits.read_timeout_s`` after the
+      request began (a stalled or trickling upload).
+    The body is read before the application sees it.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, limits: Limits, hosts: Optional[frozenset[str]]):
         self.app = app
-        self.max_bytes = max_bytes
+        self.limits = limits
+        self.hosts = hosts
+
+    def refusal(self, scope) -> Optional[JSONResponse]:
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.hosts is not None and host and host_name(host) not in self.hosts:
+            names = ", ".join(sorted(self.hosts))
+            return _error(
+                400,
+                f"Host {host!r} is not a name this server answers to ({names}); open it by one of those, or start "
+                f"falip serve with --allow-host {host_name(host)} if that name is yours",
+            )
+        origin = headers.get(b"origin")
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin is not None:
+            parts = urlsplit(origin.decode("latin-1"))
+            if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
+                return _error(403, f"cross-origin request refused: Origin {origin.decode('latin-1')!r} is not this server")
+        return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = _error(413, f"request body is over the upload limit of {self.max_bytes} bytes")
+        refused = self.refusal(scope)
+        if refused is not None:
+            return await refused(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit, timeout = self.limits.max_upload_bytes, self.limits.read_timeout_s
+        too_large = _error(413, f"request body is over the upload limit of {limit} bytes", close=True)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_large(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                slow = f"request body not received within {timeout:g} s (--read-timeout); the connection is closed"
+                return await _error(408, slow, close=True)(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limit:
                 return await too_large(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -73,8 +153,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(model, limits: Limits = Limits()) -> FastAPI:
-    """The web application for ``model`` (a :class:`falip.FalipModel`)."""
+def create_app(model, limits: Limits = Limits(), hosts: Optional[frozenset[str]] = LOOPBACK_NAMES) -> Guard:
+    """The web application for ``model`` (a :class:`falip.FalipModel`) behind its :class:`Guard`;
+    ``hosts``: the ``Host`` names it answers to (:func:`allowed_hosts`; None = any)."""
     service = ScoringService(model, limits)
     # No /docs: Swagger UI loads its scripts from a CDN and the app must work offline; /openapi.json stays.
     app = FastAPI(title="falip serve", docs_url=None, redoc_url=None)
@@ -106,10 +187,17 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
-    async def _read_inputs(image: UploadFile, boxes: str):
+    async def _read_inputs(image: UploadFile, boxes: Optional[str], masks: list[UploadFile], crops: bool):
+        """The decoded image, its boxes and masks (``(names, arrays)``), checked against the limits."""
         data = await image.read()
         pil = await run_in_threadpool(decode_image, data, limits)
-        return pil, parse_boxes(boxes, pil.size, limits)
+        box_list = parse_boxes(boxes, pil.size, limits, required=not masks)
+        if len(box_list) + len(masks) > limits.max_boxes:
+            raise InputError(f"regions: {len(box_list)} boxes and {len(masks)} masks is over the limit of {limits.max_boxes}")
+        uploads = [(m.filename or f"mask {i}", await m.read()) for i, m in enumerate(masks)]
+        mask_list = await run_in_threadpool(decode_masks, uploads, pil.size, limits)
+        check_preprocessed_size(model, pil.size, limits, box_list, crops=crops)
+        return pil, box_list, ([name for name, _ in uploads], mask_list)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -131,7 +219,8 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
     @app.post("/api/score")
     async def score(
         image: UploadFile = File(..., description="the image (any format PIL reads)"),
-        boxes: str = Form(..., description="JSON list of [x0, y0, x1, y1] pixel boxes"),
+        boxes: Optional[str] = Form(None, description="JSON list of [x0, y0, x1, y1] pixel boxes (optional with masks)"),
+        masks: list[UploadFile] = File([], description="region masks: PNGs of the image's size, as falip score --mask"),
         texts: str = Form(..., description="JSON list of strings"),
         method: str = Form("falip", description="falip, none, an edit (crop, blur, circle, ...) or falip+<edit>"),
         mode: str = Form("exact", description="exact, naive or approx"),
@@ -142,8 +231,11 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         text_list = parse_texts(texts, limits)
         method_name, mode_name = check_method(method), check_mode(mode)
         config = service.config(alpha, sigma, layers)
-        pil, box_list = await _read_inputs(image, boxes)
-        return await run_in_threadpool(service.score, pil, box_list, text_list, method_name, config, mode_name)
+        crops = parse_method(method_name).edit == "crop"
+        pil, box_list, (mask_names, mask_list) = await _read_inputs(image, boxes, masks, crops)
+        return await run_in_threadpool(
+            service.score, pil, box_list, mask_list, mask_names, text_list, method_name, config, mode_name
+        )
 
     @app.post("/api/attention")
     async def attention(
@@ -155,10 +247,10 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         layers: Optional[str] = Form(None),
     ):
         config = service.config(alpha, sigma, layers)
-        pil, box_list = await _read_inputs(image, boxes)
+        pil, box_list, _ = await _read_inputs(image, boxes, [], crops=False)
         return await run_in_threadpool(service.attention, pil, box_list, box, config)
 
-    return BodyLimit(app, limits.max_upload_bytes)
+    return Guard(app, limits, hosts)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -179,11 +271,48 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(), log_level: str = "info") -> None:
-    """Run the app with uvicorn until interrupted; prints the URL once the socket is bound."""
+def bounded_protocol(limits: Limits):
+    """uvicorn's HTTP/1.1 protocol with two bounds: a connection beyond ``limits.max_connections`` is closed at
+    once, and one whose first request's headers have not arrived ``limits.read_timeout_s`` after it opened is
+    closed (the body's time bound is :class:`Guard`'s; idle keep-alive connections close after uvicorn's 5 s)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                log.warning("%d connections open (--max-connections): closing a new one", len(self.connections) - 1)
+                transport.close()
+                return
+            self.loop.call_later(limits.read_timeout_s, self._close_without_request)
+
+        def _close_without_request(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return BoundedH11
+
+
+def make_server(
+    model, host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(), log_level: str = "info", allow_hosts=()
+):
+    """``(uvicorn server, its bound socket)`` of ``falip serve``; run it with ``server.run(sockets=[sock])``.
+
+    allow_hosts: more ``Host`` names to answer to than loopback and the bound address (``*``: any)."""
     import uvicorn
 
-    app = create_app(model, limits)
+    hosts = allowed_hosts(host, allow_hosts)
+    app = create_app(model, limits, hosts)
     sock = bind(host, port)
+    config = uvicorn.Config(app, log_level=log_level, http=bounded_protocol(limits), timeout_keep_alive=5)
+    return uvicorn.Server(config), sock
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(), log_level: str = "info", allow_hosts=()):
+    """Run :func:`make_server` until interrupted; prints the URL once the socket is bound."""
+    server, sock = make_server(model, host, port, limits, log_level, allow_hosts)
     print(f"falip serve: model {model.name}; open {url_of(sock)} (Ctrl+C stops)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    hosts = server.config.app.hosts
+    if hosts is not None and not LOOPBACK_NAMES >= hosts:
+        print(f"falip serve: answers to Host {', '.join(sorted(hosts))}", flush=True)
+    server.run(sockets=[sock])

@@ -13,19 +13,25 @@ import base64
 import io
 import json
 import math
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..bias import FovealConfig
+from ..datasets.generic import read_mask
 from ..encode import MODES
 from ..errors import FalipError
+from ..images import load_image
 from ..methods import METHOD_HELP, parse_method, score_with_method
 from ..prompts import EDITS
+from ..ranking import score_name, score_table
 from ..synthetic import make_scene
 
 # The methods the page offers (any name parse_method accepts is valid in the API).
@@ -47,15 +53,17 @@ class Limits:
     """What one request may send. Larger inputs are refused with a 4xx naming the limit."""
 
     max_upload_bytes: int = 20 * 1024 * 1024  # the whole request body
-    max_pixels: int = 16_000_000  # width × height of the decoded image (e.g. 4900 × 3265)
-    max_boxes: int = 32
+    max_pixels: int = 16_000_000  # width × height of the decoded image, and of what preprocessing resizes it to
+    max_boxes: int = 32  # regions per request: boxes and masks together
     max_texts: int = 16
     max_text_chars: int = 300
+    read_timeout_s: float = 30.0  # a request's headers, and then its whole body, must arrive within this time
+    max_connections: int = 64  # open connections; more are closed at once (stalled clients cannot exhaust descriptors)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
-            if value < 1:
-                raise ValueError(f"limit {name} must be at least 1, got {value}")
+            if not (value > 0 if name == "read_timeout_s" else value >= 1):
+                raise ValueError(f"limit {name} must be {'> 0' if name == 'read_timeout_s' else 'at least 1'}, got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +91,8 @@ def make_examples(seeds: Sequence[int] = (3, 7, 11)) -> dict[str, Example]:
 
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:
-    """An RGB image as displayed (EXIF orientation applied) from uploaded bytes.
+    """An 8-bit RGB image as displayed from uploaded bytes, decoded as ``falip score`` decodes a file
+    (:func:`falip.images.load_image`: EXIF orientation applied, 16-bit and float images scaled by their range).
 
     The pixel limit is checked on the header, before the pixels are decoded.
     """
@@ -97,31 +106,96 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
                     f"image: {w}x{h} = {w * h} pixels is over the limit of {limits.max_pixels} pixels; downscale it first",
                     status=413,
                 )
-            img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
+            return load_image(img)
+    except InputError:
+        raise
     except UnidentifiedImageError:
         raise InputError("image: not an image file (PIL cannot identify its format)", status=415) from None
     except Image.DecompressionBombError as exc:
         raise InputError(f"image: refused as a decompression bomb ({exc})", status=413) from None
-    except OSError as exc:
+    except (OSError, FalipError) as exc:  # FalipError: falip.images refuses the layout or the value range
         raise InputError(f"image: cannot decode the uploaded file ({exc})") from None
+
+
+def decode_masks(uploads: Sequence[tuple[str, bytes]], image_size: tuple[int, int], limits: Limits) -> list[np.ndarray]:
+    """Boolean ``(H, W)`` masks from uploaded PNGs ``(file name, bytes)``, read as ``falip score --mask`` reads a
+    file (:func:`falip.datasets.generic.read_mask`); each must have the image's size and at least one pixel set."""
+    W, H = image_size
+    out = []
+    for i, (name, data) in enumerate(uploads):
+        label = f"masks: mask {i} ({name})"
+        if not data:
+            raise InputError(f"{label}: the uploaded file is empty")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                size = img.size
+        except UnidentifiedImageError:
+            raise InputError(f"{label}: not an image file (PIL cannot identify its format)", status=415) from None
+        except OSError as exc:
+            raise InputError(f"{label}: cannot decode the uploaded file ({exc})") from None
+        if size != (W, H):  # checked on the header, before decoding: a mask is the image's size
+            raise InputError(f"{label} is {size[0]}x{size[1]} but the image is {W}x{H}; a mask has the image's size")
+        buf = io.BytesIO(data)
+        buf.name = name
+        try:
+            mask = read_mask(buf)
+        except FalipError as exc:
+            raise InputError(f"{label}: {exc}") from None
+        if not mask.any():
+            raise InputError(f"{label} is empty: no pixel inside (alpha or gray > 127, or 1 in a 0/1 mask)")
+        out.append(mask)
+    return out
+
+
+def check_preprocessed_size(model, image_size: tuple[int, int], limits: Limits, boxes=(), crops: bool = False) -> None:
+    """Refuse (413) an image whose preprocessing would resize it past the pixel limit (a 200000×1 image under
+    ``crop`` preprocessing becomes 44800000×224), and with ``crops`` (a crop edit) each box's crop likewise."""
+    sizes = [("image", image_size)]
+    if crops:
+        W, H = image_size
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            w = max(1, math.ceil(min(x1, W)) - math.floor(max(x0, 0.0)))
+            h = max(1, math.ceil(min(y1, H)) - math.floor(max(y0, 0.0)))
+            sizes.append((f"box {k}'s crop", (w, h)))
+    for what, size in sizes:
+        rw, rh = model.transform_for(size).resized
+        if rw * rh > limits.max_pixels:
+            raise InputError(
+                f"image: {what} of {size[0]}x{size[1]} is resized to {rw}x{rh} = {rw * rh} pixels by the model's "
+                f"{model.preprocess} preprocessing, over the limit of {limits.max_pixels} pixels; crop it closer to square",
+                status=413,
+            )
 
 
 def _json_field(name: str, text: str):
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, TypeError) as exc:
+    except RecursionError:
+        raise InputError(f"{name}: JSON nested too deeply; got {text[:80]!r}") from None
+    except (ValueError, TypeError) as exc:  # JSONDecodeError, and integers over Python's digit limit
         raise InputError(f"{name}: not valid JSON ({exc}); got {text[:80]!r}") from None
 
 
-def parse_boxes(text: str, image_size: tuple[int, int], limits: Limits) -> list[list[float]]:
-    """``'[[x0, y0, x1, y1], ...]'`` (pixels of the image as displayed) → checked boxes.
+def _finite_float(v) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an integer too large for a float
+        return math.inf
+
+
+def parse_boxes(text: Optional[str], image_size: tuple[int, int], limits: Limits, required: bool = True) -> list[list[float]]:
+    """``'[[x0, y0, x1, y1], ...]'`` (pixels of the image as displayed) → checked boxes; None or ``''`` with
+    ``required=False`` → ``[]`` (the regions are masks).
 
     A box may stick out of the image (it is clamped, as the library does); an empty box, one
-    entirely outside the image, NaN/inf or a wrong shape is refused.
+    entirely outside the image, NaN/inf, a number too large for a float or a wrong shape is refused.
     """
+    if not required and (text is None or not text.strip()):
+        return []
+    if text is None:
+        raise InputError("boxes: Field required: give a JSON list of [x0, y0, x1, y1] pixel boxes, or upload masks")
     value = _json_field("boxes", text)
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list) or (required and not value):
         raise InputError("boxes: give a non-empty JSON list of [x0, y0, x1, y1] pixel boxes")
     if len(value) > limits.max_boxes:
         raise InputError(f"boxes: {len(value)} boxes is over the limit of {limits.max_boxes}")
@@ -132,13 +206,15 @@ def parse_boxes(text: str, image_size: tuple[int, int], limits: Limits) -> list[
             isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
         ):
             raise InputError(f"boxes: box {i} must be [x0, y0, x1, y1] (four numbers), got {json.dumps(box)[:80]}")
-        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, y0, x1, y1 = (_finite_float(v) for v in box)
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-            raise InputError(f"boxes: box {i} {box} has a NaN or infinite coordinate")
+            raise InputError(
+                f"boxes: box {i} {json.dumps(box)[:80]} has a NaN or infinite coordinate (or one too large for a float)"
+            )
         if x1 <= x0 or y1 <= y0:
-            raise InputError(f"boxes: box {i} {box} is empty: need x1 > x0 and y1 > y0")
+            raise InputError(f"boxes: box {i} {json.dumps(box)[:80]} is empty: need x1 > x0 and y1 > y0")
         if x1 <= 0 or y1 <= 0 or x0 >= W or y0 >= H:
-            raise InputError(f"boxes: box {i} {box} lies entirely outside the {W}x{H} image")
+            raise InputError(f"boxes: box {i} {json.dumps(box)[:80]} lies entirely outside the {W}x{H} image")
         out.append([x0, y0, x1, y1])
     return out
 
@@ -188,6 +264,13 @@ def png_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def public_name(name: Optional[str]) -> Optional[str]:
+    """``name`` as the server may show it: a local path (a checkpoint, weights, a model folder) by its last part."""
+    if name is None or not (os.path.isabs(name) or os.path.exists(name)):
+        return name
+    return Path(name).name
+
+
 class ScoringService:
     """One model behind a lock; every method that touches the model holds it for the whole call."""
 
@@ -198,14 +281,18 @@ class ScoringService:
         self.examples = make_examples()
 
     def info(self) -> dict:
-        """What ``GET /api/health`` answers: the model, its default FALIP settings, the choices and limits."""
+        """What ``GET /api/health`` answers: the model, its default FALIP settings, the choices and limits.
+
+        A model or weights given as a local path is named by its file name: the server's file system is not
+        the client's business."""
         m = self.model
         return dict(
             status="ok",
-            model=m.name,
-            pretrained=m.pretrained,
+            model=public_name(m.name),
+            pretrained=public_name(m.pretrained),
             preprocess=m.preprocess,
             num_layers=m.num_layers,
+            score=dict(kind=m.runtime.score_kind, name=score_name(m.runtime.score_kind)),
             config=m.config.to_dict(),
             bias_layers=list(m.bias_layers()),
             methods=list(PAGE_METHODS),
@@ -231,21 +318,32 @@ class ScoringService:
             raise InputError(f"FALIP options: {exc}") from None
         return config
 
-    def score(self, image: Image.Image, boxes, texts: list[str], method: str, config: FovealConfig, mode: str) -> dict:
-        """Scores ``(K, T)``, the best box per text and the settings used, as ``POST /api/score`` answers."""
+    def score(
+        self, image: Image.Image, boxes, masks, mask_names, texts: list[str], method: str, config: FovealConfig, mode: str
+    ) -> dict:
+        """Scores ``(K, T)`` of K = the boxes then the masks, as ``POST /api/score`` answers: the shape of
+        :func:`falip.ranking.score_table` (the one of ``falip score --json``) and the settings used.
+
+        Boxes and masks are scored by separate calls (a region's scores do not depend on the other regions),
+        so each row is what ``falip score --box`` or ``--mask`` gives for that region."""
+        parts = []
         with self.lock:
-            scores = score_with_method(self.model, image, texts, method, boxes=boxes, config=config, mode=mode)
+            for regions in (dict(boxes=boxes), dict(masks=masks)):
+                if len(next(iter(regions.values()))):
+                    parts.append(score_with_method(self.model, image, texts, method, config=config, mode=mode, **regions))
+        scores = torch.cat(parts)
+        names = [",".join(f"{v:g}" for v in b) for b in boxes] + list(mask_names)
         return dict(
-            scores=scores.tolist(),
-            best=[int(j) for j in scores.argmax(dim=0)],
+            **score_table(scores, texts, self.model.runtime.score_kind),
+            regions=names,
+            boxes=boxes,
+            masks=list(mask_names),
             method=method,
             mode=mode,
             config=config.to_dict(),
             bias_layers=list(self.model.bias_layers(config)),
-            model=self.model.name,
+            model=public_name(self.model.name),
             image_size=list(image.size),
-            boxes=boxes,
-            texts=texts,
         )
 
     def attention(self, image: Image.Image, boxes, box: int, config: FovealConfig) -> dict:

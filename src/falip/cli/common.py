@@ -103,10 +103,12 @@ def check_loader_flags(args: argparse.Namespace) -> None:
     check_loader_args(args.batch_size, 0 if args.workers is None else args.workers)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16") -> None:
     g = parser.add_argument_group("model")
     g.add_argument(
-        "--model", default="ViT-B-16", help="open_clip name, OpenAI name (ViT-B/16) or checkpoint file (default: ViT-B-16)"
+        "--model",
+        default=default_model,
+        help=f"open_clip name, OpenAI name (ViT-B/16) or checkpoint file (default: {default_model})",
     )
     g.add_argument(
         "--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or weights file; omit for a checkpoint file"

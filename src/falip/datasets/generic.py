@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -69,23 +69,24 @@ class RegionDataset:
     source: dict = field(default_factory=dict)  # {name: path} of the files and folders read (run fingerprints)
 
 
-def read_mask(path: Union[str, Path], mask_id: Optional[int] = None) -> np.ndarray:
-    """A boolean ``(H, W)`` mask from a PNG.
+def read_mask(path: Union[str, Path, BinaryIO], mask_id: Optional[int] = None) -> np.ndarray:
+    """A boolean ``(H, W)`` mask from a PNG (a path, or an open binary file such as an upload, named by its ``name``).
 
     With ``mask_id``: pixels with ``R + 256·G == mask_id``. Otherwise: the alpha channel > 127 when the
     image has a non-opaque alpha channel (a cut-out), else grayscale > 127 — or > 0 for a 0/1 mask
     (one whose values are all 0 or 1).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FalipError(f"mask file not found: {path}")
+    if not hasattr(path, "read"):
+        path = Path(path)
+        if not path.is_file():
+            raise FalipError(f"mask file not found: {path}")
     try:
         with Image.open(path) as img:
             if mask_id is None:
                 return _binary(img)
             rgb = np.asarray(img.convert("RGB")).astype(np.int64)
     except (UnidentifiedImageError, OSError) as exc:
-        raise FalipError(f"cannot read mask {path}: {exc}") from exc
+        raise FalipError(f"cannot read mask {getattr(path, 'name', path)}: {exc}") from exc
     return rgb[..., 0] + 256 * rgb[..., 1] == mask_id
 
 
