@@ -70,7 +70,7 @@ def time_reference(model, data, image_root: Path) -> float:
     for s in data.samples:
         image = load_image(image_root / data.images[s.image_id][0])
         boxes = np.array([xywh_to_xyxy(p.bbox) for p in data.proposals(s.image_id)])
-        regions = encode_with_method(model, image, "falip", boxes=boxes, mode="naive")
+        regions = encode_with_method(model, image, boxes, mode="naive")
         text = model.encode_text([f"a photo of {s.sentence.lower()}"])
         int((regions @ text.T).argmax())
         n += 1

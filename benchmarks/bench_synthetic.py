@@ -50,8 +50,8 @@ def approx_deviation(model, seed: int, n_images: int) -> dict:
     max_abs, changed, total = 0.0, 0, 0
     for scene in generate(seed, n_images, (3, 3), 256):
         boxes = [o.box for o in scene.objects]
-        exact = encode_with_method(model, scene.image, "falip", boxes, mode="exact")
-        approx = encode_with_method(model, scene.image, "falip", boxes, mode="approx")
+        exact = encode_with_method(model, scene.image, boxes, mode="exact")
+        approx = encode_with_method(model, scene.image, boxes, mode="approx")
         text = model.encode_text([f"a photo of {exprs[1]}" for exprs in scene.expressions])
         max_abs = max(max_abs, (exact - approx).abs().max().item())
         changed += int(((exact @ text.T).argmax(0) != (approx @ text.T).argmax(0)).sum())

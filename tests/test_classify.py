@@ -300,7 +300,7 @@ def test_top1_top5_and_groups_on_constructed_embeddings(tmp_path, monkeypatch):
             v[:, c] = 1.0 - 0.1 * rank
         return torch.nn.functional.normalize(v, dim=-1)
 
-    def fake_encode_batch(model, images, method, boxes_per_image=None, masks_per_image=None, **kwargs):
+    def fake_encode_batch(model, images, boxes_per_image=None, *, method, masks_per_image=None, **kwargs):
         return [fake_encode(model, image, boxes) for image, boxes in zip(images, boxes_per_image)]
 
     monkeypatch.setattr(cls, "encode_with_method_batch", fake_encode_batch)
@@ -404,7 +404,9 @@ def generic_data(tmp_path):
 def test_bad_inputs_are_skipped_with_clear_reasons(model, generic_data, monkeypatch):
     calls = []
     real = cls.encode_with_method_batch
-    monkeypatch.setattr(cls, "encode_with_method_batch", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(
+        cls, "encode_with_method_batch", lambda *a, **k: calls.append(dict(k, boxes_per_image=a[2])) or real(*a, **k)
+    )
     ds = load_generic(generic_data / "regions.jsonl", generic_data / "classes.txt")
     result = cls.evaluate(model, ds, generic_data / "out/r.json", templates="simple", progress=False)
     m, skipped = result["metrics"], result["skipped"]
@@ -448,12 +450,12 @@ def test_resume_encodes_only_new_samples_and_refuses_other_settings(model, gener
     cls.evaluate(model, first, out, templates="simple", progress=False)
     calls = []
     real = cls.encode_with_method_batch
-    monkeypatch.setattr(cls, "encode_with_method_batch", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(cls, "encode_with_method_batch", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     again = cls.evaluate(model, first, out, templates="simple", progress=False)
     assert calls == [] and again["metrics"]["n"] == 2 and again["speed"]["resumed"] == 2
     more = RegionDataset(ds.name, ds.split, ds.classnames, ds.samples[:4], [])
     result = cls.evaluate(model, more, out, templates="simple", progress=False)
-    assert len(calls) == 1 and len(calls[0]["boxes_per_image"]) == 2 and result["metrics"]["n"] == 4  # the 2 new images
+    assert len(calls) == 1 and len(calls[0]) == 2 and result["metrics"]["n"] == 4  # the 2 new images
     with pytest.raises(ResumeMismatchError):
         cls.evaluate(model, more, out, method="blur", templates="simple", progress=False)
 

@@ -105,10 +105,10 @@ def test_score_method_option_uses_the_shared_method_layer(files, capsys):
     argv = f"score {photo} --box 0,0,160,120 --box 100,60,320,240 --text a --text b --model {model_path}".split()
     assert main([*argv, "--method", "crop", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    expected = score_with_method(load(model_path), photo, ["a", "b"], "crop", boxes=[(0, 0, 160, 120), (100, 60, 320, 240)])
+    expected = score_with_method(load(model_path), photo, [(0, 0, 160, 120), (100, 60, 320, 240)], ["a", "b"], method="crop")
     assert result["method"] == "crop"
     np.testing.assert_allclose(result["scores"], expected.numpy(), rtol=1e-6, atol=1e-6)
     model, boxes = load(model_path), [(0, 0, 160, 120), (100, 60, 320, 240)]
-    falip_scores = score_with_method(model, photo, ["a", "b"], "falip", boxes=boxes)
+    falip_scores = score_with_method(model, photo, boxes, ["a", "b"], method="falip")
     torch.testing.assert_close(falip_scores, model.score_regions(photo, boxes, ["a", "b"]), rtol=0, atol=1e-6)
     assert main([*argv, "--method", "sharpen"]) == 2 and "unknown method 'sharpen'" in capsys.readouterr().err

@@ -469,7 +469,7 @@ def test_score_regions_batch_equals_score_regions(rng, batch_model):
     images = [random_image(rng, 200, 160), random_image(rng, 160, 200)]
     boxes = [random_boxes(rng, 200, 160, 2), random_boxes(rng, 160, 200, 4)]
     texts = ["a red circle", "a blue square", "a dog"]
-    for got, image, box in zip(model.score_regions_batch(images, texts, boxes), images, boxes):
+    for got, image, box in zip(model.score_regions_batch(images, boxes, texts), images, boxes):
         close(got, model.score_regions(image, box, texts), atol=1e-3)  # logits: logit_scale (100) × cosine
 
 

@@ -179,9 +179,9 @@ def test_unleashing_changes_only_the_chosen_heads_of_the_model(model, image):
 
 def test_method_layer_honours_unleashing(model, image):
     cfg = unleashed(1.0)
-    emb = encode_with_method(model, image, "falip", boxes=BOXES, config=cfg)
+    emb = encode_with_method(model, image, BOXES, method="falip", config=cfg)
     torch.testing.assert_close(emb, model.encode_regions(image, BOXES, config=cfg), atol=1e-6, rtol=0)
-    assert (emb - encode_with_method(model, image, "falip", boxes=BOXES, config=FovealConfig(alpha=1.0))).abs().max() > 1e-4
+    assert (emb - encode_with_method(model, image, BOXES, method="falip", config=FovealConfig(alpha=1.0))).abs().max() > 1e-4
 
 
 # -- Eq. 6: Σ_h [G'_h + λ(G'_h − G_h)] on the [CLS] attention output ----------------------------------
@@ -190,16 +190,16 @@ def test_method_layer_honours_unleashing(model, image):
 def test_eq6_with_the_bias_equals_attention_space_unleashing(model, image):
     # G_h at the same block input without the bias: the head-term form equals P + λ(P − P0), in every block
     for cfg in (unleashed(1.0), unleashed(2.0, layers=(5,), heads=(1, 3)), unleashed(-0.5, layers=(4,), heads=(0,))):
-        general = encode_unleashed(model, image, "falip", boxes=BOXES, config=cfg, reference="same-input")
+        general = encode_unleashed(model, image, BOXES, method="falip", config=cfg, reference="same-input")
         torch.testing.assert_close(general, model.encode_regions(image, BOXES, config=cfg, mode="naive"), atol=1e-5, rtol=0)
     # G_h from the clean image's own pass: the same in the first biased block (its input is still the clean one) ...
     first = FovealConfig(alpha=1.0, layers=(4, 5), unleash=(Unleash((4,)),))
-    clean = encode_unleashed(model, image, "falip", boxes=BOXES, config=first)
+    clean = encode_unleashed(model, image, BOXES, method="falip", config=first)
     torch.testing.assert_close(clean, model.encode_regions(image, BOXES, config=first), atol=1e-5, rtol=0)
     # ... but not in block 5, whose input the bias of block 4 has already changed
     both = unleashed(1.0)
     assert (
-        encode_unleashed(model, image, "falip", boxes=BOXES, config=both) - model.encode_regions(image, BOXES, config=both)
+        encode_unleashed(model, image, BOXES, method="falip", config=both) - model.encode_regions(image, BOXES, config=both)
     ).abs().max() > 1e-5
 
 
@@ -207,7 +207,7 @@ def test_eq6_for_an_image_edit_takes_g_from_the_clean_image(model, image):
     runtime = model.runtime
     lam = torch.tensor([1.0, 0.0, 2.0, 0.0])  # heads 0 and 2 of the last block
     cfg = FovealConfig(unleash=(Unleash((5,), (0,), 1.0), Unleash((5,), (2,), 2.0)))
-    circle = encode_with_method(model, image, "circle", boxes=BOXES, config=cfg)
+    circle = encode_with_method(model, image, BOXES, method="circle", config=cfg)
     clean = trace(model, model.preprocess_image(image)[0]).cls_terms[0, 5]  # (H, D): G_h, the clean image's block-5 terms
     for k, box in enumerate(BOXES):
         pixels = model.preprocess_image(apply_edit(image, "circle", box, None).image)[0]
@@ -222,17 +222,17 @@ def test_eq6_for_an_image_edit_takes_g_from_the_clean_image(model, image):
 
         expected = torch.nn.functional.normalize(runtime.run(pixels, trunk), dim=-1)[0]
         torch.testing.assert_close(circle[k], expected, atol=1e-5, rtol=0)
-    plain = encode_with_method(model, image, "circle", boxes=BOXES)
+    plain = encode_with_method(model, image, BOXES, method="circle")
     assert (circle - plain).abs().max() > 1e-4
     zero = FovealConfig(unleash=(Unleash((5,), None, 0.0),))  # λ = 0: the edited image unchanged
     one = BOXES[:1]
-    torch.testing.assert_close(encode_with_method(model, image, "circle", boxes=one, config=zero), plain[:1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(encode_with_method(model, image, one, method="circle", config=zero), plain[:1], atol=1e-5, rtol=0)
     early = FovealConfig(unleash=(Unleash((0,)),))  # an edit changes every block, so any block can be unleashed
-    assert (encode_with_method(model, image, "circle", boxes=one, config=early) - plain[:1]).abs().max() > 1e-4
+    assert (encode_with_method(model, image, one, method="circle", config=early) - plain[:1]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="same-input"):
-        encode_unleashed(model, image, "circle", boxes=BOXES, config=cfg, reference="same-input")
+        encode_unleashed(model, image, BOXES, method="circle", config=cfg, reference="same-input")
     with pytest.raises(ValueError, match="nothing to unleash"):
-        encode_unleashed(model, image, "circle", boxes=BOXES, config=FovealConfig())
+        encode_unleashed(model, image, BOXES, method="circle", config=FovealConfig())
 
 
 def test_unleash_parsing_config_and_errors(clip):
@@ -282,21 +282,21 @@ def test_head_delta_statistics():
 
 
 def test_prompt_response_per_prompt(model, image):
-    falip = prompt_response(model, image, "falip", box=BOXES[0], config=FovealConfig(alpha=1.0))
+    falip = prompt_response(model, image, BOXES[0], method="falip", config=FovealConfig(alpha=1.0))
     assert falip.shape == (6, 4)
     assert falip[:4].abs().max() < 1e-4 and falip[4:].min() > 0  # only biased blocks respond
-    circle = prompt_response(model, image, "circle", box=BOXES[0])
+    circle = prompt_response(model, image, BOXES[0], method="circle")
     assert circle[0].min() > 0  # an edited image changes every block
     square = random_image(np.random.default_rng(7), 224, 224)  # squash keeps it: patches are 32 px
     mask = np.zeros((224, 224), bool)
     mask[32:96, 64:160] = True  # patch rows 1-2, columns 2-4, fully covered
-    by_mask = prompt_response(model, square, "falip", mask=mask, config=FovealConfig(alpha=1.0))
-    by_box = prompt_response(model, square, "falip", box=(65, 33, 160, 96), config=FovealConfig(alpha=1.0))
+    by_mask = prompt_response(model, square, mask=mask, method="falip", config=FovealConfig(alpha=1.0))
+    by_box = prompt_response(model, square, (65, 33, 160, 96), method="falip", config=FovealConfig(alpha=1.0))
     torch.testing.assert_close(by_mask, by_box, atol=1e-5, rtol=0)
     with pytest.raises(InvalidRegionError, match="box 0"):
-        prompt_response(model, image, "circle", box=(400, 300, 500, 400))
+        prompt_response(model, image, (400, 300, 500, 400), method="circle")
     with pytest.raises(ValueError, match="prompts nothing"):
-        prompt_response(model, image, "none", box=BOXES[0])
+        prompt_response(model, image, BOXES[0], method="none")
 
 
 # -- attention maps --------------------------------------------------------------------------------------

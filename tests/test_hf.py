@@ -167,8 +167,8 @@ def test_head_response_agrees_across_runtimes(pair, scene, method):
     oc, hf, _ = pair
     image, boxes = scene
     config = FovealConfig(alpha=2.0, layers=(8, 9, 10, 11))
-    ours = prompt_response(hf, image, method, box=boxes[0], config=config)
-    theirs = prompt_response(oc, image, method, box=boxes[0], config=config)
+    ours = prompt_response(hf, image, boxes[0], method=method, config=config)
+    theirs = prompt_response(oc, image, boxes[0], method=method, config=config)
     assert ours.shape == (12, 2) and theirs.abs().max() > 1e-3
     assert max_diff(ours, theirs) < 1e-4 * max(1.0, theirs.abs().max().item())
 

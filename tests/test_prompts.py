@@ -103,13 +103,16 @@ def test_methods_encode_what_they_name(image):
     def close(a, b):
         return torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
-    close(encode_with_method(model, image, "none", boxes), model.encode_image(image).expand(2, -1))
-    close(encode_with_method(model, image, "falip", boxes), model.encode_regions(image, boxes))
+    close(encode_with_method(model, image, boxes, method="none"), model.encode_image(image).expand(2, -1))
+    close(encode_with_method(model, image, boxes, method="falip"), model.encode_regions(image, boxes))
     crops = [apply_edit(image, "crop", b).image for b in boxes]
-    close(encode_with_method(model, image, "crop", boxes), model.encode_image(crops))
-    both = encode_with_method(model, image, "falip+crop", boxes)
+    close(encode_with_method(model, image, boxes, method="crop"), model.encode_image(crops))
+    both = encode_with_method(model, image, boxes, method="falip+crop")
     close(both[1], model.encode_regions(crops[1], [(0, 0, 90, 120)])[0])
     mask = np.zeros((150, 200), bool)
     mask[30:90, 40:120] = True
-    close(encode_with_method(model, image, "falip", masks=[mask]), model.encode_regions(image, masks=[mask]))
-    close(encode_with_method(model, image, "blur", masks=[mask]), encode_with_method(model, image, "blur", [(40, 30, 120, 90)]))
+    close(encode_with_method(model, image, masks=[mask], method="falip"), model.encode_regions(image, masks=[mask]))
+    close(
+        encode_with_method(model, image, masks=[mask], method="blur"),
+        encode_with_method(model, image, [(40, 30, 120, 90)], method="blur"),
+    )

@@ -291,7 +291,7 @@ def test_every_method_encodes_each_box_differently_and_only_reverse_blur_reads_m
     assert (box_only[names.index("reverse_blur")][1] - by_name["reverse_blur"][1]).abs().max() > 1e-4
     torch.testing.assert_close(box_only[names.index("blur")], by_name["blur"])
     # a combination is the edit's image with the bias, through the shared method layer
-    torch.testing.assert_close(by_name["falip+circle"], encode_with_method(model, image, "falip+circle", boxes))
+    torch.testing.assert_close(by_name["falip+circle"], encode_with_method(model, image, boxes, method="falip+circle"))
     scores = scorer.score([feats], ["the red box"])
     assert scores.shape == (1, 3)
 
@@ -363,9 +363,9 @@ def test_each_image_is_encoded_once_per_method_and_model(model, other_model, dat
     calls, texts = [], []
     real = rec_module.encode_with_method_batch
 
-    def record(m, images, method, **kw):
+    def record(m, images, boxes_per_image, *, method, **kw):
         calls.append((method.name, len(images)))
-        return real(m, images, method, **kw)
+        return real(m, images, boxes_per_image, method=method, **kw)
 
     monkeypatch.setattr(rec_module, "encode_with_method_batch", record)
     real_text = model.encode_text

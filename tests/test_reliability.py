@@ -71,7 +71,7 @@ def test_threads_on_one_model_give_the_single_threaded_results_and_leave_nothing
             return tiny_model.encode_regions(images[i], boxes[i], **kw)
         if kind == "image":
             return tiny_model.encode_image(images[i])
-        return tiny_model.score_regions(images[i], boxes[i], texts=["a cat", "a dog"], **kw)
+        return tiny_model.score_regions(images[i], boxes[i], ["a cat", "a dog"], **kw)
 
     expected = [call(job) for job in calls]
     jobs = calls * 2
@@ -102,11 +102,13 @@ def test_a_call_that_raises_leaves_the_model_intact(tiny_model):
 
 
 def test_score_regions_and_score_with_method_return_no_grad_tensors(tiny_model):
-    scores = tiny_model.score_regions(random_image(np.random.default_rng(2), 64, 64), [[0, 0, 30, 30]], texts=["x"])
+    scores = tiny_model.score_regions(random_image(np.random.default_rng(2), 64, 64), [[0, 0, 30, 30]], ["x"])
     assert not scores.requires_grad
     from falip.methods import score_with_method
 
-    assert not score_with_method(tiny_model, np.zeros((64, 64, 3), np.uint8), ["x"], "crop", boxes=[[0, 0, 30, 30]]).requires_grad
+    assert not score_with_method(
+        tiny_model, np.zeros((64, 64, 3), np.uint8), [[0, 0, 30, 30]], ["x"], method="crop"
+    ).requires_grad
 
 
 # ----------------------------------------------------------------------------------------------

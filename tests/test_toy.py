@@ -43,7 +43,7 @@ def chosen(toy, scenes):
 def picks(model, scene, method, mode="exact"):
     """Index of the box each object's expression ("the red circle") picks, one per object."""
     boxes = [o.box for o in scene.objects]
-    regions = encode_with_method(model, scene.image, method, boxes, mode=mode)
+    regions = encode_with_method(model, scene.image, boxes, method=method, mode=mode)
     text = model.encode_text([f"a photo of {exprs[1]}" for exprs in scene.expressions])
     return (regions @ text.T).argmax(0).tolist()
 
@@ -90,7 +90,7 @@ def test_swapped_coordinates_break_falip(toy, scenes, chosen):
         hits = []
         for s in scenes:
             boxes = [(o.box[1], o.box[0], o.box[3], o.box[2]) for o in s.objects]
-            regions = encode_with_method(toy, s.image, "falip", boxes)
+            regions = encode_with_method(toy, s.image, boxes)
             text = toy.encode_text([f"a photo of {exprs[1]}" for exprs in s.expressions])
             hits += [p == i for i, p in enumerate((regions @ text.T).argmax(0).tolist())]
         return 100.0 * sum(hits) / len(hits)
@@ -116,7 +116,7 @@ def test_masks_steer_like_boxes(toy, scenes):
             x0, y0, x1, y1 = (int(round(v)) for v in o.box)
             m[y0:y1, x0:x1] = True
             masks.append(m)
-        regions = encode_with_method(toy, s.image, "falip", masks=masks)
+        regions = encode_with_method(toy, s.image, masks=masks)
         text = toy.encode_text([f"a photo of {exprs[1]}" for exprs in s.expressions])
         hits += [p == i for i, p in enumerate((regions @ text.T).argmax(0).tolist())]
     assert 100.0 * sum(hits) / len(hits) >= 100 / 3 + FALIP_MARGIN
@@ -135,9 +135,9 @@ def test_region_classification_picks_the_boxed_object(toy, scenes):
     for s in scenes[:20]:
         total += len(s.objects)
         for method in right:
-            regions = encode_with_method(toy, s.image, method, [o.box for o in s.objects], config=strong)  # (3, E)
+            regions = encode_with_method(toy, s.image, [o.box for o in s.objects], method=method, config=strong)  # (3, E)
             pred = (regions @ classes.T).argmax(1).tolist()
             right[method] += sum(names[p] == o.name for p, o in zip(pred, s.objects))
-    probs = falip.classify(toy, scenes[0].image, scenes[0].objects[0].box, names, ["a photo of a {}."], config=strong)
+    probs = falip.classify(toy, scenes[0].image, scenes[0].objects[0].box, names, templates=["a photo of a {}."], config=strong)
     assert names[int(probs.argmax())] == scenes[0].objects[0].name  # the one-region API agrees on the first object
     assert right["falip"] >= 0.7 * total and right["falip"] >= right["none"] + 0.3 * total

@@ -165,7 +165,7 @@ def _(t):
             return model.encode_regions(images[i], boxes[i], mode=mode)
         if kind == "image":
             return model.encode_image(images[i])
-        return model.score_regions(images[i], boxes[i], texts=["a", "b"], mode=mode)
+        return model.score_regions(images[i], boxes[i], ["a", "b"], mode=mode)
 
     want = {job: call(job) for job in jobs}
     with ThreadPoolExecutor(8) as pool:
@@ -177,7 +177,7 @@ def _(t):
 @case("threads", "score_regions returns tensors without autograd history")
 def _(t):
     model = falip.load(str(tiny_checkpoint(t / "m.pt")))
-    return "silent" if model.score_regions(np.asarray(smooth_image(0)), [[0, 0, 20, 20]], texts=["x"]).requires_grad else "right"
+    return "silent" if model.score_regions(np.asarray(smooth_image(0)), [[0, 0, 20, 20]], ["x"]).requires_grad else "right"
 
 
 # ----------------------------------------------------------------------------------------------

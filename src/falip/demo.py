@@ -49,7 +49,7 @@ def run_demo(
     scores = {}
     for name in methods:
         method = parse_method(name)
-        emb = encode_with_method(model, pil, method, boxes, config=config)
+        emb = encode_with_method(model, pil, boxes, method=method, config=config)
         suffixed = (
             model.encode_text([f"a photo of {t.lower()}{method.text_suffix}" for t in texts]) if method.text_suffix else text_emb
         )

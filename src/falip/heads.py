@@ -47,8 +47,9 @@ def head_delta(prompted: torch.Tensor, plain: torch.Tensor, statistic: str = "l2
 def prompt_response(
     model,
     image,
-    method: Union[str, Method],
     box=None,
+    *,
+    method: Union[str, Method],
     mask: Optional[np.ndarray] = None,
     statistic: str = "l2",
     config: Optional[FovealConfig] = None,
@@ -65,7 +66,7 @@ def prompt_response(
     image = load_image(image)
     if plain is None:
         plain = trace(model, model.preprocess_image(image)[0]).cls_terms[0]
-    pixels, bias = prompted_input(model, image, method, box, mask, config)
+    pixels, bias = prompted_input(model, image, box, method=method, mask=mask, config=config)
     prompted = trace(model, pixels, bias, config).cls_terms[0]
     return head_delta(prompted, plain, statistic)
 
@@ -137,7 +138,9 @@ def head_response(
             mask = sample.load_mask() if sample.mask is not None else None
             if cache[0] != sample.image:
                 cache = (sample.image, trace(model, model.preprocess_image(image)[0]).cls_terms[0])
-            delta = prompt_response(model, image, method, sample.box, mask, statistic, config, plain=cache[1])
+            delta = prompt_response(
+                model, image, sample.box, method=method, mask=mask, statistic=statistic, config=config, plain=cache[1]
+            )
         except FalipError as exc:
             raise type(exc)(f"sample {sample.id} ({sample.image}): {exc}") from exc
         deltas.append(delta.numpy().astype(np.float64))

@@ -83,8 +83,9 @@ def validated_regions(size: tuple[int, int], boxes=None, masks=None) -> tuple[np
 def encode_with_method(
     model,
     image,
-    method,
     boxes=None,
+    *,
+    method: Union[str, Method] = "falip",
     masks: Optional[Sequence[np.ndarray]] = None,
     config: Optional[FovealConfig] = None,
     mode: str = "exact",
@@ -104,13 +105,15 @@ def encode_with_method(
     if edit_style not in STYLES:
         raise ValueError(f"edit_style must be one of {STYLES}, got {edit_style!r}")
     if method.edit is None:
-        return encode_with_method_batch(model, [image], method, [boxes], [masks], config=config, mode=mode)[0]
+        return encode_with_method_batch(
+            model, [image], [boxes], method=method, masks_per_image=[masks], config=config, mode=mode
+        )[0]
     pil = load_image(image)
     box_arr, mask_list = validated_regions(pil.size, boxes, masks)
     K = len(box_arr)
 
     if (config or model.config).unleash:  # Eq. 6 for an edit prompt: G_h from the clean image's pass
-        return encode_unleashed(model, pil, method, boxes=box_arr, masks=mask_list, config=config, edit_style=edit_style)
+        return encode_unleashed(model, pil, box_arr, method=method, masks=mask_list, config=config, edit_style=edit_style)
     edited = [
         apply_edit(pil, method.edit, box_arr[k], None if mask_list is None else mask_list[k], style=edit_style) for k in range(K)
     ]
@@ -128,8 +131,9 @@ def encode_with_method(
 def encode_with_method_batch(
     model,
     images: Sequence,
-    method,
     boxes_per_image: Optional[Sequence] = None,
+    *,
+    method: Union[str, Method] = "falip",
     masks_per_image: Optional[Sequence] = None,
     config: Optional[FovealConfig] = None,
     mode: str = "exact",
@@ -154,7 +158,9 @@ def encode_with_method_batch(
         return []
     if method.edit is not None:
         return [
-            encode_with_method(model, im, method, b, m, config=config, mode=mode, batch_size=batch_size, edit_style=edit_style)
+            encode_with_method(
+                model, im, b, method=method, masks=m, config=config, mode=mode, batch_size=batch_size, edit_style=edit_style
+            )
             for im, b, m in zip(images, boxes_per_image, masks_per_image)
         ]
     images = [im if isinstance(im, PreparedImage) else load_image(im) for im in images]
@@ -177,7 +183,14 @@ def encode_with_method_batch(
 
 
 def prompted_input(
-    model, image: Image.Image, method: Method, box=None, mask: Optional[np.ndarray] = None, config=None, edit_style: str = "clean"
+    model,
+    image: Image.Image,
+    box=None,
+    *,
+    method: Method,
+    mask: Optional[np.ndarray] = None,
+    config=None,
+    edit_style: str = "clean",
 ):
     """``(pixels (1, 3, S, S), bias (1, L) or None)`` of ``image`` prompted by ``method`` for one region.
 
@@ -233,8 +246,9 @@ def _unleashed_trunk(runtime, mask, layers, gains: dict, clean: Optional[torch.T
 def encode_unleashed(
     model,
     image,
-    method: Union[str, Method],
     boxes=None,
+    *,
+    method: Union[str, Method],
     masks: Optional[Sequence[np.ndarray]] = None,
     config: Optional[FovealConfig] = None,
     unleash: Optional[Sequence[Unleash]] = None,
@@ -272,7 +286,8 @@ def encode_unleashed(
     layers = plan.layers if plan is not None else ()
     out = []
     for k, box in enumerate(box_arr):
-        pixels, bias = prompted_input(model, pil, method, box, None if mask_list is None else mask_list[k], config, edit_style)
+        region_mask = None if mask_list is None else mask_list[k]
+        pixels, bias = prompted_input(model, pil, box, method=method, mask=region_mask, config=config, edit_style=edit_style)
         mask = None
         if bias is not None:
             mask = full_attention_mask(bias.to(runtime.device, torch.float32), plan.rows, runtime.num_heads, plan.head_scales)
@@ -286,9 +301,10 @@ def encode_unleashed(
 def score_with_method(
     model,
     image,
-    texts: Sequence[str],
-    method="falip",
-    boxes=None,
+    boxes,
+    texts: Union[str, Sequence[str]],
+    *,
+    method: Union[str, Method] = "falip",
     masks: Optional[Sequence[np.ndarray]] = None,
     config: Optional[FovealConfig] = None,
     mode: str = "exact",
@@ -296,6 +312,7 @@ def score_with_method(
     """The model's own logits ``(K, T)`` (``runtime.logits``: ``logit_scale · cos`` for CLIP, plus ``logit_bias``
     for SigLIP) between K regions encoded with ``method`` and T texts.
 
+    boxes: ``(K, 4)`` xyxy pixels, or None with ``masks`` (K of ``(H, W)``) as the regions.
     The texts are used as given (no prompt template); an edit with a text suffix (``shade``) appends it.
     For ``method="falip"`` this equals :meth:`FalipModel.score_regions`. ``falip score`` and the
     ``falip serve`` API both call it.
@@ -303,5 +320,5 @@ def score_with_method(
     method = parse_method(method) if isinstance(method, str) else method
     texts = [texts] if isinstance(texts, str) else list(texts)
     text = model.encode_text([t + method.text_suffix for t in texts] if method.text_suffix else texts)
-    regions = encode_with_method(model, image, method, boxes=boxes, masks=masks, config=config, mode=mode)
+    regions = encode_with_method(model, image, boxes, method=method, masks=masks, config=config, mode=mode)
     return model.runtime.logits(regions, text)

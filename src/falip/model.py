@@ -333,9 +333,10 @@ class FalipModel:
         return list(F.normalize(self._finite(embeddings).float(), dim=-1).cpu().split(counts))
 
     @torch.no_grad()
-    def score_regions(self, image, boxes=None, texts: Union[str, Sequence[str]] = (), **kwargs) -> torch.Tensor:
+    def score_regions(self, image, boxes, texts: Union[str, Sequence[str]], **kwargs) -> torch.Tensor:
         """The model's own logits ``(K, T)`` between each region's embedding and each text (float32, CPU).
 
+        boxes: ``(K, 4)`` xyxy pixels, or None with ``masks=`` (K of ``(H, W)``) as the regions.
         Per family (``runtime.score_kind``): CLIP — ``logit_scale · cos``, compared across texts
         (softmax); SigLIP — ``logit_scale · cos + logit_bias``, before the sigmoid (each pair alone).
         Keyword arguments are those of :meth:`encode_regions` (``masks``, ``config``, ``mode`` …).
@@ -346,10 +347,11 @@ class FalipModel:
 
     @torch.no_grad()
     def score_regions_batch(
-        self, images: Sequence, texts: Union[str, Sequence[str]], boxes_per_image: Optional[Sequence] = None, **kwargs
+        self, images: Sequence, boxes_per_image: Optional[Sequence], texts: Union[str, Sequence[str]], **kwargs
     ) -> list[torch.Tensor]:
         """:meth:`score_regions` of N images against the same T texts: a list of N ``(K_i, T)`` logits (``runtime.logits``).
 
+        boxes_per_image: N box lists ``(K_i, 4)``, or None with ``masks_per_image=``.
         Keyword arguments are those of :meth:`encode_regions_batch` (``masks_per_image``, ``config``, ``mode`` …).
         """
         text = self.encode_text(texts)

@@ -330,7 +330,18 @@ class ScoringService:
         with self.lock:
             for regions in (dict(boxes=boxes), dict(masks=masks)):
                 if len(next(iter(regions.values()))):
-                    parts.append(score_with_method(self.model, image, texts, method, config=config, mode=mode, **regions))
+                    parts.append(
+                        score_with_method(
+                            self.model,
+                            image,
+                            regions.get("boxes"),
+                            texts,
+                            method=method,
+                            masks=regions.get("masks"),
+                            config=config,
+                            mode=mode,
+                        )
+                    )
         scores = torch.cat(parts)
         names = [",".join(f"{v:g}" for v in b) for b in boxes] + list(mask_names)
         return dict(

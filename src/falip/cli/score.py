@@ -38,7 +38,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise FalipError("give either --box or --mask regions, not both")
     regions = dict(boxes=args.box) if args.box else dict(masks=[read_mask(p) for p in args.mask])
     model = load_from_args(args)
-    scores = score_with_method(model, args.image, args.text, args.method, config=model.config, mode=args.mode, **regions)
+    boxes = regions.pop("boxes", None)
+    scores = score_with_method(
+        model, args.image, boxes, args.text, method=args.method, config=model.config, mode=args.mode, **regions
+    )
     names = [",".join(f"{v:g}" for v in b) for b in args.box] if args.box else list(args.mask)
     result = {
         "image": str(args.image),

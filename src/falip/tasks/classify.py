@@ -83,6 +83,7 @@ def classify(
     image,
     region,
     classnames: Sequence[str],
+    *,
     templates: Union[Templates, str, None] = None,
     method: Union[str, Method] = "falip",
     config: Optional[FovealConfig] = None,
@@ -101,7 +102,7 @@ def classify(
     else:
         raise InvalidRegionError(f"region must be a box (x0, y0, x1, y1) or an (H, W) mask, got shape {arr.shape}")
     classifier = text_classifier(model, classnames, templates, method)
-    embedding = encode_with_method(model, image, method, config=config, mode=mode, **regions)
+    embedding = encode_with_method(model, image, method=method, config=config, mode=mode, **regions)
     return _logits(model, embedding, classifier).softmax(-1)[0]
 
 
@@ -240,7 +241,7 @@ def _encode_group(model, group: ImageGroup, method: Method, config, mode: str, b
     """
     regions = dict(masks=group.masks) if group.masks else dict(boxes=np.stack(group.boxes))
     try:
-        emb = encode_with_method(model, group.source, method, config=config, mode=mode, batch_size=batch_size, **regions)
+        emb = encode_with_method(model, group.source, method=method, config=config, mode=mode, batch_size=batch_size, **regions)
         return list(zip(group.ready, emb)), []
     except InvalidRegionError as exc:
         if len(group.ready) == 1:
@@ -263,8 +264,8 @@ def _encode_groups(
         embeddings = encode_with_method_batch(
             model,
             [g.source for g in ready],
-            method,
-            boxes_per_image=[np.stack(g.boxes) if g.boxes else None for g in ready],
+            [np.stack(g.boxes) if g.boxes else None for g in ready],
+            method=method,
             masks_per_image=[g.masks or None for g in ready],
             config=config,
             mode=mode,
