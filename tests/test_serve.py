@@ -390,24 +390,38 @@ def find_chromium():
 
 
 @pytest.fixture
-def page(tmp_path):
-    """A page of the system chromium (never a downloaded browser), headless, with a fresh profile."""
+def open_page(tmp_path):
+    """``open_page(**context options)`` → a page of the system chromium (never a downloaded browser), headless,
+    with a fresh profile; the page records failed responses (``page.failed``) and script errors (``page.errors``)."""
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("chromium not found (apt-get install -y chromium, or set FALIP_CHROMIUM=/path/to/chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[app]'")
+    contexts = []
     with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
-            executable_path=chromium,
-            headless=True,
-            args=["--headless", *CHROMIUM_FLAGS],
-            viewport={"width": 1400, "height": 1000},
-        )
+
+        def open_page(**options):
+            options.setdefault("viewport", {"width": 1400, "height": 1000})
+            context = p.chromium.launch_persistent_context(
+                str(tmp_path / f"profile{len(contexts)}"),
+                executable_path=chromium,
+                headless=True,
+                args=["--headless", *CHROMIUM_FLAGS],
+                accept_downloads=True,
+                **options,
+            )
+            contexts.append(context)
+            page = context.pages[0] if context.pages else context.new_page()
+            page.failed, page.errors = [], []
+            page.on("response", lambda r: r.status >= 400 and page.failed.append(f"{r.status} {r.url}"))
+            page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+            return page
+
         try:
-            yield context.new_page()
+            yield open_page
         finally:
-            context.close()
+            for context in contexts:
+                context.close()
 
 
 def drag(page, canvas_box, scale, start, end):
@@ -418,31 +432,58 @@ def drag(page, canvas_box, scale, start, end):
     page.mouse.up()
 
 
-def test_page_in_a_browser_upload_draw_two_boxes_run_and_read_the_winner(page, server, client, scene, tmp_path):
-    url = server[0]
-    path = tmp_path / "scene.png"
-    scene.image.save(path)
-    errors = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+def touch_drag(page, canvas_box, scale, start, end):
+    """A one-finger touch drag (real touch events through the DevTools protocol) between image points."""
+    cdp = page.context.new_cdp_session(page)
+    points = [start + (end - start) * t for t in np.linspace(0, 1, 6)]
+    for i, (x, y) in enumerate(points):
+        kind = "touchStart" if i == 0 else "touchMove"
+        at = {"x": canvas_box["x"] + x * scale, "y": canvas_box["y"] + y * scale}
+        cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [at]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+def load_scene_in_page(page, url, path):
     page.goto(url)
     page.wait_for_function("document.getElementById('model-name').textContent.includes('falip-toy')")
     page.set_input_files("#file", str(path))
     page.wait_for_selector("#canvas[data-ready='1']")
     canvas_box = page.locator("#canvas").bounding_box()
-    scale = canvas_box["width"] / scene.image.width
+    return canvas_box, canvas_box["width"] / Image.open(path).width
 
-    # Box 1 on object 0, box 2 on object 2; a third box is drawn, selected and deleted again.
+
+def region_coords(page, k: int) -> list[float]:
+    return [float(page.locator(f"#regions li[data-box='{k}'] input").nth(i).input_value()) for i in range(4)]
+
+
+def test_page_draw_inside_a_box_run_read_ties_and_download(open_page, server, client, scene, tmp_path):
+    page, url = open_page(), server[0]
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    canvas_box, scale = load_scene_in_page(page, url, path)
+
+    # Box 1 on object 0, box 2 on object 2; box 3 drawn inside box 1 (draw mode), a click selects it (the
+    # smallest box under the pointer, not box 1) and Delete removes it.
     targets = [scene.objects[0].box, scene.objects[2].box]
     for b in targets:
         drag(page, canvas_box, scale, b[:2], b[2:])
-    drag(page, canvas_box, scale, (5, 5), (40, 30))
-    assert page.locator("#boxlist li").count() == 3
-    page.mouse.click(canvas_box["x"] + 20 * scale, canvas_box["y"] + 20 * scale)  # select box 3
+    x0, y0, x1, y1 = targets[0]
+    inner = (x0 + 0.3 * (x1 - x0), y0 + 0.3 * (y1 - y0), x0 + 0.6 * (x1 - x0), y0 + 0.6 * (y1 - y0))
+    drag(page, canvas_box, scale, inner[:2], inner[2:])
+    assert page.locator("#regions li").count() == 3
+    assert np.allclose(region_coords(page, 2), inner, atol=1.0)
+    page.mouse.click(canvas_box["x"] + (inner[0] + 2) * scale, canvas_box["y"] + (inner[1] + 2) * scale)
+    assert page.locator("#regions li.selected").get_attribute("data-box") == "2"
+    page.keyboard.press("Shift+ArrowRight")  # nudge by 10 px, then delete
+    assert region_coords(page, 2)[0] == pytest.approx(round(inner[0]) + 10, abs=1.0)
     page.keyboard.press("Delete")
-    assert page.locator("#boxlist li").count() == 2
-    drawn = [[float(v) for v in page.locator("#boxlist li .coords").nth(k).inner_text().split(",")] for k in range(2)]
+    assert page.locator("#regions li").count() == 2
+    drawn = [region_coords(page, k) for k in range(2)]
     for got, want in zip(drawn, targets):
         assert np.allclose(got, want, atol=1.0), (got, want)  # the boxes are in image pixels, not screen pixels
+    page.locator("#regions li[data-box='1'] input").nth(3).fill(str(targets[1][3]))  # typed coordinates
+    page.locator("#regions li[data-box='1'] input").nth(3).dispatch_event("change")
+    drawn[1][3] = targets[1][3]
 
     texts = [f"the {scene.objects[2].name}", f"the {scene.objects[0].name}"]
     page.fill("#texts", "\n".join(texts))
@@ -450,27 +491,73 @@ def test_page_in_a_browser_upload_draw_two_boxes_run_and_read_the_winner(page, s
     winners = [page.locator(f'#summary td[data-method="falip"][data-text="{j}"]') for j in range(2)]
     winners[1].wait_for(timeout=60_000)
     assert page.locator("#error").inner_text() == ""
-    assert winners[0].get_attribute("data-box") == "1" and winners[0].inner_text() == "box 2"
-    assert winners[1].get_attribute("data-box") == "0" and winners[1].inner_text() == "box 1"
+    assert winners[0].get_attribute("data-box") == "1" and winners[0].inner_text() == "region 2"
+    assert winners[1].get_attribute("data-box") == "0" and winners[1].inner_text() == "region 1"
+    assert "score = logit scale · cosine" in page.locator("#results").inner_text()
 
     # The page shows the API's numbers for the boxes it drew (row k, column j = box k, text j).
     api = score(client, path.read_bytes(), drawn, texts).json()
     cells = page.locator('table.scores[data-method="falip"] td')
     shown = np.array([float(cells.nth(i).inner_text()) for i in range(4)]).reshape(2, 2)
     np.testing.assert_allclose(shown, api["scores"], rtol=0, atol=0.0051)  # shown with 2 decimals
-    assert page.locator('#summary td[data-method="none"]').first.inner_text().endswith("(tie)")
+    none = page.locator('#summary td[data-method="none"]').first
+    assert none.inner_text() == "tie (1, 2)" and none.get_attribute("data-tie") == "true"
+    assert page.locator('table.scores[data-method="none"] td.best').count() == 0  # a tie has no "best" cell
+    assert page.locator('table.scores[data-method="none"] td.tied').count() == 4
     assert page.locator("#summary td.winner").count() == 2 * 5  # every default method ran
     page.wait_for_selector("#attention-img")  # attention maps of the winner, no box being selected
     assert page.locator("#attention-img").get_attribute("data-box") == "1"
 
+    with page.expect_download() as download:
+        page.click("#download-json")
+    saved = json.loads(Path(download.value.path()).read_text())
+    assert saved["results"]["falip"]["scores"] == page.evaluate("state.results.falip.scores")
+    with page.expect_download() as download:
+        page.click("#download-csv")
+    rows = Path(download.value.path()).read_text().splitlines()
+    assert rows[0] == "method,text,region,region_name,score,score_name,best,tie" and len(rows) == 1 + 5 * 2 * 2
+
     shot = os.environ.get("FALIP_SERVE_SCREENSHOT")
-    if shot:  # python -m pytest tests/test_serve.py -k browser with FALIP_SERVE_SCREENSHOT=docs/images/serve.png
+    if shot:  # FALIP_SERVE_SCREENSHOT=docs/images/serve.png python -m pytest tests/test_serve.py -k page
         page.screenshot(path=shot, full_page=True)
 
     # A bundled example brings its image, its boxes and one expression per object, and clears the old results.
     example = client.get("/api/health").json()["examples"][0]
     page.select_option("#example", example["name"])
-    page.wait_for_function(f"document.querySelectorAll('#boxlist li').length === {len(example['boxes'])}")
+    page.wait_for_function(f"document.querySelectorAll('#regions li').length === {len(example['boxes'])}")
     assert page.input_value("#texts").splitlines() == example["texts"]
     assert page.locator("#summary").count() == 0
-    assert errors == []
+    assert page.errors == [] and page.failed == []  # no script error, no 404 (the favicon is inline)
+
+
+def test_page_on_a_phone_touch_draws_a_box_inside_another_and_a_mask_is_a_region(open_page, server, scene, tmp_path):
+    page = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True, device_scale_factor=2)
+    path, mask = tmp_path / "scene.png", tmp_path / "spoon.png"
+    scene.image.save(path)
+    mask.write_bytes(mask_png(scene.image.size, scene.objects[1].box))
+    canvas_box, scale = load_scene_in_page(page, server[0], path)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling at phone width
+
+    outer = np.array(scene.objects[0].box, dtype=float)
+    drag(page, canvas_box, scale, outer[:2], outer[2:])  # (a mouse box first, to draw inside it by touch)
+    inner = outer[:2] + (outer[2:] - outer[:2]) * np.array([[0.25], [0.7]])
+    touch_drag(page, canvas_box, scale, inner[0], inner[1])
+    assert page.locator("#regions li").count() == 2
+    assert np.allclose(region_coords(page, 1), inner.flatten(), atol=1.5)
+
+    page.set_input_files("#masks", str(mask))
+    page.wait_for_function("document.querySelectorAll('#regions li').length === 3")
+    assert page.locator("#regions li[data-mask='0'] .mask-name").inner_text() == "spoon.png"
+    page.fill("#texts", f"the {scene.objects[1].name}")
+    for m in ("none", "crop", "blur", "circle"):
+        page.uncheck(f'#methods input[value="{m}"]')
+    page.click("#run")
+    page.locator('#summary td[data-method="falip"]').wait_for(timeout=60_000)
+    assert page.locator("#error").inner_text() == ""
+    assert page.locator('table.scores[data-method="falip"] tr').count() == 1 + 3  # box, box drawn by touch, mask
+    assert page.evaluate("state.results.falip.regions[2]") == "spoon.png"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot = os.environ.get("FALIP_SERVE_TOUCH_SCREENSHOT")
+    if shot:  # FALIP_SERVE_TOUCH_SCREENSHOT=docs/images/serve-touch.png python -m pytest tests/test_serve.py -k phone
+        page.screenshot(path=shot, full_page=True)
+    assert page.errors == [] and page.failed == []
