@@ -645,9 +645,9 @@ def test_uploads_are_decoded_as_falip_score_decodes_the_file(tmp_path, tiny_mode
         "/api/score", files={"image": (name, data)}, data=dict(boxes=json.dumps(boxes), texts=json.dumps(texts))
     )
     assert r.status_code == 200, r.text
-    want = score_with_method(tiny_model, tmp_path / name, texts, "falip", boxes=boxes)  # the file, read as the CLI reads it
+    want = score_with_method(tiny_model, tmp_path / name, boxes, texts)  # the file, read as the CLI reads it
     np.testing.assert_allclose(r.json()["scores"], want.numpy(), rtol=0, atol=1e-5)
-    clipped = score_with_method(tiny_model, Image.open(io.BytesIO(data)).convert("RGB"), texts, "falip", boxes=boxes)
+    clipped = score_with_method(tiny_model, Image.open(io.BytesIO(data)).convert("RGB"), boxes, texts)
     assert not np.allclose(clipped.numpy(), want.numpy(), atol=1e-3)  # the old decoding (clipping) differs
 
 

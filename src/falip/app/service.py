@@ -326,22 +326,12 @@ class ScoringService:
 
         Boxes and masks are scored by separate calls (a region's scores do not depend on the other regions),
         so each row is what ``falip score --box`` or ``--mask`` gives for that region."""
-        parts = []
+        parts, run = [], dict(method=method, config=config, mode=mode)
         with self.lock:
-            for regions in (dict(boxes=boxes), dict(masks=masks)):
-                if len(next(iter(regions.values()))):
-                    parts.append(
-                        score_with_method(
-                            self.model,
-                            image,
-                            regions.get("boxes"),
-                            texts,
-                            method=method,
-                            masks=regions.get("masks"),
-                            config=config,
-                            mode=mode,
-                        )
-                    )
+            if boxes:
+                parts.append(score_with_method(self.model, image, boxes, texts, **run))
+            if masks:
+                parts.append(score_with_method(self.model, image, None, texts, masks=masks, **run))
         scores = torch.cat(parts)
         names = [",".join(f"{v:g}" for v in b) for b in boxes] + list(mask_names)
         return dict(
