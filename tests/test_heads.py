@@ -98,18 +98,17 @@ def test_unleashing_a_block_touches_only_the_chosen_heads(model):
     torch.testing.assert_close(u.probs.sum(-1), torch.ones(2, 4, 50), atol=1e-5, rtol=0)
 
 
-def test_block_heads_refuses_a_block_layout_it_does_not_reproduce():
-    rt = wrap(tiny_clip(224, 32, layers=2)).runtime
-    blk = rt.blocks[0]
+def test_a_block_layout_falip_does_not_reproduce_is_refused_when_the_runtime_is_built():
+    clip = tiny_clip(224, 32, layers=2)
+    blk = clip.visual.transformer.resblocks[0]
     own = blk.attention
     blk.attention = lambda **kw: 2 * own(**kw)  # a block whose forward no longer matches its weights
-    x = torch.randn(1, 50, 128)
-    with pytest.raises(UnsupportedModelError, match="per-head evaluation"):
-        rt.block_heads(1, x, x)
+    with pytest.raises(UnsupportedModelError, match="block from its primitives"):
+        wrap(clip)
     blk.attention = own
-    rt.blocks[0].attn.add_zero_attn = True
+    blk.attn.add_zero_attn = True
     with pytest.raises(UnsupportedModelError, match="standard layout"):
-        rt.block_heads(1, x, x)
+        wrap(clip)
 
 
 # -- trace: the whole model head by head --------------------------------------------------------------

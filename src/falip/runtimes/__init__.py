@@ -6,14 +6,18 @@ and so must stay last:
 
 - ``hf.py`` (HF transformers CLIP / SigLIP / SigLIP2): claims ``hf:<hub id>`` and local directories
   holding a ``config.json``; register its ``ADAPTER`` above the open_clip line.
-- open_clip's timm towers (``open_clip_timm.py``) are not a separate adapter: the open_clip loader
-  picks the runtime class by the image tower's type; that module calls
+- open_clip's timm towers (``open_clip_timm.py``: ViT; ``open_clip_eva.py``: Eva) are not a separate adapter:
+  the open_clip loader picks the runtime class by the image tower's type; ``open_clip_timm`` calls
   ``open_clip_loading.register_visual_runtime("TimmModel", ...)`` when imported (below, with its class).
+
+Every runtime class is a :class:`~falip.runtimes.contract.BlockRuntime` over its model's primitives.
 """
 
 from . import hf, open_clip_loading
 from .base import BlockHeads, Trunk, VisionRuntime
+from .contract import BlockRuntime
 from .open_clip import OpenClipRuntime
+from .open_clip_eva import OpenClipEvaRuntime
 from .open_clip_timm import OpenClipTimmRuntime
 from .registry import ADAPTERS, Adapter, LoadedModel, list_models, load_runtime, register
 
@@ -24,7 +28,9 @@ __all__ = [
     "ADAPTERS",
     "Adapter",
     "BlockHeads",
+    "BlockRuntime",
     "LoadedModel",
+    "OpenClipEvaRuntime",
     "OpenClipRuntime",
     "OpenClipTimmRuntime",
     "Trunk",

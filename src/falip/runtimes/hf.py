@@ -24,19 +24,16 @@ resolution form, with no padding patches. (The fixed-resolution SigLIP2 checkpoi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TextUnavailableError, UnsupportedModelError
-from .attention import check_close, cls_biased_heads, head_terms, heads_mask, unleashed_heads
-from .base import TOKENIZER_PROBE, BlockHeads, Trunk, hash_tensor, protocol_info
+from ..errors import UnsupportedModelError
+from .contract import BlockRuntime
 from .open_clip import OPENAI_MEAN, OPENAI_STD
 from .registry import Adapter
 
@@ -58,7 +55,7 @@ def model_type_of(model: nn.Module) -> str:
     )
 
 
-class HFRuntime:
+class HFRuntime(BlockRuntime):
     """Runs the vision tower of a transformers CLIP / SigLIP / SigLIP2 model with attention biases.
 
     ``tokenizer``: the model's own tokenizer, or None with ``text_missing`` saying why (text calls
@@ -70,7 +67,7 @@ class HFRuntime:
         self,
         model: nn.Module,
         tokenizer=None,
-        text_missing: str = "no tokenizer was given",
+        text_missing: Optional[str] = None,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
     ):
@@ -101,28 +98,21 @@ class HFRuntime:
         self.num_heads = int(vcfg.num_attention_heads)
         self.width = int(vcfg.hidden_size)
         if self.kind == "clip":
-            self.num_prefix, self.pool, self.score_kind = 1, "cls", "softmax"
-            self.embed_dim = int(model.visual_projection.out_features)
+            self.num_prefix, self.pool = 1, "cls"
             default_mean, default_std = OPENAI_MEAN, OPENAI_STD
         else:
             if not getattr(self.vision, "use_head", False):
                 raise UnsupportedModelError(
                     f"this {type(model).__name__} has no attention-pooling head (vision_use_head=False): no image embedding to steer"
                 )
-            self.num_prefix, self.pool, self.score_kind = 0, "attention_pool", "sigmoid"
-            self.embed_dim = self.width
+            self.num_prefix, self.pool = 0, "attention_pool"
             default_mean, default_std = SIGLIP_MEAN, SIGLIP_STD
         self.mean = tuple(float(v) for v in (mean or default_mean))
         self.std = tuple(float(v) for v in (std or default_std))
         self.mean_std_source = "preprocessor_config.json" if mean else f"{self.kind} defaults (no preprocessor_config.json)"
-        self.tokenizer = tokenizer
-        self.text_missing = text_missing
         self.context_length = int(model.config.text_config.max_position_embeddings)
-        self._check_stem_head_seam()
-        self._check_query_seam()
-        if self.pool == "attention_pool":
-            self._check_probe_seam()
-        self._heads_checked = False
+        self._init_text(tokenizer, text_missing)
+        self._check_seams()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -132,18 +122,11 @@ class HFRuntime:
     def device(self) -> torch.device:
         return self.vision.embeddings.patch_embedding.weight.device
 
-    # -- image tower ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if pool_bias is not None and self.pool != "attention_pool":
-            raise ValueError(f"{self.family} pools its [CLS] token; pool_bias is for attention-pooled models")
-        pixels = pixels.to(device=self.device, dtype=self.dtype)
-        if trunk is None and pool_bias is None:
-            return self._own_features(pixels)
-        tokens = self._stem(pixels)
-        tokens = self._blocks(tokens) if trunk is None else trunk(tokens)
-        return self._head(tokens, pool_bias)
+    def _info_extra(self) -> dict:
+        impl = self.model.config._attn_implementation
+        return dict(model_class=type(self.model).__name__, attn_implementation=impl, context_length=self.context_length)
 
+    # -- image tower ----------------------------------------------------------------------------
     def _own_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The model's own ``get_image_features`` ``(B, E)`` of normalised pixels ``(B, 3, S, S)``."""
         if self.kind == "siglip2":
@@ -164,7 +147,6 @@ class HFRuntime:
         return patches, spatial
 
     def _stem(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, L, D)`` entering block 0."""
         emb = self.vision.embeddings
         if self.kind == "clip":
             return self.vision.pre_layrnorm(emb(pixels))
@@ -172,10 +154,8 @@ class HFRuntime:
             return emb(*self._patchify(pixels))
         return emb(pixels)
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, None)
-        return x
+    def _model_blocks(self):
+        return self.layers
 
     def _head(self, tokens: torch.Tensor, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Embeddings ``(B, E)`` of trunk outputs ``(B, L', D)``: the model's own pooling and projection."""
@@ -199,19 +179,18 @@ class HFRuntime:
         return x[:, 0]
 
     # -- blocks ---------------------------------------------------------------------------------
-    def _mask4(self, mask: Optional[torch.Tensor], B: int, Q: int, L: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """falip's additive mask as the layers' ``(B or 1, H or 1, Q, L)`` (see :func:`.attention.heads_mask`)."""
-        return heads_mask(mask, B, self.num_heads, Q, L, dtype, self.device)
-
-    def block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _own_block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         B, L, _ = x.shape
-        mask = self._mask4(attn_mask, B, L, L, x.dtype)
+        mask = self._mask(attn_mask, B, L, L, x.dtype)
         if mask is not None:
             mask = mask.expand(B, self.num_heads, L, L)
         return self.layers[index](x, mask)
 
-    def _qkv(self, attn: nn.Module, q_x: torch.Tensor, kv_x: torch.Tensor):
-        """Per-head queries ``(B, H, Q, dh)``, keys and values ``(B, H, L, dh)``."""
+    def _qkv(self, index: int, query: torch.Tensor, context: Optional[torch.Tensor], query_at: Optional[int]):
+        layer = self.layers[index]
+        attn = layer.self_attn
+        q_x = layer.layer_norm1(query)
+        kv_x = q_x if context is None else layer.layer_norm1(context)
         B, Q, _ = q_x.shape
         L, H = kv_x.shape[1], self.num_heads
         q = attn.q_proj(q_x).view(B, Q, H, -1).transpose(1, 2)
@@ -219,181 +198,53 @@ class HFRuntime:
         v = attn.v_proj(kv_x).view(B, L, H, -1).transpose(1, 2)
         return q, k, v
 
-    def _merge(self, attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
-        """Attention output ``(B, Q, D)`` of per-head outputs ``(B, H, Q, dh)``."""
+    def _scale(self, index: int) -> float:
+        return self.layers[index].self_attn.scale
+
+    def _out_linear(self, index: int):
+        out = self.layers[index].self_attn.out_proj
+        return out.weight, out.bias
+
+    def _attn_out(self, index: int, heads: torch.Tensor) -> torch.Tensor:
         B, H, Q, dh = heads.shape
-        return attn.out_proj(heads.transpose(1, 2).reshape(B, Q, H * dh))
+        return self.layers[index].self_attn.out_proj(heads.transpose(1, 2).reshape(B, Q, H * dh))
 
-    def block_query(
-        self, index: int, query: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        layer = self.layers[index]
-        attn = layer.self_attn
-        q, k, v = self._qkv(attn, layer.layer_norm1(query), layer.layer_norm1(context))
-        mask = self._mask4(attn_mask, query.shape[0], query.shape[1], context.shape[1], q.dtype)
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
-        return self.block_tail(index, query, self._merge(attn, heads))
-
-    def block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
-        if self.num_prefix == 0:
-            raise ValueError(f"{self.family} has no class token: there is no [CLS] row to bias")
-        if not self._heads_checked:
-            self._check_heads_seam()
-        return self._block_cls_biased(index, x, cls_mask)
-
-    def _block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[index]
-        attn = layer.self_attn
-        h = layer.layer_norm1(x)
-        q, k, v = self._qkv(attn, h, h)
-        return self.block_tail(index, x, self._merge(attn, cls_biased_heads(q, k, v, cls_mask, scale=attn.scale)))
-
-    def block_heads(
-        self,
-        index: int,
-        query: torch.Tensor,
-        context: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
-        *,
-        base_mask: Optional[torch.Tensor] = None,
-        gain: Optional[torch.Tensor] = None,
-        keep_terms: bool = False,
-    ) -> BlockHeads:
-        if not self._heads_checked:
-            self._check_heads_seam()
-        return self._block_heads(index, query, context, attn_mask, base_mask, gain, keep_terms)
-
-    def _block_heads(self, index, query, context, attn_mask, base_mask, gain, keep_terms) -> BlockHeads:
-        layer = self.layers[index]
-        attn = layer.self_attn
-        q, k, v = self._qkv(attn, layer.layer_norm1(query), layer.layer_norm1(context))
-        heads, probs = unleashed_heads(q, k, v, attn.scale, attn_mask, base_mask, gain)  # (B, H, Q, dh), (B, H, Q, Lk)
-        out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
-        if out_b is None:
-            out_b = out_w.new_zeros(query.shape[2])
-        attended = self._merge(attn, heads)
-        terms = head_terms(heads, out_w) if keep_terms else None
-        return BlockHeads(out=self.block_tail(index, query, attended), probs=probs, terms=terms, out_bias=out_b)
-
-    def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def _tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
         x = query + attended
         return x + layer.mlp(layer.layer_norm2(x))
 
     # -- text tower and score -------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        if self.tokenizer is None:
-            raise TextUnavailableError(f"{self.family} model has no tokenizer: {self.text_missing}")
+    def _tokenize(self, texts: Sequence[str]) -> dict:
         # Padded to the model's full context: SigLIP pools the last position and was trained that way;
         # CLIP's causal text tower ignores what follows its end-of-text token.
         tokens = self.tokenizer(
             list(texts), padding="max_length", max_length=self.context_length, truncation=True, return_tensors="pt"
         )
-        inputs = {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask") if k in tokens}
-        return self.model.get_text_features(**inputs).pooler_output
+        return {k: tokens[k] for k in ("input_ids", "attention_mask") if k in tokens}
 
-    def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        scale = self.model.logit_scale.detach().float().exp().cpu()
-        out = scale * (image.float().cpu() @ text.float().cpu().T)
-        if self.kind != "clip":
-            out = out + self.model.logit_bias.detach().float().cpu()
-        return out
+    def _encode_tokens(self, tokens: dict) -> torch.Tensor:
+        return self.model.get_text_features(**tokens).pooler_output
 
-    def digest(self, part: str = "all") -> str:
-        """Hex sha256 of the model's tensors. ``"all"``: every state-dict entry (name, dtype, shape, values).
-        ``"text"``: the text tower and text projection, the model's dtype and the tokenizer (its class, context
-        length and the ids of fixed probe strings)."""
-        if part not in ("all", "text"):
-            raise ValueError(f"digest part must be 'all' or 'text', got {part!r}")
-        h = hashlib.sha256()
-        for name, tensor in self.model.state_dict().items():
-            if part == "text" and not name.startswith(("text_model.", "text_projection.")):
-                continue
-            hash_tensor(h, name, tensor)
-        if part == "text":
-            h.update(
-                f"{self.dtype}|{type(self.tokenizer).__module__}.{type(self.tokenizer).__qualname__}|{self.context_length}".encode()
-            )
-            if self.tokenizer is not None:
-                ids = self.tokenizer(list(TOKENIZER_PROBE), padding="max_length", max_length=self.context_length, truncation=True)
-                h.update(json.dumps(ids["input_ids"]).encode())
-        return h.hexdigest()
+    def _logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
 
-    def info(self) -> dict:
-        return dict(
-            **protocol_info(self),
-            model_class=type(self.model).__name__,
-            attn_implementation=self.model.config._attn_implementation,
-            mean=list(self.mean),
-            std=list(self.std),
-            mean_std_source=self.mean_std_source,
-            logit_bias=self.kind != "clip",
-            text=self.tokenizer is not None,
-            **({} if self.tokenizer is not None else {"text_missing": self.text_missing}),
-            context_length=self.context_length,
-        )
+    def _logit_bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.model, "logit_bias", None) if self.kind != "clip" else None
 
-    # -- seam checks ----------------------------------------------------------------------------
-    def _random(self, *shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return (scale * torch.randn(*shape, generator=gen)).to(self.device, self.dtype)
+    def _state(self) -> dict:
+        return self.model.state_dict()
 
-    @property
-    def _tokens(self) -> int:
-        return self.num_prefix + self.grid[0] * self.grid[1]
+    def _is_text_tensor(self, name: str) -> bool:
+        return name.startswith(("text_model.", "text_projection."))
 
-    @torch.no_grad()
-    def _check_stem_head_seam(self) -> None:
-        """stem → layers → :meth:`_head` == the model's own ``get_image_features``."""
-        pixels = self._random(1, 3, self.image_size, self.image_size, seed=2)
-        self._check_close(
-            "stem/pooling/projection seams", self._head(self._blocks(self._stem(pixels))), self._own_features(pixels)
-        )
-
-    @torch.no_grad()
-    def _check_query_seam(self) -> None:
-        """block_query == block()[:, :2] with a random per-head mask (the layer's own forward, through its attention interface)."""
-        L = self._tokens
-        x = self._random(2, L, self.width, seed=0)
-        mask = self._random(2 * self.num_heads, L, L, seed=3, scale=0.5)
-        full = self.block(0, x, mask)
-        query = self.block_query(0, x[:, :2], x, mask[:, :2])
-        self._check_close("query evaluation (block_query)", query, full[:, :2])
-
-    @torch.no_grad()
-    def _check_probe_seam(self) -> None:
-        """The probe with a zero ``pool_bias`` == the head's own forward."""
-        tokens = self._random(2, self._tokens, self.width, seed=4)
-        zero = torch.zeros(2, self._tokens)
-        self._check_close("attention-probe evaluation", self._probe(tokens, zero), self.vision.head(tokens))
-
-    @torch.no_grad()
-    def _check_heads_seam(self) -> None:
-        """block_heads == block(), its per-head terms sum to the layer's own attention output, and (with a class
-        token) block_cls_biased == block() with a mask on row 0 only."""
-        L, H = self._tokens, self.num_heads
-        x = self._random(2, L, self.width, seed=1)
-        mask = self._random(2 * H, L, L, seed=5, scale=0.5)
-        heads = self._block_heads(0, x, x, mask, None, None, True)
-        layer = self.layers[0]
-        attended, _ = layer.self_attn(layer.layer_norm1(x), attention_mask=mask.view(2, H, L, L))
-        self._check_close("per-head evaluation (block output)", heads.out, self.block(0, x, mask))
-        self._check_close("per-head evaluation (attention output)", heads.terms.sum(2) + heads.out_bias, attended)
-        if self.num_prefix:
-            row0 = torch.zeros_like(mask).view(2, H, L, L)
-            row0[:, :, :1] = mask.view(2, H, L, L)[:, :, :1]
-            self._check_close(
-                "[CLS]-biased evaluation", self._block_cls_biased(0, x, row0[:, :, :1]), self.block(0, x, row0.view(-1, L, L))
-            )
-        self._heads_checked = True
-
-    def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-        """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the model's own."""
+    def _subject(self) -> str:
         import transformers
 
-        subject = f"transformers {transformers.__version__}'s {type(self.model).__name__}"
-        check_close(what, ours, theirs, self.dtype, subject, "transformers 5.x")
+        return f"transformers {transformers.__version__}'s {type(self.model).__name__}"
+
+    def _tested(self) -> str:
+        return "transformers 5.x"
 
 
 def read_preprocessor_stats(directory: Path) -> tuple[Optional[list], Optional[list]]:

@@ -1,25 +1,17 @@
-"""open_clip models whose image tower is a timm ``VisionTransformer`` (open_clip's ``TimmModel``).
+"""open_clip models whose image tower is a timm model (open_clip's ``TimmModel``): ``VisionTransformer`` and ``Eva``.
 
-SigLIP and SigLIP2 (``ViT-B-16-SigLIP``, ``ViT-SO400M-14-SigLIP2`` …, a MAP attention probe, no
-class token) and [CLS]-pooled timm ViTs (e.g. MobileCLIP2-L-14's ``vit_large_patch14_clip_224``, also
-with register tokens). Tested with timm 1.0.x and open_clip_torch 3.x. It relies only on these seams:
+- timm ``VisionTransformer`` (:class:`OpenClipTimmRuntime`): SigLIP and SigLIP2 (``ViT-B-16-SigLIP``,
+  ``ViT-SO400M-14-SigLIP2`` …, a MAP attention probe, no class token) and [CLS]-pooled timm ViTs (e.g.
+  MobileCLIP2-L-14's ``vit_large_patch14_clip_224``, also with register tokens);
+- timm ``Eva`` (:class:`falip.runtimes.open_clip_eva.OpenClipEvaRuntime`): EVA01/EVA02-CLIP and PE-Core.
 
-- ``TimmModel.forward`` = ``trunk.forward_features`` (``patch_embed`` → ``_pos_embed`` →
-  ``patch_drop`` → ``norm_pre`` → ``blocks`` → ``norm``) → ``trunk.forward_head`` (``pool`` →
-  ``fc_norm`` → ``head_drop`` → ``head``) → ``TimmModel.head`` (open_clip's projection). A biased call
-  runs the stem, our trunk and the head through these seams; the model is never modified;
-- ``trunk.blocks[i](x, attn_mask=...)``: timm's ``Block`` hands the mask to its ``Attention``, which adds
-  it to the logits (``scaled_dot_product_attention`` layout ``(B, H, Q, L)``);
-- the block's ``norm1``, ``attn.qkv`` (rows: q, k, v), ``attn.q_norm``/``k_norm``, ``attn.proj``, ``ls1``,
-  ``norm2``, ``mlp``, ``ls2`` for evaluating a block at some queries only, head by head, or with a bias on
-  query 0 alone;
-- the probe ``trunk.attn_pool(x, attn_mask=...)`` (timm's ``AttentionPoolLatent``), which adds the mask
-  to its attention logits: that is where ``pool_bias`` goes.
-
-Every seam is checked numerically against the model's own forward when the adapter is built, so a
-timm release that changes them fails loudly instead of giving wrong embeddings. timm's ``Eva`` towers
-(EVA02, PE-Core) and rel-pos ViTs are refused: their attention adds rotary / relative-position terms
-that these seams do not evaluate.
+Primitives (each checked against the model's own forward when the adapter is built, see
+:mod:`falip.runtimes.contract`): ``TimmModel.forward`` = the trunk's stem (``patch_embed`` → ``_pos_embed`` →
+``norm_pre``) → ``blocks`` → ``norm`` → ``forward_head`` (pool → ``fc_norm`` → ``head``) → ``TimmModel.head``
+(open_clip's projection); ``blocks[i](x, attn_mask=...)``, whose mask timm's attention adds to its logits; the
+block's ``norm1``, ``attn.qkv`` (rows: q, k, v), ``attn.q_norm``/``k_norm``, ``attn.norm``, ``attn.proj``,
+``ls1``, ``norm2``, ``mlp``, ``ls2``; the probe ``trunk.attn_pool(x, attn_mask=...)`` (``AttentionPoolLatent``),
+which adds the mask to its attention logits: that is where ``pool_bias`` goes.
 """
 
 from __future__ import annotations
@@ -32,25 +24,140 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .attention import check_close, cls_biased_heads, head_terms, heads_mask, unleashed_heads
-from .base import BlockHeads, Trunk
-from .open_clip import OPENAI_MEAN, OPENAI_STD, OpenClipModelParts
+from .open_clip import OpenClipModelParts
 from .open_clip_loading import register_visual_runtime
 
-
-def _tail(blk: nn.Module, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The rest of a timm pre-norm ``Block`` after attention (drop-path is the identity in eval)."""
-    x = query + blk.ls1(attended)
-    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+TIMM_RANGE = "timm 1.0.17 to 1.0.31"  # the range falip is tested with; pyproject.toml declares it
 
 
-class OpenClipTimmRuntime(OpenClipModelParts):
-    """An open_clip model whose image tower is a ``TimmModel`` wrapping a timm ``VisionTransformer``.
+def timm_layout(obj: object, names: Sequence[str], what: str) -> None:
+    """UnsupportedModelError naming the timm range unless ``obj`` has every attribute in ``names``."""
+    missing = [n for n in names if not hasattr(obj, n)]
+    if missing:
+        import timm
 
-    ``pool`` is ``"attention_pool"`` for a MAP probe (SigLIP) and ``"cls"`` for class-token pooling;
-    other poolings (average, max, none) are refused: FALIP needs a query that pools to bias.
-    ``num_prefix`` = class token + register tokens. tokenizer / text_missing: as :class:`OpenClipRuntime`.
+        raise UnsupportedModelError(
+            f"{what} of timm {timm.__version__} has no {', '.join(missing)}: an attention layout falip does not know; "
+            f"falip runs {TIMM_RANGE}"
+        )
+
+
+class TimmTower(OpenClipModelParts):
+    """What every timm tower shares: geometry, normalisation, the trunk's stem, final norm, pooling and the probe.
+
+    ``pool`` is ``"attention_pool"`` for a MAP probe and ``"cls"`` for class-token pooling; other poolings (average,
+    max, none) are refused: FALIP needs a query that pools to bias. ``num_prefix`` = class token + register tokens.
+    tokenizer / text_missing: as :class:`~falip.runtimes.open_clip.OpenClipRuntime`.
     """
+
+    def __init__(self, clip: nn.Module, mean, std, tokenizer, text_missing, block_types: tuple, attn_types: tuple):
+        from timm.layers import AttentionPoolLatent
+
+        visual = clip.visual
+        trunk = visual.trunk
+        for i, blk in enumerate(trunk.blocks):
+            attn = getattr(blk, "attn", None)
+            if type(blk) not in block_types or type(attn) not in attn_types:
+                raise UnsupportedModelError(
+                    f"timm block {i} is a {type(blk).__name__} with {type(attn).__name__}; falip runs "
+                    f"{' / '.join(t.__name__ for t in block_types)} with {' / '.join(t.__name__ for t in attn_types)}"
+                )
+            timm_layout(attn, ("num_heads", "proj", "q_norm", "k_norm"), f"block {i}'s {type(attn).__name__}")
+            if getattr(attn, "gate", None) is not None:
+                raise UnsupportedModelError(f"timm block {i}'s attention has a gate on its output; falip does not support it")
+            norm = getattr(attn, "norm", None)
+            if norm is not None and not isinstance(norm, (nn.Identity, nn.LayerNorm)):
+                raise UnsupportedModelError(f"timm block {i}'s attention output is normalised by {type(norm).__name__}")
+        if "pool" in dict(visual.head.named_children()):
+            raise UnsupportedModelError("open_clip's abs_attn/rot_attn pooling heads are for CNN features, not supported")
+        if getattr(trunk, "attn_pool", None) is not None:
+            if type(trunk.attn_pool) is not AttentionPoolLatent:
+                raise UnsupportedModelError(
+                    f"this timm tower pools with {type(trunk.attn_pool).__name__}; of the attention pools falip biases "
+                    "only the latent-query MAP probe (AttentionPoolLatent)"
+                )
+            self.pool = "attention_pool"
+        elif trunk.global_pool == "token":
+            self.pool = "cls"
+        else:
+            raise UnsupportedModelError(
+                f"this timm tower pools its tokens with global_pool={trunk.global_pool!r}; FALIP biases the query that "
+                "pools (a class token or an attention probe), and an average/max pool has none"
+            )
+        clip.eval()
+        self.clip, self.visual, self.trunk, self.blocks = clip, visual, trunk, trunk.blocks
+        embed = trunk.patch_embed
+        (h, w), (ph, pw) = tuple(embed.img_size), tuple(embed.patch_size)
+        if h != w or ph != pw:
+            raise UnsupportedModelError(f"only square inputs and patches are supported, got {(h, w)}/{(ph, pw)}")
+        self.image_size, self.patch_size = int(h), int(ph)
+        self.grid = tuple(int(g) for g in embed.grid_size)
+        self.num_prefix = int(trunk.num_prefix_tokens)
+        self.num_layers = len(self.blocks)
+        self.num_heads = int(self.blocks[0].attn.num_heads)
+        self.width = int(trunk.embed_dim)
+        # The probe pools every token unless the trunk says it skips the prefix (timm ViT's pool_include_prefix).
+        self.probe_skips_prefix = self.pool == "attention_pool" and not getattr(trunk, "pool_include_prefix", True)
+        self._normalisation(mean, std, getattr(trunk, "pretrained_cfg", None), "the timm tower's own (pretrained_cfg)")
+        self._init_text(tokenizer, text_missing)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.trunk.patch_embed.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.trunk.patch_embed.proj.weight.device
+
+    def _own_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+    def _model_blocks(self):
+        return self.blocks
+
+    def _head(self, tokens: torch.Tensor, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings ``(B, E)`` of trunk outputs ``(B, L', D)``: timm's final norm and pooling (the probe with
+        ``pool_bias (B, L)`` on its attention logits), timm's head, then open_clip's projection."""
+        t = self.trunk
+        x = t.norm(tokens)
+        if pool_bias is None:
+            return self.visual.head(t.forward_head(x))
+        mask = self._probe_mask(pool_bias, x.shape[0], x.shape[1]).to(device=x.device, dtype=x.dtype)
+        pooled = t.attn_pool(x[:, self.num_prefix :] if self.probe_skips_prefix else x, attn_mask=mask)
+        return self.visual.head(t.head(t.head_drop(t.fc_norm(pooled))))
+
+    def _probe_mask(self, pool_bias: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        """The probe's additive mask ``(B, 1, 1, L or L − num_prefix)`` (every probe head and latent) from ``(B, L)``."""
+        if pool_bias.dim() != 2 or tuple(pool_bias.shape) != (B, L):
+            raise ValueError(f"pool_bias must be (B, L) = ({B}, {L}) for these tokens, got {tuple(pool_bias.shape)}")
+        if self.probe_skips_prefix and self.num_prefix:
+            if bool(pool_bias[:, : self.num_prefix].ne(0).any()):
+                raise ValueError(
+                    f"pool_bias puts a bias on the {self.num_prefix} prefix token(s), which this model's probe does not attend to"
+                )
+            pool_bias = pool_bias[:, self.num_prefix :]
+        return pool_bias[:, None, None, :]
+
+    def _inner_norm(self, index: int) -> Optional[nn.LayerNorm]:
+        norm = self.blocks[index].attn.norm
+        return None if isinstance(norm, nn.Identity) else norm
+
+    def _out_linear(self, index: int):
+        proj = self.blocks[index].attn.proj
+        return proj.weight, proj.bias
+
+    def _attn_out(self, index: int, heads: torch.Tensor) -> torch.Tensor:
+        B, H, Q, dh = heads.shape
+        attn = self.blocks[index].attn
+        return attn.proj(attn.norm(heads.transpose(1, 2).reshape(B, Q, H * dh)))
+
+    def _scale(self, index: int) -> float:
+        attn = self.blocks[index].attn
+        return float(getattr(attn, "scale", None) or attn.head_dim**-0.5)
+
+
+class OpenClipTimmRuntime(TimmTower):
+    """An open_clip model whose image tower is a ``TimmModel`` wrapping a timm ``VisionTransformer``."""
 
     family = "open_clip-timm"
 
@@ -63,138 +170,37 @@ class OpenClipTimmRuntime(OpenClipModelParts):
         text_missing: Optional[str] = None,
     ):
         from open_clip.timm_model import TimmModel
-        from timm.layers import Attention, AttentionPoolLatent
+        from timm.layers import Attention
         from timm.models.vision_transformer import Block, VisionTransformer
 
         visual = getattr(clip, "visual", None)
         if not isinstance(visual, TimmModel):
             raise UnsupportedModelError(f"OpenClipTimmRuntime runs open_clip TimmModel towers, got {type(visual).__name__}")
-        trunk = visual.trunk
-        if type(trunk) is not VisionTransformer:
+        if type(visual.trunk) is not VisionTransformer:
             raise UnsupportedModelError(
-                f"this open_clip model's timm tower is {type(trunk).__name__}; falip runs timm VisionTransformer towers "
-                "only (EVA02 / PE-Core `Eva` towers and rel-pos ViTs add rotary or relative-position terms inside "
-                "attention that falip does not evaluate; see the README's 'Supported models')"
+                f"this open_clip model's timm tower is {type(visual.trunk).__name__}; OpenClipTimmRuntime runs timm "
+                "VisionTransformer towers (Eva towers: OpenClipEvaRuntime; rel-pos ViTs add relative-position terms inside "
+                "attention that falip does not evaluate; see docs/models.md)"
             )
-        for i, blk in enumerate(trunk.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise UnsupportedModelError(
-                    f"timm block {i} is a {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
-                    "only timm's pre-norm Block with its standard Attention is supported"
-                )
-            if not isinstance(blk.attn.norm, nn.Identity) or blk.attn.gate is not None:
-                raise UnsupportedModelError(
-                    f"timm block {i}'s attention has a scale-norm or a gate on its output; falip does not support them"
-                )
-        if "pool" in dict(visual.head.named_children()):
-            raise UnsupportedModelError("open_clip's abs_attn/rot_attn pooling heads are for CNN features, not supported")
-        if trunk.attn_pool is not None:
-            if type(trunk.attn_pool) is not AttentionPoolLatent:
-                raise UnsupportedModelError(
-                    f"this timm ViT pools with {type(trunk.attn_pool).__name__}; of the attention pools falip biases "
-                    "only the latent-query MAP probe (AttentionPoolLatent)"
-                )
-            self.pool = "attention_pool"
-        elif trunk.global_pool == "token":
-            self.pool = "cls"
-        else:
-            raise UnsupportedModelError(
-                f"this timm ViT pools its tokens with global_pool={trunk.global_pool!r}; FALIP biases the query that "
-                "pools (a class token or an attention probe), and an average/max pool has none"
-            )
-        clip.eval()
-        self.clip = clip
-        self.visual = visual
-        self.trunk = trunk
-        self.blocks = trunk.blocks
-        embed = trunk.patch_embed
-        (h, w), (ph, pw) = tuple(embed.img_size), tuple(embed.patch_size)
-        if h != w or ph != pw:
-            raise UnsupportedModelError(f"only square inputs and patches are supported, got {(h, w)}/{(ph, pw)}")
-        self.image_size = int(h)
-        self.patch_size = int(ph)
-        self.grid = tuple(int(g) for g in embed.grid_size)
-        self.num_prefix = int(trunk.num_prefix_tokens)
-        self.num_layers = len(self.blocks)
-        self.num_heads = int(self.blocks[0].attn.num_heads)
-        self.width = int(trunk.embed_dim)
-        # The weights' normalisation when open_clip knows it (a pretrained tag), else the timm tower's own.
-        own = getattr(trunk, "pretrained_cfg", None) or {}
-        self.mean = tuple(mean or own.get("mean") or OPENAI_MEAN)
-        self.std = tuple(std or own.get("std") or OPENAI_STD)
-        # open_clip gives a model a logit bias when it is trained with the sigmoid loss (SigLIP).
-        self.score_kind = "sigmoid" if getattr(clip, "logit_bias", None) is not None else "softmax"
-        if tokenizer is None and text_missing is None:
-            raise ValueError("give the model's tokenizer, or text_missing saying why there is none")
-        self.tokenizer = tokenizer
-        self.text_missing = text_missing
-        self.embed_dim = self._check_stem_head_seam()
-        self._check_block_seams()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.trunk.patch_embed.proj.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.trunk.patch_embed.proj.weight.device
-
-    # -- image tower ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if pool_bias is not None and self.pool != "attention_pool":
-            raise ValueError("pool_bias is for attention-pooled models; this timm ViT pools its class token")
-        pixels = pixels.to(device=self.device, dtype=self.dtype)
-        if trunk is None and pool_bias is None:
-            return self.visual(pixels)
-        x = self._stem(pixels)
-        return self._head(trunk(x) if trunk is not None else self.blocks(x), pool_bias)
+        for i, blk in enumerate(visual.trunk.blocks):
+            timm_layout(getattr(blk, "attn", None), ("qkv",), f"block {i}'s attention")
+        super().__init__(clip, mean, std, tokenizer, text_missing, (Block,), (Attention,))
+        self._check_seams()
 
     def _stem(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, L, D)`` entering the blocks: timm's patch embedding, prefix tokens and positions."""
         t = self.trunk
         return t.norm_pre(t.patch_drop(t._pos_embed(t.patch_embed(pixels))))
 
-    def _head(self, tokens: torch.Tensor, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Embeddings ``(B, E)`` of trunk outputs ``(B, L', D)``: timm's final norm and pooling (the probe with
-        ``pool_bias (B, L)`` on its attention logits), timm's head, then open_clip's projection."""
-        t = self.trunk
-        x = t.norm(tokens)
-        if self.pool == "attention_pool":
-            mask = None
-            if pool_bias is not None:
-                mask = self._probe_mask(pool_bias, x.shape[0], x.shape[1]).to(device=x.device, dtype=x.dtype)
-            if not t.pool_include_prefix:
-                x = x[:, self.num_prefix :]
-            pooled = t.attn_pool(x, attn_mask=mask)
-        else:
-            pooled = t.pool(x)
-        return self.visual.head(t.head(t.head_drop(t.fc_norm(pooled))))
+    def _own_block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, L, _ = x.shape
+        return self.blocks[index](x, attn_mask=self._mask(attn_mask, B, L, L, x.dtype))
 
-    def _probe_mask(self, pool_bias: torch.Tensor, B: int, L: int) -> torch.Tensor:
-        """The probe's additive mask ``(B, 1, 1, L or L − num_prefix)`` (every probe head and latent) from ``(B, L)``."""
-        if pool_bias.dim() != 2 or tuple(pool_bias.shape) != (B, L):
-            raise ValueError(f"pool_bias must be (B, L) = ({B}, {L}) for these tokens, got {tuple(pool_bias.shape)}")
-        if not self.trunk.pool_include_prefix and self.num_prefix:
-            if bool(pool_bias[:, : self.num_prefix].ne(0).any()):
-                raise ValueError(
-                    f"pool_bias puts a bias on the {self.num_prefix} prefix token(s), which this model's probe does not attend to"
-                )
-            pool_bias = pool_bias[:, self.num_prefix :]
-        return pool_bias[:, None, None, :]
-
-    # -- blocks ---------------------------------------------------------------------------------
-    def _mask(self, mask: Optional[torch.Tensor], B: int, Q: int, Lk: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """falip's additive mask as timm's ``(B or 1, H or 1, Q, Lk)`` (see :func:`.attention.heads_mask`)."""
-        return heads_mask(mask, B, self.num_heads, Q, Lk, dtype, self.device)
-
-    def _qkv(self, blk: nn.Module, query: torch.Tensor, context: Optional[torch.Tensor]):
-        """Heads ``q (B, H, Q, dh)``, ``k, v (B, H, Lk, dh)`` of block inputs (before ``norm1``); ``context`` None:
-        the queries are the whole sequence (one packed projection, as timm's own ``Attention``)."""
+    def _qkv(self, index: int, query: torch.Tensor, context: Optional[torch.Tensor], query_at: Optional[int]):
+        blk = self.blocks[index]
         attn = blk.attn
         H, dh = attn.num_heads, attn.head_dim
         B, Q, _ = query.shape
-        if context is None:
+        if context is None:  # one packed projection, as timm's own Attention
             q, k, v = attn.qkv(blk.norm1(query)).view(B, Q, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             A, w, b = H * dh, attn.qkv.weight, attn.qkv.bias
@@ -204,87 +210,21 @@ class OpenClipTimmRuntime(OpenClipModelParts):
             q = F.linear(blk.norm1(query), w[:A], None if b is None else b[:A]).view(B, Q, H, dh).transpose(1, 2)
         return attn.q_norm(q), attn.k_norm(k), v
 
-    def _merge(self, blk: nn.Module, query: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """Block output ``(B, Q, D)`` from the heads' attention outputs ``(B, H, Q, dh)``."""
-        B, _, Q, _ = heads.shape
-        return _tail(blk, query, blk.attn.proj(heads.transpose(1, 2).reshape(B, Q, -1)))
-
-    def block(self, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, L, _ = x.shape
-        return self.blocks[index](x, attn_mask=self._mask(attn_mask, B, L, L, x.dtype))
-
-    def block_query(
-        self, index: int, query: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        blk = self.blocks[index]
-        q, k, v = self._qkv(blk, query, context)
-        mask = self._mask(attn_mask, query.shape[0], query.shape[1], context.shape[1], q.dtype)
-        return self._merge(blk, query, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=blk.attn.scale))
-
-    def block_cls_biased(self, index: int, x: torch.Tensor, cls_mask: torch.Tensor) -> torch.Tensor:
-        blk = self.blocks[index]
-        q, k, v = self._qkv(blk, x, None)
-        return self._merge(blk, x, cls_biased_heads(q, k, v, cls_mask, scale=blk.attn.scale))
-
-    def block_heads(
-        self,
-        index: int,
-        query: torch.Tensor,
-        context: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
-        *,
-        base_mask: Optional[torch.Tensor] = None,
-        gain: Optional[torch.Tensor] = None,
-        keep_terms: bool = False,
-    ) -> BlockHeads:
-        blk = self.blocks[index]
-        q, k, v = self._qkv(blk, query, context)
-        heads, probs = unleashed_heads(q, k, v, blk.attn.scale, attn_mask, base_mask, gain)  # (B, H, Q, dh), (B, H, Q, Lk)
-        proj = blk.attn.proj
-        out_b = proj.bias if proj.bias is not None else proj.weight.new_zeros(query.shape[2])
-        terms = head_terms(heads, proj.weight) if keep_terms else None
-        return BlockHeads(out=self._merge(blk, query, heads), probs=probs, terms=terms, out_bias=out_b)
-
-    def block_tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        return _tail(self.blocks[index], query, attended)
-
-    # -- seam checks ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _check_stem_head_seam(self) -> int:
-        """Verify stem → blocks → :meth:`_head` (with a zero ``pool_bias`` on a probe) == ``visual.forward``;
-        returns the embedding width E."""
-        gen = torch.Generator().manual_seed(2)
-        pixels = torch.randn(1, 3, self.image_size, self.image_size, generator=gen).to(self.device, self.dtype)
-        theirs = self.visual(pixels)
-        tokens = self._stem(pixels)
-        for i in range(self.num_layers):
-            tokens = self.block(i, tokens)
-        zero = torch.zeros(1, tokens.shape[1]) if self.pool == "attention_pool" else None
-        self._check_close("stem/blocks/pool/projection seams", self._head(tokens, zero), theirs)
-        return int(theirs.shape[-1])
-
-    @torch.no_grad()
-    def _check_block_seams(self) -> None:
-        """Verify block_query, block_heads (and its per-head terms) and block_cls_biased against the block's own
-        forward with a random additive mask (guards timm layout changes)."""
-        L, H = self.num_prefix + self.grid[0] * self.grid[1], self.num_heads
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, L, self.width, generator=gen).to(self.device, self.dtype)
-        mask = (0.5 * torch.randn(2 * H, L, L, generator=gen)).to(self.device, self.dtype)
-        full = self.block(0, x, mask)
-        self._check_close("query evaluation", self.block_query(0, x[:, :3], x, mask[:, :3]), full[:, :3])
-        heads = self.block_heads(0, x, x, mask, keep_terms=True)
-        self._check_close("per-head evaluation (block output)", heads.out, full)
-        self._check_close("per-head terms", self.block_tail(0, x, heads.terms.sum(2) + heads.out_bias), full)
-        row0 = torch.zeros_like(mask).view(2, H, L, L)
-        row0[:, :, :1] = mask.view(2, H, L, L)[:, :, :1]
-        self._check_close(
-            "query-0-biased evaluation", self.block_cls_biased(0, x, row0[:, :, :1]), self.block(0, x, row0.view(-1, L, L))
-        )
-
-    def _check_close(self, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-        """Raise UnsupportedModelError when falip's evaluation ``what`` disagrees with the model's own."""
-        check_close(what, ours, theirs, self.dtype, "this timm/open_clip version's ViT", "timm 1.0.x and open_clip_torch 3.x")
+    def _tail(self, index: int, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[index]  # drop-path is the identity in eval
+        x = query + blk.ls1(attended)
+        return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
 
-register_visual_runtime("TimmModel", OpenClipTimmRuntime)
+def timm_runtime(clip: nn.Module, **kwargs):
+    """The runtime of an open_clip ``TimmModel`` tower: by its trunk's type (``Eva`` or ``VisionTransformer``)."""
+    from timm.models.eva import Eva
+
+    if isinstance(getattr(clip.visual, "trunk", None), Eva):
+        from .open_clip_eva import OpenClipEvaRuntime
+
+        return OpenClipEvaRuntime(clip, **kwargs)
+    return OpenClipTimmRuntime(clip, **kwargs)
+
+
+register_visual_runtime("TimmModel", timm_runtime)
