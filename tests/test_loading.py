@@ -1,6 +1,7 @@
 """Loading: OpenAI-layout files in every format, names, tags, and clear failures."""
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,115 @@ def test_real_openai_weights_prefer_the_right_box():
     draw.ellipse((300, 300, 400, 400), fill=(20, 40, 220))
     scores = model.score_regions(img, [(40, 40, 140, 140), (300, 300, 400, 400), (300, 40, 400, 140)], ["a red square"])
     assert scores[:, 0].argmax().item() == 0
+
+
+# -- building on the meta device, and one check of the weights against the model ------------------
+
+
+def _save_named(clip, path, edit=None):
+    state = {k: v.clone() for k, v in clip.state_dict().items()}
+    if edit is not None:
+        edit(state)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vit_s32(tmp_path_factory):
+    """open_clip's ViT-S-32 with random weights and its file (a named architecture: built on the meta device)."""
+    torch.manual_seed(11)
+    clip = open_clip.create_model("ViT-S-32").eval()
+    return clip, _save_named(clip, tmp_path_factory.mktemp("s32") / "open_clip_pytorch_model.bin")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_named_model_built_on_meta_equals_open_clips_own_load(vit_s32, precision):
+    """Every parameter and buffer (the text causal mask too) equals open_clip's create_model(pretrained=FILE), dtypes
+    included, and nothing is left on the meta device."""
+    _, path = vit_s32
+    model = falip.load("ViT-S-32", pretrained=str(path), precision=precision)
+    theirs = open_clip.create_model("ViT-S-32", pretrained=str(path), precision=precision)
+    ours = model.runtime.clip
+    for (name, a), (_, b) in zip(
+        list(ours.named_parameters()) + list(ours.named_buffers()), list(theirs.named_parameters()) + list(theirs.named_buffers())
+    ):
+        assert not a.is_meta, name
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()] == ["attn_mask"]
+
+
+def test_architecture_left_on_the_meta_device_is_built_on_the_cpu(monkeypatch, vit_s32, image):
+    """When a non-persistent buffer cannot be rebuilt after a meta build, the model is built on the CPU instead."""
+    from falip.runtimes import open_clip_loading
+
+    clip, path = vit_s32
+    monkeypatch.setattr(open_clip_loading, "_rebuild_causal_masks", lambda model: None)
+    model = falip.load("ViT-S-32", pretrained=str(path))
+    assert not model.runtime.clip.attn_mask.is_meta
+    torch.testing.assert_close(model.runtime.clip.attn_mask, clip.attn_mask, atol=0, rtol=0)
+    torch.testing.assert_close(
+        model.encode_text(["a dog"]), F.normalize(clip.encode_text(open_clip.get_tokenizer("ViT-S-32")(["a dog"])), dim=-1)
+    )
+
+
+def _int8(state, key="visual.transformer.resblocks.0.mlp.c_fc.weight"):
+    state[key] = (state[key] * 100).to(torch.int8)
+
+
+def _drop(state, key="visual.transformer.resblocks.0.ln_1.bias"):
+    del state[key]
+
+
+def _extra(state):
+    state["visual.spare.weight"] = torch.ones(3)
+
+
+def _reshape(state, key="visual.proj"):
+    state[key] = state[key][:, :-1].contiguous()
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (_int8, r"visual.transformer.resblocks.0.mlp.c_fc.weight is int8 where the model needs a float tensor"),
+        (_drop, r"1 tensors missing \(visual.transformer.resblocks.0.ln_1.bias\)"),
+        (_extra, r"1 unexpected tensors \(visual.spare.weight\)"),
+        (_reshape, r"visual.proj has shape \(\d+, \d+\) where the model needs \(\d+, \d+\)"),
+    ],
+    ids=["int8", "missing", "unexpected", "shape"],
+)
+@pytest.mark.parametrize("named", [True, False], ids=["named+file", "openai-file"])
+def test_weights_that_disagree_with_the_model_are_refused_in_one_line(tmp_path, vit_s32, source, edit, says, named):
+    clip = vit_s32[0] if named else source
+    path = _save_named(clip, tmp_path / ("weights.bin" if named else "ViT-x.pt"), edit)
+    with pytest.raises(ModelLoadError) as info:
+        falip.load("ViT-S-32", pretrained=str(path)) if named else falip.load(str(path))
+    message = str(info.value)
+    assert str(path) in message and len(message.splitlines()) == 1
+    assert re.search(says, message), message
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_float_checkpoints_of_any_precision_load_cast_to_the_model(tmp_path, vit_s32, image, dtype):
+    """fp16 and fp64 tensors are the same kind as the model's float parameters: cast, not refused."""
+    clip, _ = vit_s32
+    path = _save_named(clip, tmp_path / "w.bin", lambda s: s.update({k: v.to(dtype) for k, v in s.items()}))
+    model = falip.load("ViT-S-32", pretrained=str(path))
+    assert model.runtime.clip.visual.proj.dtype == torch.float32
+    expected = F.normalize(clip.encode_image(model.preprocess_image(image)[0]), dim=-1)
+    torch.testing.assert_close(model.encode_image(image), expected, atol=2e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+
+
+def test_nan_and_overflowing_logit_scale_are_refused_at_load(tmp_path, source):
+    nan = _save_named(
+        source,
+        tmp_path / "nan.pt",
+        lambda s: s["visual.transformer.resblocks.3.attn.out_proj.weight"].view(-1)[5].fill_(float("nan")),
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"nan.pt holds NaN or infinite values \(in visual.transformer.resblocks.3.attn.out_proj.weight\)"
+    ):
+        falip.load(str(nan))
+    big = _save_named(source, tmp_path / "scale.pt", lambda s: s["logit_scale"].fill_(100.0))
+    with pytest.raises(ModelLoadError, match=r"scale.pt has logit_scale 100: exp\(logit_scale\) overflows float32"):
+        falip.load(str(big))

@@ -371,7 +371,7 @@ def test_bad_checkpoints_are_errors_naming_the_file(tmp_path):
     state = torch.load(save_checkpoint(tmp_path / "shape.pt"), weights_only=True)
     state["visual.ln_pre.bias"] = torch.zeros(3)
     torch.save(state, tmp_path / "shape.pt")
-    with pytest.raises(ModelLoadError, match="shape.pt does not fit"):
+    with pytest.raises(ModelLoadError, match=r"shape.pt does not match .*visual.ln_pre.bias has shape \(3,\)"):
         falip.load(str(tmp_path / "shape.pt"))
 
 
@@ -679,3 +679,80 @@ def test_health_names_a_checkpoint_by_its_file_name_not_its_path(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-E: models that disagree with their weights (loading).
 # (cases of this family go below this line, above the next section)
+
+
+def _hf_clip_dir(root, seed=0):
+    """A save_pretrained CLIPModel directory of a tiny OpenAI-layout CLIP (tools/openai_to_hf.py)."""
+    import importlib.util
+
+    from falip.runtimes.open_clip_loading import infer_openai_config
+
+    spec = importlib.util.spec_from_file_location(
+        "openai_to_hf", os.path.join(os.path.dirname(__file__), "..", "tools", "openai_to_hf.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    state = {
+        k: v.contiguous() for k, v in tiny_clip(64, 16, layers=3, width=64, seed=seed).state_dict().items() if k != "attn_mask"
+    }
+    tool.save_hf_clip(state, infer_openai_config(state), root)
+    return root
+
+
+def _cli_error(argv, capsys) -> str:
+    """The CLI's one-line error for argv, which must exit 2 (transformers' progress bars aside)."""
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("falip: error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.mark.parametrize("tower, layers, says", [("vision", 2, "unexpected"), ("vision", 4, "missing"), ("text", 2, "missing")])
+def test_r3e_hf_config_with_other_layer_counts_than_its_weights_is_refused(tmp_path, capsys, tower, layers, says):
+    pytest.importorskip("transformers")
+    directory = _hf_clip_dir(tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    held = config[f"{tower}_config"]["num_hidden_layers"]
+    config[f"{tower}_config"]["num_hidden_layers"] = layers
+    (directory / "config.json").write_text(json.dumps(config))
+    line = _cli_error(["score", _png(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", directory], capsys)
+    assert str(directory / "model.safetensors") in line and says in line
+    assert f"config.json gives the {tower} tower {layers} layers, the weights hold {held}" in line
+
+
+def _png(tmp_path):
+    Image.fromarray(random_image(np.random.default_rng(0), 64, 48)).save(tmp_path / "p.png")
+    return tmp_path / "p.png"
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
+def test_r3e_integer_tensors_are_never_cast_into_float_parameters(tmp_path, capsys, dtype):
+    state = tiny_clip(64, 16, layers=2, width=64).state_dict()
+    state["visual.proj"] = (state["visual.proj"] * 50).to(dtype)
+    torch.save(state, tmp_path / "int.pt")
+    line = _cli_error(["score", _png(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", tmp_path / "int.pt"], capsys)
+    assert str(tmp_path / "int.pt") in line and f"visual.proj is {str(dtype).removeprefix('torch.')}" in line
+    pytest.importorskip("transformers")
+    directory = _hf_clip_dir(tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors["text_projection.weight"] = tensors["text_projection.weight"].to(dtype)
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=rf"model.safetensors does not match .*text_projection.weight is {str(dtype)[6:]}"):
+        falip.load(str(directory))
+
+
+def test_r3e_logit_scale_that_overflows_is_refused_at_load(tmp_path, capsys):
+    state = tiny_clip(64, 16, layers=2, width=64).state_dict()
+    state["logit_scale"] = torch.tensor(90.0)  # exp(90) > float32's largest value
+    torch.save(state, tmp_path / "hot.pt")
+    line = _cli_error(
+        ["score", _png(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", tmp_path / "hot.pt", "--json"],
+        capsys,
+    )
+    assert "hot.pt has logit_scale 90" in line and "overflows float32" in line
+    state["logit_scale"] = torch.tensor(10.0)  # exp(10) fits float32 but not float16: HF models keep it in their dtype
+    torch.save(state, tmp_path / "warm.pt")
+    assert falip.load(str(tmp_path / "warm.pt"), precision="fp16").runtime.clip.logit_scale.dtype == torch.float32

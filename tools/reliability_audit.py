@@ -554,6 +554,102 @@ def _(t):
 # (cases of this family go below this line, above the next section)
 
 
+def _edited_checkpoint(t: Path, edit) -> Path:
+    """tiny_checkpoint's state dict after ``edit(state)``, saved as t/e.pt."""
+    state = torch.load(tiny_checkpoint(t / "base.pt"), weights_only=True)
+    edit(state)
+    torch.save(state, t / "e.pt")
+    return t / "e.pt"
+
+
+def _hf_dir(t: Path, edit_config=None, edit_tensors=None) -> Path:
+    """tiny_checkpoint converted to a transformers CLIPModel directory (tools/openai_to_hf.py), then edited."""
+    from safetensors.torch import load_file, save_file
+
+    from falip.runtimes.open_clip_loading import infer_openai_config
+    from openai_to_hf import save_hf_clip
+
+    state = {k: v for k, v in torch.load(tiny_checkpoint(t / "base.pt"), weights_only=True).items() if k != "attn_mask"}
+    with contextlib.redirect_stderr(io.StringIO()):
+        save_hf_clip(state, infer_openai_config(state), t / "hf")
+    if edit_config is not None:
+        config = json.loads((t / "hf" / "config.json").read_text())
+        edit_config(config)
+        (t / "hf" / "config.json").write_text(json.dumps(config))
+    if edit_tensors is not None:
+        tensors = load_file(str(t / "hf" / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(t / "hf" / "model.safetensors"))
+    return t / "hf"
+
+
+def _score_argv(t: Path, model: Path) -> list:
+    return ["score", *_photo(t), "--box", "4,4,40,30", "--text", "a cat", "--model", model, "--json"]
+
+
+def _loads_right(t: Path, model: Path) -> str:
+    """The CLI scores with ``model`` and its scores equal the untouched checkpoint's (right) or not (silent)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main([str(a) for a in _score_argv(t, model)])
+    if code:
+        return "vague error"
+    base = falip.load(str(t / "base.pt")).score_regions(t / "p.png", [(4, 4, 40, 30)], ["a cat"])
+    return "right" if abs(json.loads(out.getvalue())["scores"][0][0] - float(base[0, 0])) < 1e-3 else "silent"
+
+
+@case("weights", "HF config with another hidden_size than its weights")
+def _(t):
+    directory = _hf_dir(t, edit_config=lambda c: c["vision_config"].update(hidden_size=128, intermediate_size=512))
+    return cli(_score_argv(t, directory), must_name="model.safetensors")
+
+
+@case("weights", "HF model.safetensors with an extra tensor")
+def _(t):
+    directory = _hf_dir(t, edit_tensors=lambda d: d.update({"vision_model.extra.weight": torch.ones(4)}))
+    return cli(_score_argv(t, directory), must_name="vision_model.extra.weight")
+
+
+@case("weights", "HF logit_scale of 100 (exp overflows)")
+def _(t):
+    directory = _hf_dir(t, edit_tensors=lambda d: d["logit_scale"].fill_(100.0))
+    return cli(_score_argv(t, directory), must_name="logit_scale")
+
+
+@case("weights", "uint8 layer norm in an OpenAI-layout .pt")
+def _(t):
+    path = _edited_checkpoint(t, lambda s: s.update({"visual.ln_post.weight": s["visual.ln_post.weight"].to(torch.uint8)}))
+    return cli(_score_argv(t, path), must_name="visual.ln_post.weight")
+
+
+@case("weights", "named architecture + file without logit_scale")
+def _(t):
+    torch.manual_seed(0)
+    state = open_clip.create_model("ViT-S-32").state_dict()
+    del state["logit_scale"]
+    torch.save(state, t / "s32.bin")
+    argv = ["score", *_photo(t), "--box", "4,4,40,30", "--text", "a cat", "--model", "ViT-S-32", "--pretrained", t / "s32.bin"]
+    return cli(argv, must_name="logit_scale")
+
+
+@case("weights", "logit_scale of 89 in an OpenAI-layout .pt (exp overflows float32)")
+def _(t):
+    path = _edited_checkpoint(t, lambda s: s["logit_scale"].fill_(89.0))
+    return cli(_score_argv(t, path), must_name="logit_scale")
+
+
+@case("weights", "float64 OpenAI-layout .pt (cast, same scores)")
+def _(t):
+    return _loads_right(t, _edited_checkpoint(t, lambda s: s.update({k: v.double() for k, v in s.items()})))
+
+
+@case("weights", "fp16 OpenAI-layout .pt, as OpenAI distributes (cast, same scores)")
+def _(t):
+    return _loads_right(
+        t, _edited_checkpoint(t, lambda s: s.update({k: v.half() if k != "logit_scale" else v for k, v in s.items()}))
+    )
+
+
 def run_all() -> list[tuple[str, str, str]]:
     rows = []
     for group, name, fn in CASES:

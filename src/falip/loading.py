@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -97,7 +98,86 @@ def first_line(exc: BaseException) -> str:
 
 def check_finite(model: torch.nn.Module, source) -> None:
     """Raise ModelLoadError naming ``source`` when any parameter holds NaN or infinity (buffers such as
-    the text causal mask hold -inf by design)."""
-    for name, tensor in model.named_parameters():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelLoadError(f"checkpoint {source} holds NaN or infinite values (in {name}); the file is corrupt")
+    the text causal mask hold -inf by design). One fused pass: a tensor's largest magnitude is finite
+    exactly when all its values are."""
+    named = [(name, p.detach()) for name, p in model.named_parameters() if p.is_floating_point() and p.numel()]
+    if not named:
+        return
+    maxima = torch.stack([m.float() for m in torch._foreach_norm([t for _, t in named], float("inf"))]).cpu()
+    bad = (~torch.isfinite(maxima)).nonzero().flatten().tolist()
+    if bad:
+        raise ModelLoadError(f"checkpoint {source} holds NaN or infinite values (in {named[bad[0]][0]}); the file is corrupt")
+
+
+def check_logit_scale(model: torch.nn.Module, source) -> None:
+    """Raise ModelLoadError naming ``source`` when the model's ``exp(logit_scale)`` (in its own dtype, as scores
+    compute it) overflows: every score would be infinite or NaN."""
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, torch.Tensor) and not bool(torch.isfinite(scale.detach().exp()).all()):
+        raise ModelLoadError(
+            f"checkpoint {source} has logit_scale {scale.detach().flatten()[0].item():.6g}: exp(logit_scale) overflows "
+            f"{str(scale.dtype).removeprefix('torch.')}, so every score would be infinite; the weights are broken"
+        )
+
+
+TensorKind = Literal["float", "integer", "bool", "complex"]
+
+
+def tensor_kind(dtype: torch.dtype) -> TensorKind:
+    """The kind of values a dtype holds; a tensor may be cast into a parameter of the same kind only."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_weights(
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    found: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    source,
+    model: str,
+    hint: str = "",
+) -> None:
+    """Raise ModelLoadError (one line naming ``source`` and ``model``) unless the tensors ``found`` in the
+    weights are exactly those the model ``expected``: no name missing, none unexpected, every shape equal
+    and every dtype of the same kind (:func:`tensor_kind`: an int8 tensor is never cast into a float
+    parameter). Both map name → (shape, dtype)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(found[k][0]) != tuple(expected[k][0])]
+    kinds = [k for k in expected if k in found and tensor_kind(found[k][1]) != tensor_kind(expected[k][1])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({_few(unexpected)})")
+    for k in shapes[:3]:
+        problems.append(f"{k} has shape {tuple(found[k][0])} where the model needs {tuple(expected[k][0])}")
+    if len(shapes) > 3:
+        problems.append(f"{len(shapes) - 3} more shape mismatches")
+    for k in kinds[:3]:
+        have, need = str(found[k][1]).removeprefix("torch."), tensor_kind(expected[k][1])
+        problems.append(f"{k} is {have} where the model needs a {need} tensor")
+    if len(kinds) > 3:
+        problems.append(f"{len(kinds) - 3} more dtype mismatches")
+    if problems:
+        raise ModelLoadError(f"{source} does not match {model}: " + "; ".join(problems) + (f" ({hint})" if hint else ""))
+
+
+def tensor_specs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name → (shape, dtype) of a state dict, for :func:`check_weights`."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def assign_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source, model: str) -> None:
+    """Load ``state`` into ``module`` (built on any device, the meta device included: its tensors are replaced,
+    not copied into) after :func:`check_weights`; each tensor is cast to the dtype of the one it replaces."""
+    expected = module.state_dict(keep_vars=True)
+    check_weights(tensor_specs(expected), tensor_specs(state), source, model)
+    cast = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
+    module.load_state_dict(cast, strict=True, assign=True)

@@ -25,6 +25,7 @@ resolution form, with no padding patches. (The fixed-resolution SigLIP2 checkpoi
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -321,7 +322,7 @@ def resolve_hub_id(repo_id: str) -> Path:
 def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision: str, quick_gelu: Optional[bool]):
     """:class:`~falip.runtimes.registry.LoadedModel` of a transformers CLIP / SigLIP / SigLIP2 directory or hub id."""
     from ..errors import ModelLoadError
-    from ..loading import PRECISIONS, check_finite, first_line
+    from ..loading import PRECISIONS, check_finite, check_logit_scale, first_line
     from .registry import LoadedModel
 
     name = str(name_or_path)
@@ -354,13 +355,30 @@ def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision
             "(CLIPModel, SiglipModel, Siglip2Model with image and text towers)"
         )
     cls = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel, "siglip2": transformers.Siglip2Model}[model_type]
+    report = _DropLoadReport()
+    logging.getLogger("transformers.modeling_utils").addFilter(report)
+    bars = transformers.utils.logging.is_progress_bar_enabled()  # a local directory loads in a moment: no bar
+    transformers.utils.logging.disable_progress_bar()
     try:
         # eager attention: its float-mask path is the plain softmax(s·QKᵀ + M) that open_clip's attention computes too,
         # so the same weights give the same numbers in both runtimes (sdpa's CPU kernel drifts by ~1e-5).
-        model = cls.from_pretrained(directory, dtype=PRECISIONS[precision], attn_implementation="eager")
+        # Mismatched shapes are loaded as transformers reports them, then refused by check_hf_weights with the rest.
+        model, loading_info = cls.from_pretrained(
+            directory,
+            dtype=PRECISIONS[precision],
+            attn_implementation="eager",
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     except Exception as exc:  # transformers raises many types for missing or foreign files
         raise ModelLoadError(f"cannot load {name} as a {cls.__name__}: {type(exc).__name__}: {first_line(exc)}") from exc
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeFilter(report)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    check_hf_weights(model, loading_info, directory)
     check_finite(model, name)
+    check_logit_scale(model, name)
     model.to(device)
     tokenizer, text_missing = _tokenizer(directory)
     mean, std = read_preprocessor_stats(directory)
@@ -368,6 +386,91 @@ def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision
     single = directory / "model.safetensors"  # sharded weights: none (run fingerprints then hash the tensors)
     return LoadedModel(
         runtime=runtime, name=name, pretrained=str(directory), weights_file=single if single.is_file() else None, card=None
+    )
+
+
+class _DropLoadReport(logging.Filter):
+    """transformers' load report (missing/unexpected keys): falip refuses those with its own one-line error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+# safetensors' dtype names → torch dtypes (check_weights compares their kinds).
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weights files of a save_pretrained directory: model.safetensors, its shards, or PyTorch pickles."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            shards = json.loads((directory / index).read_text(encoding="utf-8")).get("weight_map", {}).values()
+            return [directory / shard for shard in dict.fromkeys(shards)]
+    return [p for p in (directory / "model.safetensors", directory / "pytorch_model.bin") if p.is_file()][:1]
+
+
+def file_tensor_specs(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name → (shape, dtype) of every tensor in a weights file, read from its header (no tensor data is read)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        specs = {}
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                name = piece.get_dtype()
+                if name not in SAFETENSORS_DTYPES:
+                    raise UnsupportedModelError(f"{path}: tensor {key} has dtype {name}, which falip does not read")
+                specs[key] = (tuple(piece.get_shape()), SAFETENSORS_DTYPES[name])
+        return specs
+    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _layer_counts(keys, config) -> str:
+    """What config.json says against what the weights hold, for each tower whose layer counts differ."""
+    import re
+
+    notes = []
+    for tower in ("vision", "text"):
+        found = {int(m.group(1)) for k in keys if (m := re.match(rf"{tower}_model\.encoder\.layers\.(\d+)\.", k))}
+        said = getattr(getattr(config, f"{tower}_config", None), "num_hidden_layers", None)
+        if found and said is not None and len(found) != said:
+            notes.append(f"config.json gives the {tower} tower {said} layers, the weights hold {len(found)}")
+    return "; ".join(notes)
+
+
+def check_hf_weights(model: nn.Module, loading_info: dict, directory: Path) -> None:
+    """Refuse (ModelLoadError, one line naming the weights file) a directory whose weights do not fit the model its
+    config.json describes: :func:`falip.loading.check_weights` on the tensors transformers matched by name, the
+    keys it found missing or unexpected (after its own renames and ignore lists), shapes and dtype kinds."""
+    from ..loading import check_weights, tensor_specs
+
+    files = weight_files(directory)
+    found: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for path in files:
+        found.update(file_tensor_specs(path))
+    expected = tensor_specs(model.state_dict())
+    missing, unexpected = set(loading_info.get("missing_keys", ())), set(loading_info.get("unexpected_keys", ()))
+    # names transformers renamed or deliberately ignores are left to it; the rest are compared here
+    found = {k: v for k, v in found.items() if k in expected or k in unexpected}
+    expected = {k: v for k, v in expected.items() if k in found or k in missing}
+    source = files[0] if len(files) == 1 else f"{directory} (weights {', '.join(p.name for p in files)})"
+    check_weights(
+        expected, found, source, f"the {type(model).__name__} its config.json describes", _layer_counts(found, model.config)
     )
 
 

@@ -18,6 +18,8 @@ image side still works).
 from __future__ import annotations
 
 import difflib
+import itertools
+import logging
 import os
 import re
 import warnings
@@ -32,7 +34,9 @@ from ..errors import ModelLoadError, UnsupportedModelError
 from ..loading import (
     PRECISIONS,
     SHIPPED_MODELS,
+    assign_checked,
     check_finite,
+    check_logit_scale,
     first_line,
     hub_offline,
     looks_like_path,
@@ -163,28 +167,61 @@ def infer_openai_config(state: dict[str, torch.Tensor], source: str = "checkpoin
 
 
 def build_from_state_dict(state: dict, precision: str, device: str, quick_gelu: bool, source: str):
-    """An open_clip ``CLIP`` with the inferred architecture and ``state`` loaded strictly."""
+    """An open_clip ``CLIP`` with the inferred architecture and ``state`` loaded strictly (:func:`load_built`)."""
     import open_clip
     from open_clip.model import convert_weights_to_lp, get_cast_dtype
 
     cfg = infer_openai_config(state, source)
-    model = open_clip.CLIP(**cfg, quick_gelu=quick_gelu, cast_dtype=get_cast_dtype(precision))
-    # TorchScript archives also store non-persistent buffers (the text causal mask).
-    buffers = dict(model.named_buffers())
-    state = {k: v for k, v in state.items() if k in model.state_dict() or k not in buffers}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # tensors of the wrong shape
-        raise ModelLoadError(f"{source} does not fit the CLIP ViT inferred from it: {first_line(exc)}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise UnsupportedModelError(
-            f"{source} does not match the CLIP ViT inferred from it: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
+
+    def build(on: str):
+        return open_clip.CLIP(**cfg, quick_gelu=quick_gelu, cast_dtype=get_cast_dtype(precision))
+
+    def load(model):
+        # TorchScript archives also store non-persistent buffers (the text causal mask).
+        kept = model.state_dict().keys()
+        buffers = {name for name, _ in model.named_buffers()}
+        assign_checked(
+            model, {k: v for k, v in state.items() if k in kept or k not in buffers}, source, "the CLIP ViT inferred from it"
         )
+
+    model = load_built(build, load)
     model.to(device)
     if precision != "fp32":
         convert_weights_to_lp(model, PRECISIONS[precision])
     return model, cfg
+
+
+def _rebuild_causal_masks(model: torch.nn.Module) -> None:
+    """The text causal masks (open_clip's non-persistent ``attn_mask`` buffers) of a model built on the meta
+    device, made by open_clip's own ``build_causal_mask``."""
+    from types import SimpleNamespace
+
+    from open_clip.transformer import TextTransformer
+
+    for module in model.modules():
+        mask = module._buffers.get("attn_mask")
+        if mask is not None and mask.is_meta and "attn_mask" in module._non_persistent_buffers_set and mask.ndim == 2:
+            module._buffers["attn_mask"] = TextTransformer.build_causal_mask(SimpleNamespace(num_pos=mask.shape[0]))
+
+
+def load_built(build: Callable[[str], torch.nn.Module], load: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+    """``build(device)`` the model on the meta device (no random initialisation that the weights would overwrite),
+    then ``load(model)`` its weights in (replacing every parameter and persistent buffer). An architecture whose
+    constructor cannot run on the meta device, or that leaves other non-persistent buffers there, is built on the
+    CPU instead (random initialisation, then the same ``load``)."""
+    try:
+        with torch.device("meta"):
+            model = build("meta")
+    except (NotImplementedError, RuntimeError):  # a constructor that reads tensor values; the CPU build says why
+        model = None
+    if model is not None:
+        load(model)
+        _rebuild_causal_masks(model)
+        if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            return model
+    model = build("cpu")
+    load(model)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +298,45 @@ def _unknown_model(name: str) -> ModelLoadError:
     )
 
 
+class _DropRandomInitNote(logging.Filter):
+    """open_clip logs "Model initialized randomly" for a model built without weights; falip loads them right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+def create_with_weights(name: str, weights: str, precision: str, device: str, quick_gelu: bool):
+    """open_clip's ``name`` with the weights file ``weights``, read and converted by open_clip's own
+    ``load_checkpoint``, put in by :func:`~falip.loading.assign_checked` (built on the meta device: :func:`load_built`)."""
+    import open_clip
+
+    def build(on: str):
+        note = _DropRandomInitNote()
+        logging.getLogger().addFilter(note)
+        try:
+            return open_clip.create_model(name, precision=precision, device=on, force_quick_gelu=quick_gelu)
+        finally:
+            logging.getLogger().removeFilter(note)
+
+    def load(model):
+        def checked_load_state_dict(state_dict, strict=True, assign=False):
+            del model.load_state_dict  # the class's own, for assign_checked
+            assign_checked(model, state_dict, weights, f"open_clip's {name}")
+
+        model.load_state_dict = checked_load_state_dict  # what open_clip's load_checkpoint calls, on this instance only
+        try:
+            open_clip.load_checkpoint(model, weights, strict=True)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # torch/open_clip raise many types for corrupt or foreign files
+            raise ModelLoadError(f"cannot load {name} with weights {weights}: {type(exc).__name__}: {first_line(exc)}") from exc
+        finally:
+            model.__dict__.pop("load_state_dict", None)
+
+    model = load_built(build, load)
+    return model.to(device)
+
+
 def create_clip(
     name_or_path: str,
     pretrained: Optional[str],
@@ -281,6 +357,7 @@ def create_clip(
             read_checkpoint(weights), precision, device, card.get("quick_gelu", True), name_or_path
         )
         check_finite(model, name_or_path)
+        check_logit_scale(model, name_or_path)
         return model, dict(
             name=name_or_path, pretrained="shipped", mean=None, std=None, arch=cfg, card=card, weights_file=weights
         )
@@ -292,6 +369,7 @@ def create_clip(
             read_checkpoint(path), precision, device, True if quick_gelu is None else quick_gelu, str(path)
         )
         check_finite(model, str(path))
+        check_logit_scale(model, str(path))
         return model, dict(name=str(path), pretrained=None, mean=None, std=None, arch=cfg, card=None, weights_file=path)
 
     if name_or_path.startswith("hf-hub:"):
@@ -323,18 +401,13 @@ def create_clip(
         mean, std = cfg.get("mean"), cfg.get("std")
         # open_clip 3.x only warns on a QuickGELU mismatch; OpenAI weights need QuickGELU.
         tag_quick_gelu = bool(cfg.get("quick_gelu", False))
-    try:
-        model = open_clip.create_model(
-            name,
-            pretrained=weights,
-            precision=precision,
-            device=device,
-            force_quick_gelu=tag_quick_gelu if quick_gelu is None else quick_gelu,
-        )
-    except Exception as exc:  # torch/open_clip raise many types for corrupt or foreign files
-        raise ModelLoadError(f"cannot load {name} with weights {weights}: {type(exc).__name__}: {first_line(exc)}") from exc
-    if weights is not None:
+    force_quick_gelu = tag_quick_gelu if quick_gelu is None else quick_gelu
+    if weights is None:
+        model = open_clip.create_model(name, precision=precision, device=device, force_quick_gelu=force_quick_gelu)
+    else:
+        model = create_with_weights(name, weights, precision, device, force_quick_gelu)
         check_finite(model, weights)
+        check_logit_scale(model, weights)
     return model, dict(name=name, pretrained=pretrained, mean=mean, std=std, arch=None, card=None, weights_file=weights)
 
 
