@@ -5,7 +5,8 @@
 Outcome classes: ``right`` (the right answer), ``warning`` (right or usable answer, and the user is
 told), ``clear error`` (one sentence naming the input, exit code 2 on the CLI), ``vague error``
 (an error that does not say which input or setting is wrong), ``silent`` (a wrong answer, nothing
-said), ``data loss`` (outputs overwritten, mixed or left unparseable), ``traceback``.
+said), ``data loss`` (outputs overwritten, mixed or left unparseable), ``traceback``, ``hang`` (the server
+never closed a stalled connection within a generous bound).
 
 Only the CLI and API that every falip version since the CLI move has are used, so the same script
 measures a branch before and after a change (run it with another ``PYTHONPATH``). The pytest suite
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections import Counter
@@ -547,6 +549,212 @@ def _(t):
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-D: the server: Host/Origin, time and size bounds, decoding as the CLI does (falip serve).
 # (cases of this family go below this line, above the next section)
+
+
+def _server_client(model, **limits):
+    """A TestClient of the app ``falip serve`` runs (its guard included), addressed as http://127.0.0.1:7860."""
+    from fastapi.testclient import TestClient
+
+    from falip.app.server import create_app
+    from falip.app.service import Limits
+
+    return TestClient(create_app(model, Limits(**limits)), base_url="http://127.0.0.1:7860", raise_server_exceptions=False)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _score_post(client, image: bytes, boxes=((4, 4, 40, 30),), headers=None, **fields):
+    data = dict(boxes=json.dumps([list(b) for b in boxes]), texts=json.dumps(["a cat"]), **fields)
+    return client.post("/api/score", files={"image": ("p.png", image, "image/png")}, data=data, headers=headers or {})
+
+
+def _refused(r, status: int, must_name: str) -> str:
+    """``clear error`` for the expected status naming ``must_name``, ``silent`` for a 200, else by status."""
+    if r.status_code == 200:
+        return "silent"
+    if r.status_code >= 500:
+        return "traceback"
+    return "clear error" if r.status_code == status and must_name in r.text else "vague error"
+
+
+def _toy(t: Path, **kw):
+    return falip.load(str(tiny_checkpoint(t / "m.pt")), **kw)
+
+
+@case("server", "GET /api/health with the Host of a rebinding domain")
+def _(t):
+    r = _server_client(_toy(t)).get("/api/health", headers={"host": "rebind.attacker.test"})
+    return _refused(r, 400, "rebind.attacker.test")
+
+
+@case("server", "multipart POST from a page of another site (Origin header)")
+def _(t):
+    r = _score_post(_server_client(_toy(t)), _png_bytes(smooth_image(0)), headers={"origin": "https://attacker.test"})
+    return _refused(r, 403, "cross-origin")
+
+
+@case("server", "POST from a sandboxed frame (Origin: null)")
+def _(t):
+    r = _score_post(_server_client(_toy(t)), _png_bytes(smooth_image(0)), headers={"origin": "null"})
+    return _refused(r, 403, "cross-origin")
+
+
+@case("server", "bound to 0.0.0.0 with --allow-host: that name is served")
+def _(t):
+    from fastapi.testclient import TestClient
+
+    from falip.app.server import allowed_hosts, create_app
+
+    app = create_app(_toy(t), hosts=allowed_hosts("0.0.0.0", ["lab.example"]))
+    r = TestClient(app, base_url="http://lab.example:7860").get("/api/health")
+    return "right" if r.status_code == 200 else "vague error"
+
+
+def _running_server(model, **limits):
+    """A real ``falip serve`` server (uvicorn, its protocol bounds) in a thread: ``(port, stop)``."""
+    import threading
+
+    from falip.app.server import make_server
+    from falip.app.service import Limits
+
+    server, sock = make_server(model, "127.0.0.1", 0, Limits(**limits), "critical")
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        thread.join(timeout=0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    return sock.getsockname()[1], stop
+
+
+def _read_until_closed(conn, seconds: float) -> tuple[bytes, bool]:
+    """What the server sends until it closes, and whether it closed within ``seconds``."""
+    import socket
+
+    conn.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := conn.recv(4096):
+            data += chunk
+    except socket.timeout:
+        return data, False
+    return data, True
+
+
+@case("server", "upload trickled one byte every 0.2 s (read timeout 1 s)")
+def _(t):
+    import socket
+
+    port, stop = _running_server(_toy(t), read_timeout_s=1.0)
+    try:
+        conn = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(f"POST /api/score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 5000\r\n\r\n".encode())
+        for _ in range(15):  # 3 s of trickle: the server must have given up after 1 s
+            try:
+                conn.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.2)
+        data, closed = _read_until_closed(conn, 10)
+        conn.close()
+    finally:
+        stop()
+    if not closed:
+        return "hang"
+    return "clear error" if b" 408 " in data.split(b"\r\n")[0] else "vague error"
+
+
+@case("server", "40 idle connections, then a health check (max 64 connections)")
+def _(t):
+    import socket
+
+    import httpx
+
+    port, stop = _running_server(_toy(t), read_timeout_s=1.0)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        ok = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=10).status_code == 200
+        closed = [_read_until_closed(c, 10)[1] for c in idle]
+        for c in idle:
+            c.close()
+    finally:
+        stop()
+    return "right" if ok and all(closed) else ("hang" if not all(closed) else "vague error")
+
+
+@case("server", "8000x1 PNG under crop preprocessing (pixel limit 1 000 000)")
+def _(t):
+    client = _server_client(_toy(t, preprocess="crop"), max_pixels=1_000_000)
+    r = _score_post(client, _png_bytes(Image.new("RGB", (8000, 1), "gray")), boxes=[(0, 0, 4000, 1)])
+    return _refused(r, 413, "preprocessing")
+
+
+@case("server", "a 600x2 box under the crop edit (pixel limit 1 000 000)")
+def _(t):
+    client = _server_client(_toy(t, preprocess="crop"), max_pixels=1_000_000)
+    r = _score_post(client, _png_bytes(smooth_image(1, 640, 480)), boxes=[(0, 100, 600, 102)], method="crop")
+    return _refused(r, 413, "crop")
+
+
+def _decoded_like_the_cli(t: Path, image: Image.Image, name: str) -> str:
+    from falip.methods import score_with_method
+
+    model = _toy(t)
+    image.save(t / name)
+    boxes = [[4, 4, 40, 30], [20, 10, 60, 44]]
+    data = dict(boxes=json.dumps(boxes), texts=json.dumps(["a cat", "a dog"]))
+    r = _server_client(model).post("/api/score", files={"image": (name, (t / name).read_bytes())}, data=data)
+    if r.status_code != 200:
+        return "vague error" if r.status_code < 500 else "traceback"
+    want = score_with_method(model, t / name, boxes, ["a cat", "a dog"]).numpy()
+    return "right" if np.allclose(r.json()["scores"], want, rtol=0, atol=1e-5) else "silent"
+
+
+@case("server", "12-bit camera data in a 16-bit PNG, scored as falip score scores the file")
+def _(t):
+    raw = np.random.default_rng(0).integers(0, 4096, (48, 64), dtype=np.uint16)
+    return _decoded_like_the_cli(t, Image.fromarray(raw), "cam.png")
+
+
+@case("server", "32-bit integer TIFF, scored as falip score scores the file")
+def _(t):
+    raw = np.random.default_rng(1).integers(0, 60000, (48, 64)).astype(np.int32)
+    return _decoded_like_the_cli(t, Image.fromarray(raw, mode="I"), "i32.tif")
+
+
+@case("server", "layers JSON nested 50 000 deep")
+def _(t):
+    r = _score_post(_server_client(_toy(t)), _png_bytes(smooth_image(0)), layers="[" * 50_000 + "]" * 50_000)
+    return _refused(r, 400, "layers")
+
+
+@case("server", "a box coordinate written as a 320-digit integer")
+def _(t):
+    client = _server_client(_toy(t))
+    data = dict(boxes="[[0, 0, 1" + "0" * 320 + ", 30]]", texts=json.dumps(["a cat"]))
+    r = client.post("/api/score", files={"image": ("p.png", _png_bytes(smooth_image(0)))}, data=data)
+    return _refused(r, 400, "box 0")
+
+
+@case("server", "/api/health of a model given by an absolute checkpoint path")
+def _(t):
+    info = _server_client(_toy(t)).get("/api/health").json()
+    return "silent" if str(t) in json.dumps(info) else "right"
+
+
+@case("server", "mask upload of another size than the image")
+def _(t):
+    client = _server_client(_toy(t))
+    files = [("image", ("p.png", _png_bytes(smooth_image(0)))), ("masks", ("m.png", _png_bytes(Image.new("L", (10, 10), 255))))]
+    r = client.post("/api/score", files=files, data=dict(texts=json.dumps(["a cat"])))
+    return _refused(r, 400, "m.png")
 
 
 # ----------------------------------------------------------------------------------------------
