@@ -245,7 +245,7 @@ def test_generic_jsonl_reader_and_its_errors(tmp_path):
     assert ds.classnames == ["cat", "dog"] and len(ds.samples) == 2
     bad = {
         "not json": "not valid JSON",
-        json.dumps({"label": "cat", "box": [1, 2, 3, 4]}): "each line needs an 'image' path",
+        json.dumps({"label": "cat", "box": [1, 2, 3, 4]}): "'image' is missing",
         json.dumps({"image": "a", "box": [1, 2, 3, 4], "mask": "m.png"}): "give exactly one of 'box' or 'mask'",
         json.dumps({"image": "a", "box": [1, 2, 3]}): r"'box' must be \[x0, y0, x1, y1\]",
     }

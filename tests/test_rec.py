@@ -243,7 +243,7 @@ def test_malformed_files_are_named(data, tmp_path):
     jl.write_text(
         json.dumps(dict(file_name="a.jpg", image_id=1, anns=[{"id": 1, "bbox": [1, 2]}], ann_id=1, sentences=[])) + "\n"
     )
-    with pytest.raises(FalipError, match=r"a box must be \[x, y, w, h\]"):
+    with pytest.raises(FalipError, match=r"'bbox' must be \[x, y, w, h\]"):
         load_reclip(jl)
     with pytest.raises(FalipError, match="annotations file not found"):
         load_reclip(tmp_path / "nope.jsonl")

@@ -27,3 +27,7 @@ class RegionClampWarning(UserWarning):
 
 class TextUnavailableError(FalipError, RuntimeError):
     """The model was loaded without what text encoding needs (a tokenizer, or the text tower)."""
+
+
+class InputFileError(FalipError, ValueError):
+    """An input file or value is missing, not what it should be, undecodable, malformed, or over a size bound."""

@@ -8,11 +8,9 @@ import re
 from dataclasses import replace
 from typing import Optional
 
-import numpy as np
-
 from ..bias import NUMERICS, ROWS, SHAPES, FovealConfig, Unleash
+from ..datasets.generic import read_mask  # noqa: F401  (the CLI's mask files: falip score --mask)
 from ..encode import MODES
-from ..errors import FalipError
 from ..geometry import PREPROCESS_MODES
 
 
@@ -72,11 +70,17 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return values  # type: ignore[return-value]
 
 
+MAX_IMAGE_SIDE = 1 << 20  # pixels: a stated image size beyond this is a typo, not an image
+
+
 def parse_pair(text: str) -> tuple[int, int]:
+    """``"640,480"`` → (640, 480): an image size W,H, each from 1 to :data:`MAX_IMAGE_SIDE` pixels."""
     try:
         a, b = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two integers like 640,480, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected two integers W,H like 640,480, got {text!r}") from None
+    if not (1 <= a <= MAX_IMAGE_SIDE and 1 <= b <= MAX_IMAGE_SIDE):
+        raise argparse.ArgumentTypeError(f"an image size W,H needs 1 to {MAX_IMAGE_SIDE} pixels per side, got {text!r}")
     return a, b
 
 
@@ -187,13 +191,3 @@ def load_from_args(args: argparse.Namespace):
 def settings_line(model) -> str:
     """``settings: preprocess squash, bias {...}`` — what a command runs with, printed before its output."""
     return f"settings: preprocess {model.preprocess}, bias {json.dumps(model.config.to_dict())}"
-
-
-def read_mask(path: str) -> np.ndarray:
-    """A region mask file as boolean ``(H, W)`` (:func:`falip.datasets.generic.read_mask`); an empty one is an error."""
-    from ..datasets.generic import read_mask as read_mask_file
-
-    mask = read_mask_file(path)
-    if not mask.any():
-        raise FalipError(f"mask {path} is empty: no pixel inside (alpha or gray > 127, or 1 in a 0/1 mask)")
-    return mask

@@ -30,11 +30,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import FalipError
+from ..inputs import check, check_path, field_of, read_text, require, text_lines
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # other folders: unc
 
 XYWH = tuple[float, float, float, float]
+XYWH_FORM = "[x, y, w, h] (4 numbers, COCO pixels)"
 
 
 @dataclass(frozen=True)
@@ -105,35 +107,24 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def _read_pickle(path: Path):
+    check_path(path, "refs file")
     for encoding in ("ASCII", "latin1"):  # the original refs files were written by Python 2
         try:
             with open(path, "rb") as f:
                 return _PlainUnpickler(f, encoding=encoding).load()
         except UnicodeDecodeError:
             continue
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-            raise FalipError(f"{path} is not a refs pickle (a list of refs): {exc}") from exc
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise FalipError(f"{path} is not a refs pickle (a list of refs): {exc}") from None
     raise FalipError(f"{path}: cannot decode its strings")
 
 
 def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise FalipError(f"{what} not found: {path}")
+    text = read_text(path, what)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FalipError(f"{path} is not valid JSON ({what}): {exc}") from exc
-
-
-def _bbox(value, where: str) -> XYWH:
-    try:
-        box = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        box = ()
-    if len(box) != 4:
-        raise FalipError(f"{where}: a box must be [x, y, w, h], got {value!r}")
-    return box  # type: ignore[return-value]
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise FalipError(f"{path} is not valid JSON ({what}): {exc}") from None
 
 
 def _image_file_names(file_name: str) -> list[str]:
@@ -142,16 +133,25 @@ def _image_file_names(file_name: str) -> list[str]:
     return [stripped, file_name] if stripped != file_name else [file_name]
 
 
-def _sentences(raw_sentences, where: str) -> list[str]:
-    if not isinstance(raw_sentences, list):
-        raise FalipError(f"{where}: 'sentences' must be a list of {{'raw': ...}}")
+EMPTY_EXPRESSION = "empty expression"  # the skip reason of a sentence whose text is empty or blank
+
+
+def _sentences(raw_sentences, where: str) -> list[tuple[str, Optional[str]]]:
+    """``(text, sent_id)`` of each sentence (``{"raw": ...}`` or ``{"sent": ...}`` objects, or plain strings)."""
     out = []
-    for s in raw_sentences:
-        text = s.get("raw", s.get("sent")) if isinstance(s, dict) else s
-        if not isinstance(text, str):
-            raise FalipError(f"{where}: a sentence has no 'raw' text: {s!r}")
-        out.append(text)
+    for j, s in enumerate(check(raw_sentences, "list", where, "'sentences'")):
+        at = f"{where} sentence {j}"
+        if isinstance(s, dict):
+            text = field_of(s, "raw" if "raw" in s or "sent" not in s else "sent", "str", at)
+            out.append((text, field_of(s, "sent_id", "id", at, default=None)))
+        else:
+            out.append((check(s, "str", at), None))
     return out
+
+
+def _text_problem(text: str, where: str) -> Optional[tuple[str, str]]:
+    """The skip ``(reason, detail)`` of an empty expression (it would be scored as the bare prompt), else None."""
+    return None if text.strip() else (EMPTY_EXPRESSION, f"{where}: the expression is empty; there is nothing to ground")
 
 
 class BoxConventionWarning(UserWarning):
@@ -188,59 +188,54 @@ def load_refer(data_root, dataset: str, split: str, split_by: Optional[str] = No
     split_by = split_by or DEFAULT_SPLIT_BY.get(dataset, "unc")
     folder = Path(data_root) / dataset
     refs_path = folder / f"refs({split_by}).p"
-    if not refs_path.is_file():
+    if not (refs_path.exists() or refs_path.is_symlink()):  # present but not a readable file: _read_pickle says what it is
         if not folder.is_dir():
             others = sorted(p.name for p in Path(data_root).iterdir() if p.is_dir()) if Path(data_root).is_dir() else []
             raise FalipError(f"dataset folder not found: {folder}" + (f" (present: {', '.join(others)})" if others else ""))
         present = sorted(p.name for p in folder.glob("refs(*).p"))
         raise FalipError(f"refs file not found: {refs_path}" + (f" (present: {', '.join(present)})" if present else ""))
-    refs = _read_pickle(refs_path)
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise FalipError(f"{refs_path} must hold a list of refs (dicts), got {type(refs).__name__}")
+    refs = check(_read_pickle(refs_path), "list", str(refs_path), "the refs pickle")
     instances_path = folder / "instances.json"
     instances = _read_json(instances_path, "COCO instances file")
-    if not isinstance(instances, dict) or "annotations" not in instances:
-        raise FalipError(f"{instances_path} has no 'annotations' list (expected COCO instances JSON)")
-
+    where = f"{instances_path} (COCO instances)"
     images: dict[str, list[str]] = {}
-    for img in instances.get("images", []):
-        images[str(img["id"])] = [img["file_name"]]
+    for i, img in enumerate(field_of(instances, "images", "list", where, default=[])):
+        at = f"{instances_path}: images[{i}]"
+        images[field_of(img, "id", "id", at)] = [field_of(img, "file_name", "str", at)]
     annotations: dict[str, list[Proposal]] = {}
-    for i, ann in enumerate(instances["annotations"]):
-        try:
-            key, ann_id = str(ann["image_id"]), str(ann["id"])
-        except (KeyError, TypeError):
-            raise FalipError(f"{instances_path}: annotation {i} lacks 'id' or 'image_id'") from None
-        bbox = _bbox(ann.get("bbox"), f"{instances_path}: annotation {ann_id}")
-        annotations.setdefault(key, []).append(Proposal(bbox, ann_id, ann.get("segmentation") or None))
+    for i, ann in enumerate(field_of(instances, "annotations", "list", where)):
+        at = f"{instances_path}: annotations[{i}]"
+        key, ann_id = field_of(ann, "image_id", "id", at), field_of(ann, "id", "id", at)
+        annotations.setdefault(key, []).append(
+            Proposal(field_of(ann, "bbox", "box", at, form=XYWH_FORM), ann_id, ann.get("segmentation") or None)
+        )
 
     samples, seen = [], {}
     for i, ref in enumerate(refs):
         where = f"{refs_path}: ref {i}"
-        missing = [k for k in ("ref_id", "ann_id", "image_id", "split", "sentences") if k not in ref]
-        if missing:
-            raise FalipError(f"{where} lacks {', '.join(missing)}")
-        if ref["split"] != split:
+        ref_split = field_of(require(ref, ("ref_id", "ann_id", "image_id", "split", "sentences"), where), "split", "str", where)
+        ref_id, ann_id, image_id = (field_of(ref, k, "id", where) for k in ("ref_id", "ann_id", "image_id"))
+        sentences = _sentences(field_of(ref, "sentences", "list", where), where)
+        if ref_split != split:
             continue
-        image_id, ann_id = str(ref["image_id"]), str(ref["ann_id"])
-        if image_id not in images and "file_name" in ref:
-            images[image_id] = _image_file_names(ref["file_name"])
+        file_name = field_of(ref, "file_name", "str", where, default=None)
+        if image_id not in images and file_name is not None:
+            images[image_id] = _image_file_names(file_name)
         known = any(p.ann_id == ann_id for p in annotations.get(image_id, []))
         problem = (
             None
             if known
             else (
                 "unknown annotation",
-                f"ref {ref['ref_id']} points to annotation {ann_id} of image {image_id}, which {instances_path.name} lacks",
+                f"ref {ref_id} points to annotation {ann_id} of image {image_id}, which {instances_path.name} lacks",
             )
         )
-        raw = ref["sentences"]
-        for j, text in enumerate(_sentences(raw, where)):
-            sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
-            sid = str(sent_id) if sent_id is not None else f"{ref['ref_id']}:{j}"
-            _unique(seen, sid, f"{where} (ref_id {ref['ref_id']}) sentence {j}")
-            samples.append(RecSample(sid, image_id, text, (ann_id,), str(ref["ref_id"]), problem))
-    _check_split(samples, [r.get("split", "") for r in refs], split, str(refs_path))
+        for j, (text, sent_id) in enumerate(sentences):
+            sid = sent_id if sent_id is not None else f"{ref_id}:{j}"
+            at = f"{where} (ref_id {ref_id}) sentence {j}"
+            _unique(seen, sid, at)
+            samples.append(RecSample(sid, image_id, text, (ann_id,), ref_id, problem or _text_problem(text, at)))
+    _check_split(samples, [r["split"] for r in refs], split, str(refs_path))
     for s in samples:
         images.setdefault(s.image_id, [])
     source = dict(format="refer", refs=str(refs_path), instances=str(instances_path), split_by=split_by)
@@ -250,49 +245,45 @@ def load_refer(data_root, dataset: str, split: str, split_by: Optional[str] = No
 def load_reclip(path, split: str = "", name: str = "", detections=None) -> RecDataset:
     """Load ReCLIP's JSONL (one image-and-referent per line). ``split`` and ``name`` are labels only."""
     path = Path(path)
-    if not path.is_file():
-        raise FalipError(f"annotations file not found: {path}")
     images: dict[str, list[str]] = {}
     annotations: dict[str, list[Proposal]] = {}
     samples, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                datum = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FalipError(f"{where} is not valid JSON: {exc}") from exc
-            missing = [k for k in ("file_name", "image_id", "anns", "ann_id", "sentences") if k not in datum]
-            if missing:
-                raise FalipError(f"{where} lacks {', '.join(missing)} (expected ReCLIP JSONL)")
-            image_id = str(datum["image_id"])
-            images.setdefault(image_id, _image_file_names(datum["file_name"]))
-            known = {p.ann_id for p in annotations.get(image_id, [])}
-            for ann in datum["anns"]:
-                if not isinstance(ann, dict) or "id" not in ann:
-                    raise FalipError(f"{where}: every entry of 'anns' needs an 'id' and a 'bbox'")
-                if str(ann["id"]) not in known:
-                    known.add(str(ann["id"]))
-                    proposal = Proposal(
-                        _bbox(ann.get("bbox"), f"{where}: ann {ann['id']}"), str(ann["id"]), ann.get("segmentation") or None
-                    )
-                    annotations.setdefault(image_id, []).append(proposal)
-            targets = datum["ann_id"] if isinstance(datum["ann_id"], list) else [datum["ann_id"]]
-            targets = tuple(str(t) for t in targets)
-            unknown = [t for t in targets if t not in known]
-            problem = (
-                ("unknown annotation", f"{where}: ann_id {', '.join(unknown)} is not among the line's anns")
-                if unknown or not targets
-                else None
-            )
-            raw = datum["sentences"]
-            for j, text in enumerate(_sentences(raw, where)):
-                sent_id = raw[j].get("sent_id") if isinstance(raw[j], dict) else None
-                sid = str(sent_id) if sent_id is not None else f"{lineno}:{j}"
-                _unique(seen, sid, f"{where} sentence {j}")
-                samples.append(RecSample(sid, image_id, text, targets, None, problem))
+    for lineno, line in enumerate(text_lines(path, "annotations file"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            datum = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise FalipError(f"{where} is not valid JSON: {exc}") from None
+        require(datum, ("file_name", "image_id", "anns", "ann_id", "sentences"), where, "ReCLIP JSONL")
+        image_id = field_of(datum, "image_id", "id", where)
+        file_name = field_of(datum, "file_name", "str", where)
+        images.setdefault(image_id, _image_file_names(file_name))
+        known = {p.ann_id for p in annotations.get(image_id, [])}
+        for k, ann in enumerate(field_of(datum, "anns", "list", where)):
+            at = f"{where}: anns[{k}]"
+            ann_id = field_of(ann, "id", "id", at)
+            if ann_id not in known:
+                known.add(ann_id)
+                proposal = Proposal(field_of(ann, "bbox", "box", at, form=XYWH_FORM), ann_id, ann.get("segmentation") or None)
+                annotations.setdefault(image_id, []).append(proposal)
+        raw_targets = datum.get("ann_id")
+        targets = tuple(
+            check(t, "id", where, "'ann_id'")
+            for t in (field_of(datum, "ann_id", "list", where) if isinstance(raw_targets, list) else [raw_targets])
+        )
+        unknown = [t for t in targets if t not in known]
+        problem = (
+            ("unknown annotation", f"{where}: ann_id {', '.join(unknown)} is not among the line's anns")
+            if unknown or not targets
+            else None
+        )
+        for j, (text, sent_id) in enumerate(_sentences(field_of(datum, "sentences", "list", where), where)):
+            sid = sent_id if sent_id is not None else f"{lineno}:{j}"
+            at = f"{where} sentence {j}"
+            _unique(seen, sid, at)
+            samples.append(RecSample(sid, image_id, text, targets, None, problem or _text_problem(text, at)))
     if not samples:
         raise FalipError(f"{path} holds no referring expressions")
     source = dict(format="reclip", annotations=str(path))
@@ -309,10 +300,12 @@ def load_detections(path) -> dict[str, list[XYWH]]:
         raise FalipError(f"{path} must map image ids to lists of [x, y, w, h] boxes, got a {type(data).__name__}")
     out = {}
     for image_id, boxes in data.items():
-        if not isinstance(boxes, list):
-            raise FalipError(f"{path}: image {image_id} must map to a list of boxes, got {boxes!r}")
+        at = f"{path}: image {image_id}"
         out[str(image_id)] = [
-            _bbox(b.get("bbox", b.get("box")) if isinstance(b, dict) else b, f"{path}: image {image_id}") for b in boxes
+            field_of(b, "bbox" if "bbox" in b or "box" not in b else "box", "box", f"{at} box {k}", form=XYWH_FORM)
+            if isinstance(b, dict)
+            else check(b, "box", f"{at} box {k}", "a box", XYWH_FORM)
+            for k, b in enumerate(check(boxes, "list", at, "its boxes"))
         ]
     _warn_if_xyxy(out, path)
     return out

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..bias import FovealConfig
-from ..datasets.generic import RegionDataset, RegionSample, read_mask
+from ..datasets.generic import EmptyMaskError, RegionDataset, RegionSample, read_mask
 from ..digests import describe_inputs, file_stamp
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
@@ -156,6 +156,8 @@ def _sample_region(sample: RegionSample, size: tuple[int, int], class_index: dic
             raise SampleError("missing file", f"mask file not found: {sample.mask}")
         try:
             mask = read_mask(sample.mask, sample.mask_id)
+        except EmptyMaskError as exc:  # its message states the rule that read the mask
+            raise SampleError("empty mask", str(exc)) from exc
         except FalipError as exc:
             raise SampleError("unreadable file", str(exc)) from exc
         if mask.shape != (H, W):
@@ -163,13 +165,6 @@ def _sample_region(sample: RegionSample, size: tuple[int, int], class_index: dic
                 "mask size mismatch",
                 f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but image {sample.image} is {W}x{H}",
             )
-        if not mask.any():
-            what = (
-                f"no pixel with class id {sample.mask_id}"
-                if sample.mask_id is not None
-                else "no pixel inside: alpha or gray > 127, or 1 in a 0/1 mask"
-            )
-            raise SampleError("empty mask", f"mask {sample.mask} is empty ({what})")
         if not sample.mask_as_box:
             return mask
         ys, xs = np.nonzero(mask)
