@@ -206,7 +206,7 @@ def test_masks_are_regions_scored_as_falip_score_mask_scores_them(client, scene,
     [
         (b"not a png", 415, "masks: mask 0 (bad.png): not an image file"),
         ("small", 400, "masks: mask 0 (bad.png) is 10x10 but the image is 256x256"),
-        ("empty", 400, "masks: mask 0 (bad.png) is empty: no pixel inside"),
+        ("empty", 400, "bad.png is empty: no pixel inside"),
     ],
 )
 def test_bad_masks_are_a_4xx_naming_the_mask(client, scene, mask, status, fragment):
