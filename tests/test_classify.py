@@ -270,7 +270,14 @@ def test_generic_jsonl_reader_and_its_errors(tmp_path):
 def fake_model():
     """Scores only: no preprocessing (the loader ships the decoded images), runs on the CPU."""
     runtime = SimpleNamespace(logits=lambda image, text: 100.0 * image @ text.T)
-    return SimpleNamespace(runtime=runtime, config=FovealConfig(), device=torch.device("cpu"), preprocessor=lambda: None)
+    return SimpleNamespace(
+        runtime=runtime,
+        config=FovealConfig(),
+        device=torch.device("cpu"),
+        preprocessor=lambda: None,
+        info=lambda: {"name": "fake"},
+        preprocess="squash",
+    )
 
 
 def test_top1_top5_and_groups_on_constructed_embeddings(tmp_path, monkeypatch):
@@ -408,8 +415,9 @@ def test_bad_inputs_are_skipped_with_clear_reasons(model, generic_data, monkeypa
         cls, "encode_with_method_batch", lambda *a, **k: calls.append(dict(k, boxes_per_image=a[2])) or real(*a, **k)
     )
     ds = load_generic(generic_data / "regions.jsonl", generic_data / "classes.txt")
-    result = cls.evaluate(model, ds, generic_data / "out/r.json", templates="simple", progress=False)
+    result = cls.evaluate(model, ds, generic_data / "out/r.json", templates="simple", progress=False, allow_lost_inputs=True)
     m, skipped = result["metrics"], result["skipped"]
+    assert result["lost_inputs"]["count"] == 7 and result["lost_inputs"]["allowed"]
     assert m["n"] == 4 and m["skipped"] == 7 and m["top5"] is None and m["top1_g"] in (0.0, 100.0)
     assert skipped["by_reason"] == {
         "unknown label": 1,
@@ -486,6 +494,7 @@ def test_cli_generic_and_waterbirds_and_aggregate(checkpoint, generic_data, tmp_
             "simple",
             "--layers",
             "2-3",
+            "--allow-lost-inputs",
             "--output",
             str(out),
         ]
@@ -588,8 +597,9 @@ def test_batched_run_with_workers_equals_batch_size_1_inline(model, generic_data
     for name, batch_size, workers in [("single", 1, 0), ("batched", 8, 2)]:
         out = generic_data / f"{method}-{name}.json"
         result = cls.evaluate(
-            model, ds, out, method=method, templates="simple", batch_size=batch_size, workers=workers, progress=False
-        )
+            model, ds, out, method=method, templates="simple", batch_size=batch_size, workers=workers, progress=False,
+            allow_lost_inputs=True,
+        )  # fmt: skip
         lines = predictions_path(out).read_text().splitlines()[1:]
         runs[name] = (result["metrics"], result["skipped"], [json.loads(line) for line in lines])
     assert runs["batched"] == runs["single"]

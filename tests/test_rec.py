@@ -407,8 +407,8 @@ def test_gold_run_records_everything_and_counts_skips(model, data, tmp_path):
 
 def test_detector_run_clamps_and_drops_proposals_and_skips_images_without_any_when_asked(model, data, tmp_path):
     d = load_reclip(data / "refcoco_testA.jsonl", split="testA", name="refcoco", detections=data / "dets.json")
-    result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json", no_proposals="skip")
-    assert result["proposals"] == "detector"
+    result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json", no_proposals="skip", allow_lost_inputs=True)
+    assert result["proposals"] == "detector" and result["lost_inputs"]["count"] == 4
     assert result["skipped"]["by_reason"] == {
         "unknown annotation": 1,
         "missing image": 1,
@@ -427,7 +427,7 @@ def test_detector_run_clamps_and_drops_proposals_and_skips_images_without_any_wh
 def test_image_without_proposals_is_scored_on_the_whole_image_and_counted_by_default(model, data, tmp_path):
     """The reference (main.py): no detections for an image → the whole image is the only proposal."""
     d = load_reclip(data / "refcoco_testA.jsonl", split="testA", name="refcoco", detections=data / "dets.json")
-    result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json")
+    result = run(RegionScorer([model], "crop"), d, data, tmp_path / "r.json", allow_lost_inputs=True)
     assert "no proposals" not in result["skipped"]["by_reason"] and result["config"]["edit_style"] == "reference"
     records = [r for r in lines(tmp_path / "r.predictions.jsonl") if r.get("image_id") == "2" and "skipped" not in r]
     assert records and result["run"]["no_proposals"] == {"policy": "whole-image", "images": 1, "expressions": len(records)}
@@ -484,7 +484,7 @@ def test_correct_iff_iou_strictly_above_half(model, tmp_path, box, ann_ids, corr
 def test_region_outside_the_centre_crop_is_a_counted_skip(data, tmp_path):
     cropping = wrap(tiny_clip(224, 32, layers=3), preprocess="crop")
     d = load_reclip(data / "refcoco_testA.jsonl", detections={"2": [[0, 0, 8, 80]]})  # left strip of a 100x80 image
-    result = run(RegionScorer([cropping], "falip"), d, data, tmp_path / "r.json")
+    result = run(RegionScorer([cropping], "falip"), d, data, tmp_path / "r.json", allow_lost_inputs=True)
     assert result["skipped"]["by_reason"]["invalid region"] == 1
     assert "centre crop" in [e for e in result["skipped"]["examples"] if e["reason"] == "invalid region"][0]["detail"]
 
@@ -572,6 +572,7 @@ def test_cli_both_formats_options_and_aggregate(data, checkpoint, tmp_path, caps
                 "clean",
                 "--no-proposals",
                 "skip",
+                "--allow-lost-inputs",
                 "--output",
                 str(tmp_path / "b.json"),
             ]

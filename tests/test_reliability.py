@@ -36,10 +36,12 @@ from falip.results import (
     ResumeMismatchError,
     RunRecorder,
     predictions_path,
+    process_identity,
 )
 from falip.tasks.classify import evaluate as classify_evaluate
 from falip.tasks.rec import RegionScorer
 from falip.tasks.rec import evaluate as rec_evaluate
+from falip.tasks.run import LostInputsError
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +148,9 @@ def generic(tmp_path):
     return root
 
 
-def classify_run(model, root, output, image_root=None, resume=True):
+def classify_run(model, root, output, image_root=None, resume=True, **kw):
     dataset = load_generic(root / "regions.jsonl", root / "classes.txt", image_root or root)
-    return classify_evaluate(model, dataset, output, templates="simple", resume=resume, workers=0, progress=False)
+    return classify_evaluate(model, dataset, output, templates="simple", resume=resume, workers=0, progress=False, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +246,9 @@ def test_a_second_process_on_the_same_output_is_refused_and_a_stale_lock_is_take
         RunRecorder(tmp_path / "r.json", task="t", config={})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock.write_text(str(dead.pid))
+    lock.write_text(json.dumps({**process_identity(), "pid": dead.pid}))  # a dead process of this host and namespace
     rec = RunRecorder(tmp_path / "r.json", task="t", config={})
-    assert lock.read_text() == str(os.getpid())
+    assert json.loads(lock.read_text()) == process_identity()
     rec.finish({})
     assert not lock.exists()
 
@@ -352,8 +354,10 @@ def test_images_over_the_bomb_limit_are_refused_alone_and_skipped_in_runs(tmp_pa
     code = main(["score", str(generic / "images" / "a.png"), "--box", "0,0,10,10", "--text", "x", "--model", str(ckpt)])
     err = capsys.readouterr().err
     assert code == 2 and "decompression-bomb" in err and len(err.strip().splitlines()) == 1
-    result = classify_run(falip.load(str(ckpt)), generic, tmp_path / "r.json")
-    assert result["skipped"]["by_reason"] == {"image too large": 3}
+    with pytest.raises(LostInputsError, match=r"3 of 3 regions lost \(3 skipped: image too large\).*--allow-lost-inputs"):
+        classify_run(falip.load(str(ckpt)), generic, tmp_path / "r.json")  # every region lost: no results without asking
+    result = classify_run(falip.load(str(ckpt)), generic, tmp_path / "r.json", allow_lost_inputs=True)
+    assert result["skipped"]["by_reason"] == {"image too large": 3} and result["metrics"]["top1"] is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -202,12 +202,14 @@ def checked(step: Callable[[], T]) -> T:
     return value
 
 
-def open_recorder(output, task: str, config: dict, *, resume: bool = True, predictions=None, inputs=None) -> RunRecorder:
+def open_recorder(
+    output, task: str, config: dict, *, resume: bool = True, predictions=None, inputs=None, reads=()
+) -> RunRecorder:
     """The :class:`~falip.results.RunRecorder` of this rank: the plain recorder outside a distributed run;
     inside one, rank 0 first absorbs an interrupted run's shards into the predictions file (or, without
     ``resume``, empties it), then every rank opens its shard."""
     rank = current()
-    options = dict(resume=resume, predictions=predictions, inputs=inputs)
+    options = dict(resume=resume, predictions=predictions, inputs=inputs, reads=list(reads))
     if rank is None:
         return RunRecorder(output, task, config, **options)
     checked(lambda: RunRecorder(output, task, config, **options).close() if rank.rank == 0 else None)

@@ -21,11 +21,14 @@ the file itself), so an interrupted distributed run resumes with or without torc
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
 import re
+import socket
 import time
 import warnings
 import weakref
@@ -33,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from .errors import FalipError
 from .files import atomic_write
@@ -49,6 +52,33 @@ class ResumeMismatchError(FalipError):
 
 class OutputInUseError(FalipError):
     """Another live process (or recorder) is writing the same outputs."""
+
+
+class OutputWriteError(FalipError, OSError):
+    """Writing an output failed (full disk, file-size limit, I/O error); the message names the file."""
+
+    def __init__(self, path, exc: OSError):
+        OSError.__init__(self, exc.errno, exc.strerror, str(path))
+        self.message = (
+            f"cannot write {path}: {exc.strerror or exc}"
+            + (" (free some space, or write the outputs elsewhere)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+            + (" (the file-size limit, ulimit -f, or the file system's largest file)" if exc.errno == errno.EFBIG else "")
+            + "; what was written before is kept and a rerun resumes from it"
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn an ``OSError`` while writing ``path`` into an :class:`OutputWriteError` that names it."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(path, exc) from exc
 
 
 def predictions_path(output: Path) -> Path:
@@ -127,6 +157,46 @@ def check_output_path(path, what: str = "output") -> Path:
     return path
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_apart(outputs: dict, reads: Iterable) -> None:
+    """:class:`FalipError` when an output (``{what: path}``, e.g. ``--output``) is one of the files the run
+    ``reads`` (annotations, classes, templates, detections, weights, images …): it would be destroyed."""
+    reads = [Path(r).expanduser() for r in reads if r is not None]
+    for what, out in outputs.items():
+        if out is None:
+            continue
+        out = Path(out).expanduser()
+        for r in reads:
+            if _same_file(out, r):
+                raise FalipError(
+                    f"{what} {out} is an input of this run ({r}); writing it would destroy it: choose another {what}"
+                )
+
+
+def _written_by_falip(path: Path, kind: Literal["results", "predictions"]) -> bool:
+    """True when ``path`` is missing, empty, or a file falip writes (a results JSON, or a predictions file:
+    its first line is the ``{"config": ...}`` header); falip never replaces any other file."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return not path.exists() or path.is_file()
+        if kind == "predictions":
+            with open(path, "rb") as f:
+                return f.read(len(_HEADER_START)) == _HEADER_START
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and "task" in result and "metrics" in result
+
+
+_HEADER_START = b'{"config": '
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -139,51 +209,109 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_text(path: str) -> Optional[str]:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def process_identity() -> dict:
+    """Where this process runs: ``{pid, host, boot_id, pid_ns}`` — the host name, the kernel's boot id
+    (``/proc/sys/kernel/random/boot_id``) and the PID namespace (the inode of ``/proc/self/ns/pid``).
+    A PID means something only to a reader with the same host, boot id and PID namespace."""
+    try:
+        pid_ns: Optional[str] = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": pid_ns,
+    }
+
+
+_PLACE = ("host", "boot_id", "pid_ns")
 _HOLDERS: dict[str, weakref.ref] = {}  # lock path -> the recorder of this process holding it
 
 
 class _OutputLock:
-    """``<predictions>.lock`` holding the writer's PID: a second live writer is refused; a lock left
-    by a dead process is taken over; within one process a newer recorder supersedes an older one."""
+    """``<file>.lock`` holding the writer's :func:`process_identity`: a second live writer is refused; a
+    lock is taken over as stale only when it was written on this host, in this boot and PID namespace,
+    by a process that is gone (a lock from elsewhere, or one that cannot be read, is refused with how to
+    remove it); within one process a newer recorder supersedes an older one."""
 
     def __init__(self, target: Path, owner: RunRecorder):
         self.path = target.with_name(target.name + ".lock")
+        me = process_identity()
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                pid = self._holder()
-                if pid == os.getpid():
+                holder = self._holder()
+                here = holder is not None and all(holder.get(k) == me[k] for k in _PLACE)
+                if here and holder["pid"] == me["pid"]:
                     previous = _HOLDERS.get(str(self.path))
                     previous = previous() if previous else None
                     if previous is not None and previous is not owner:
                         previous._superseded = True
                     break
-                if pid is not None and _pid_alive(pid):
+                if here and _pid_alive(holder["pid"]):
                     raise OutputInUseError(
-                        f"{target} is being written by another falip process (PID {pid}, lock {self.path}); "
+                        f"{target} is being written by another falip process (PID {holder['pid']}, lock {self.path}); "
                         "wait for it to finish or choose another --output"
                     ) from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                if not here:
+                    raise OutputInUseError(self._foreign(target, holder, me)) from None
+                self.path.unlink(missing_ok=True)  # stale: its process, on this host and namespace, is gone
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(json.dumps(me))
             break
         else:
             raise OutputInUseError(f"cannot take the lock {self.path} on {target}")
         _HOLDERS[str(self.path)] = weakref.ref(owner)
 
-    def _holder(self) -> Optional[int]:
-        try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None  # unreadable or half-written: treated as stale
+    def _foreign(self, target: Path, holder: Optional[dict], me: dict) -> str:
+        """Why a lock this process cannot check is refused, and how to remove it."""
+        if holder is None:
+            who = "a lock that cannot be read"
+        elif set(_PLACE) - set(holder):
+            who = f"PID {holder['pid']} (a lock without its host and namespace)"
+        else:
+            where = [f"{k} {holder[k]}" for k in _PLACE if holder.get(k) != me[k]]
+            who = f"PID {holder['pid']} of another host or PID namespace ({', '.join(where)})"
+        return (
+            f"{target} is locked by {who}: lock {self.path}; if no falip process is writing it, delete {self.path} and run again"
+        )
+
+    def _holder(self) -> Optional[dict]:
+        """The lock's identity (a bare PID from an older falip: ``{"pid": n}``); None when it cannot be read."""
+        for attempt in range(5):  # a lock just created may not hold its identity yet
+            text = _read_text(str(self.path))
+            if text is not None:
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    value = None
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return {"pid": value}
+                if isinstance(value, dict) and isinstance(value.get("pid"), int):
+                    return value
+            time.sleep(0.02 * (attempt + 1))
+        return None
+
+    def held(self) -> bool:
+        holder = self._holder()
+        me = process_identity()
+        return holder is not None and all(holder.get(k) == me[k] for k in ("pid", *_PLACE))
 
     def release(self, owner: RunRecorder) -> None:
         ref = _HOLDERS.get(str(self.path))
         if ref is not None and ref() is owner:
             del _HOLDERS[str(self.path)]
-            if self._holder() == os.getpid():
+            if self.held():
                 self.path.unlink(missing_ok=True)
 
 
@@ -194,10 +322,11 @@ def _release_if_abandoned(lock_path: str) -> None:
         return
     _HOLDERS.pop(lock_path, None)
     try:
-        if int(Path(lock_path).read_text().strip()) == os.getpid():
-            Path(lock_path).unlink(missing_ok=True)
+        held = json.loads(Path(lock_path).read_text()) == process_identity()
     except (OSError, ValueError):
-        pass
+        held = False
+    if held:
+        Path(lock_path).unlink(missing_ok=True)
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], int]:
@@ -255,6 +384,7 @@ class RunRecorder:
         predictions=None,
         inputs: Optional[dict] = None,
         shard: Optional[tuple[int, int]] = None,
+        reads: Iterable = (),
     ):
         self.output = check_output_path(output, "output")
         self.task = task
@@ -265,6 +395,16 @@ class RunRecorder:
         )
         if self.main_path.resolve() == self.output.resolve():
             raise FalipError(f"the results JSON and the predictions file are the same file: {self.output}")
+        check_apart({"--output": self.output, "--predictions": self.main_path}, reads)
+        for path, kind, what in (
+            (self.output, "results", "a falip results JSON"),
+            (self.main_path, "predictions", "a falip predictions file"),
+        ):
+            if not _written_by_falip(path, kind):
+                raise FalipError(
+                    f"{path} exists and is not {what}; falip does not replace it: choose another "
+                    f"{'--output' if kind == 'results' else '--predictions'} (or move that file away)"
+                )
         self.shard = shard
         self.pred_path = self.main_path if shard is None else shard_path(self.main_path, *shard)
         self.done: dict[str, dict] = {}
@@ -273,22 +413,34 @@ class RunRecorder:
         self._superseded = False
         self._rewrite = False  # ids written more than once: compact the JSONL at the end
         self.fields: dict = {}  # added to the results JSON by whoever opened the recorder (e.g. a run's world size)
-        if resume and shard is None:
+        if shard is None:
             self._check_results_owner()
-        self._lock = _OutputLock(self.pred_path, self)
-        weakref.finalize(self, _release_if_abandoned, str(self._lock.path))
+        self._locks = [_OutputLock(self.pred_path, self)]
+        try:
+            if shard is None:
+                self._locks.append(_OutputLock(self.output, self))  # one writer of the results JSON too
+        except BaseException:
+            self._release()
+            raise
+        for lock in self._locks:
+            weakref.finalize(self, _release_if_abandoned, str(lock.path))
         try:
             if shard is not None:
                 if resume and self.main_path.is_file():
                     self._load(self.main_path)
-                self._file = open(self.pred_path, "w", encoding="utf-8")
+                with writing(self.pred_path):
+                    self._file = open(self.pred_path, "w", encoding="utf-8")
                 self._write(self._header())
             else:
                 self._open_predictions(resume)
             self.resumed = len(self.done)
         except BaseException:
-            self._lock.release(self)
+            self._release()
             raise
+
+    def _release(self) -> None:
+        for lock in self._locks:
+            lock.release(self)
 
     def _open_predictions(self, resume: bool) -> None:
         """Load (``resume``) the predictions file and the shards left next to it, then open it for appending."""
@@ -308,10 +460,9 @@ class RunRecorder:
             for lock in locks:
                 lock.release(self)
         self._rewrite = False
-        if loaded:
-            self._file = open(self.pred_path, "a", encoding="utf-8")
-        else:
-            self._file = open(self.pred_path, "w", encoding="utf-8")
+        with writing(self.pred_path):
+            self._file = open(self.pred_path, "a" if loaded else "w", encoding="utf-8")
+        if not loaded:
             self._write(self._header())
 
     def _header(self) -> dict:
@@ -329,7 +480,7 @@ class RunRecorder:
         if isinstance(name, str) and (self.output.parent / name).resolve() != self.pred_path.resolve():
             raise ResumeMismatchError(
                 f"{self.output} holds the results of predictions {self.output.parent / name}, not of {self.pred_path}; "
-                "use another --output for these predictions (or --no-resume to replace it)"
+                f"use another --output for these predictions, or delete {self.output} if those results are not needed"
             )
 
     def _load(self, path: Path) -> bool:
@@ -340,9 +491,7 @@ class RunRecorder:
             return False
         header = records[0] if records and "config" in records[0] else None
         if header is None:
-            raise ResumeMismatchError(
-                f"{path} is not a falip predictions file (no config header); use another --output, or --no-resume to overwrite it"
-            )
+            raise ResumeMismatchError(f"{path} is not a falip predictions file (no config header); use another --output")
         old = {"config": header.get("config"), "inputs": header.get("inputs", {})}
         new = {"config": self.config, "inputs": self.inputs}
         if _canonical(old) != _canonical(new):
@@ -368,13 +517,15 @@ class RunRecorder:
     def _compact(self) -> None:
         """Rewrite the JSONL atomically: the header, then one parseable line per sample (the latest)."""
         lines = [self._header(), *self.done.values()]
-        atomic_write(self.pred_path, "".join(json.dumps(r, default=str) + "\n" for r in lines))
+        with writing(self.pred_path):
+            atomic_write(self.pred_path, "".join(json.dumps(r, default=str) + "\n" for r in lines))
 
     def _write(self, record: dict) -> None:
         if self._superseded:
             raise OutputInUseError(f"{self.pred_path} was opened again by a newer run in this process; this one stopped")
-        self._file.write(json.dumps(record, default=str) + "\n")
-        self._file.flush()
+        with writing(self.pred_path):
+            self._file.write(json.dumps(record, default=str) + "\n")
+            self._file.flush()
 
     def add(self, sample_id, **fields) -> dict:
         record = {"id": str(sample_id), **fields}
@@ -403,8 +554,9 @@ class RunRecorder:
     def close(self) -> None:
         """Close the predictions file and release its lock (``finish`` does this too)."""
         if not self._file.closed:
-            self._file.close()
-        self._lock.release(self)
+            with writing(self.pred_path):
+                self._file.close()
+        self._release()
 
     def finish(self, metrics: dict, *, order: Optional[Sequence[str]] = None, **extra) -> dict:
         """Write the results JSON (atomically) and return it.
@@ -415,7 +567,8 @@ class RunRecorder:
             raise FalipError(f"{self.pred_path} is the shard of rank {self.shard[0]}: close it; rank 0 merges the shards")
         if self._superseded:
             raise OutputInUseError(f"{self.pred_path} was opened again by a newer run in this process; this one stopped")
-        self._file.close()
+        with writing(self.pred_path):
+            self._file.close()
         if order is not None:
             ordered = {i: self.done[i] for i in map(str, order) if i in self.done}
             ordered.update(self.done)
@@ -438,9 +591,10 @@ class RunRecorder:
             "elapsed_s": round(time.time() - self.started, 2),
         }
         try:
-            atomic_write(self.output, json.dumps(result, indent=2, default=str))
+            with writing(self.output):
+                atomic_write(self.output, json.dumps(result, indent=2, default=str))
         finally:
-            self._lock.release(self)
+            self._release()
         return result
 
 

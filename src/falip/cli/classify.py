@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from ..datasets.classification import DATASETS, REGIONS, load_dataset
 from ..datasets.generic import RegionDataset, load_generic, read_classes
 from ..errors import FalipError
 from ..methods import METHOD_HELP, parse_method
-from ..results import check_output_path
+from ..results import check_apart, check_output_path, predictions_path
 from ..tasks.classify import evaluate, rename_classes
 from ..zeroshot import load_templates
-from .common import add_bias_args, add_loader_args, add_model_args, check_loader_flags, load_from_args, settings_line
+from .common import (
+    add_bias_args,
+    add_loader_args,
+    add_model_args,
+    add_run_args,
+    check_loader_flags,
+    load_from_args,
+    settings_line,
+)
 
 
 def dataset_from_args(args: argparse.Namespace) -> RegionDataset:
@@ -39,6 +48,10 @@ def _fmt(value) -> str:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     check_output_path(args.output)
+    reads = [args.annotations, args.classes, args.classnames, args.templates, args.model, args.pretrained]
+    check_apart(
+        {"--output": args.output, "--predictions": predictions_path(args.output)}, [r for r in reads if r and Path(r).is_file()]
+    )
     check_loader_flags(args)
     method = parse_method(args.method)
     dataset = dataset_from_args(args)
@@ -50,7 +63,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
     run_config = dict(
         model=args.model,
         pretrained=args.pretrained,
-        preprocess=model.preprocess,
         precision=args.precision,
         templates=args.templates,
         region=args.region,
@@ -68,6 +80,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         workers=args.workers,
         batch_size=args.batch_size,
+        allow_lost_inputs=args.allow_lost_inputs,
     )
     m, speed = result["metrics"], result["speed"]
     print(
@@ -103,6 +116,7 @@ def register(sub) -> None:
     r.add_argument("--no-resume", action="store_true", help="recompute everything instead of resuming")
     r.add_argument("--limit", type=int, default=None, help="only the first N samples")
     add_loader_args(r, "images (and edited images per forward pass)")
+    add_run_args(r)
     add_model_args(p)
     add_bias_args(p)
     p.set_defaults(func=cmd_classify, distributed=True)

@@ -100,6 +100,15 @@ def add_loader_args(group, what: str = "images", default_batch: int = 16) -> Non
     )
 
 
+def add_run_args(group) -> None:
+    """``--allow-lost-inputs``: the options every evaluation run shares besides ``--output`` and the loader's."""
+    group.add_argument(
+        "--allow-lost-inputs",
+        action="store_true",
+        help="write results even when more than half of the items were skipped or scored without their region",
+    )
+
+
 def check_loader_flags(args: argparse.Namespace) -> None:
     """FalipError naming --batch-size / --workers when out of range (before the model is loaded)."""
     from ..tasks.loader import check_loader_args

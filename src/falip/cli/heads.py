@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from ..digests import describe_inputs
 from ..errors import FalipError
-from ..heads import STATISTICS, head_response, rank_heads
+from ..heads import STATISTICS
 from ..methods import METHOD_HELP, parse_method
-from ..results import RunRecorder
-from ..viz import attention_maps, draw_attention, draw_head_heatmap
-from .common import add_bias_args, add_model_args, load_from_args, parse_box, parse_index_list, settings_line
+from ..results import check_apart
+from ..viz import attention_maps, draw_attention
+from .common import add_bias_args, add_model_args, add_run_args, load_from_args, parse_box, parse_index_list, settings_line
 
 
 def _refuse_mode(args: argparse.Namespace) -> None:
@@ -44,58 +41,51 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_heads(args: argparse.Namespace) -> int:
     from ..datasets.generic import read_regions_jsonl
+    from ..tasks.heads import evaluate
 
     _refuse_mode(args)
     method = parse_method(args.prompt)
     if args.top < 1:
         raise FalipError(f"--top must be at least 1, got {args.top}")
+    out = Path(args.output)
+    reads = [r for r in (args.annotations, args.model, args.pretrained) if r and Path(r).is_file()]
+    for name in ("heads.json", "heads.predictions.jsonl", "heads.png"):
+        check_apart({"--output": out / name}, reads)
     samples = read_regions_jsonl(args.annotations, args.image_root)
     if args.limit is not None:
         if args.limit < 1:
             raise FalipError(f"--limit must be at least 1, got {args.limit}")
         samples = samples[: args.limit]
     model = load_from_args(args)
-    config = model.config
     if method.foveal:
         model.plan()  # fail before any output is written: e.g. --unleash on a block without the bias
     print(settings_line(model))
-    out = Path(args.output)
-    run_config = {
-        "task": "heads",
-        "method": method.name,
-        "statistic": args.statistic,
-        "model": args.model,
-        "pretrained": args.pretrained,
-        "preprocess": model.preprocess,
-        "annotations": str(args.annotations),
-        "image_root": str(args.image_root),
-        "limit": args.limit,
-        "falip": config.to_dict() if method.foveal else None,
-    }
-    inputs = describe_inputs([model], files={"annotations": args.annotations}, image_root=args.image_root)
-    recorder = RunRecorder(out / "heads.json", task="heads", config=run_config, resume=not args.no_resume, inputs=inputs)
-    result = head_response(model, samples, method.name, args.statistic, config, recorder=recorder)
-    ranking = rank_heads(result.response)
-    title = f"{method.name}: {args.statistic} change of each head's [CLS] term, n={result.n}"
-    heatmap = out / "heads.png"
-    draw_head_heatmap(result.response, title, top=args.top).save(heatmap)
-    recorder.finish(
-        metrics={"n": result.n, "max_response": float(result.response.max()), "mean_response": float(result.response.mean())},
-        prompt=method.name,
+    run_config = dict(
+        model=args.model,
+        pretrained=args.pretrained,
+        annotations=str(args.annotations),
+        image_root=str(args.image_root),
+        limit=args.limit,
+    )
+    result = evaluate(
+        model,
+        samples,
+        method.name,
+        out,
         statistic=args.statistic,
-        model=model.info(),
-        shape=["layers", "heads"],
-        response=np.round(result.response, 6).tolist(),
-        std=np.round(result.std, 6).tolist(),
-        ranking=ranking,
-        heatmap=heatmap.name,
+        config=model.config,
+        run_config=run_config,
+        files={"annotations": args.annotations},
+        image_root=args.image_root,
+        top=args.top,
+        resume=not args.no_resume,
+        allow_lost_inputs=args.allow_lost_inputs,
     )
-    print(
-        f"{result.n} regions ({len(result.skipped)} skipped); top {args.top} heads by {args.statistic} response to {method.name}:"
-    )
-    for entry in ranking[: args.top]:
+    n, skipped = result["metrics"]["n"], result["skipped"]["count"]
+    print(f"{n} regions ({skipped} skipped); top {args.top} heads by {args.statistic} response to {method.name}:")
+    for entry in result["ranking"][: args.top]:
         print(f"  block {entry['layer']:>2}  head {entry['head']:>2}  {entry['response']:.4g}")
-    print(f"wrote {out / 'heads.json'} and {heatmap}")
+    print(f"wrote {out / 'heads.json'} and {out / result['heatmap']}")
     return 0
 
 
@@ -127,6 +117,7 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="heads printed and outlined in the heatmap (default 10)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N regions")
     p.add_argument("--no-resume", action="store_true", help="recompute regions already in OUTPUT/heads.predictions.jsonl")
+    add_run_args(p)
     add_model_args(p)
     add_bias_args(p)
     p.set_defaults(func=cmd_heads, mode=None)

@@ -22,6 +22,7 @@ from ..pointcloud import (
     validate_points,
     views_grid,
 )
+from ..results import check_apart, check_output_path, predictions_path
 from ..tasks.pointcloud import (
     DEFAULT_CLOUD_BATCH,
     DEFAULT_TEMPLATES,
@@ -33,7 +34,15 @@ from ..tasks.pointcloud import (
     v2_presets,
 )
 from ..zeroshot import Templates, load_templates
-from .common import add_bias_args, add_loader_args, add_model_args, check_loader_flags, load_from_args, settings_line
+from .common import (
+    add_bias_args,
+    add_loader_args,
+    add_model_args,
+    add_run_args,
+    check_loader_flags,
+    load_from_args,
+    settings_line,
+)
 
 
 def parse_weights(text: str) -> list[float]:
@@ -71,7 +80,12 @@ def protocol_from_args(args: argparse.Namespace, dataset: str) -> tuple[Template
 
 def cmd_pointcloud(args: argparse.Namespace) -> int:
     check_loader_flags(args)
+    check_output_path(args.output)
     dataset = load_dataset(args.dataset, args.data_root, args.variant, args.split)
+    reads = [*dataset.files, args.templates, args.model, args.pretrained]
+    check_apart(
+        {"--output": args.output, "--predictions": predictions_path(args.output)}, [r for r in reads if r and Path(r).is_file()]
+    )
     templates, weights, source = protocol_from_args(args, dataset.name)
     model = load_from_args(args)
     print(settings_line(model))
@@ -80,21 +94,18 @@ def cmd_pointcloud(args: argparse.Namespace) -> int:
         view_weights=weights, config=model.config, mode=args.mode, up=args.up, max_points=args.max_points,
     )  # fmt: skip
     run_config = dict(
-        dataset=dataset.name, variant=dataset.variant, split=dataset.split, method=args.method, projection=args.projection,
-        views=list(classifier.view_names), view_weights=classifier.view_weights.tolist(), up=args.up,
-        max_points=args.max_points if classifier.authors else None, mask_dilation=classifier.mask_dilation,
-        pixels="no CLIP mean/std (as the authors)" if classifier.authors else "CLIP mean/std", model=args.model,
-        pretrained=args.pretrained, preprocess=model.preprocess, precision=args.precision, **source,
+        variant=dataset.variant, model=args.model, pretrained=args.pretrained, preprocess=model.preprocess,
+        precision=args.precision, **source,
     )  # fmt: skip
-    if args.method == "falip":
-        run_config.update(bias=model.config.to_dict(), mode=args.mode)
     result = evaluate(
-        classifier, dataset, args.output, run_config, args.batch_size, args.limit, resume=not args.no_resume, workers=args.workers
-    )
+        classifier, dataset, args.output, run_config, args.batch_size, args.limit, resume=not args.no_resume,
+        workers=args.workers, allow_lost_inputs=args.allow_lost_inputs,
+    )  # fmt: skip
     m = result["metrics"]
+    acc = "n/a" if m["acc"] is None else f"{m['acc']:.2f}%"
     print(
         f"{dataset.name} {dataset.split} {args.method} {args.projection} ({len(classifier.view_names)} views): "
-        f"acc {m['acc']:.2f}% on {m['n']} clouds, {m['skipped']} skipped -> {args.output}"
+        f"acc {acc} on {m['n']} clouds, {m['skipped']} skipped -> {args.output}"
     )
     return 0
 
@@ -159,6 +170,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N clouds")
     p.add_argument("--output", required=True, help="results JSON (predictions go next to it)")
     p.add_argument("--no-resume", action="store_true", help="overwrite earlier predictions instead of resuming")
+    add_run_args(p)
     add_model_args(p)
     add_bias_args(p)
     p.set_defaults(func=cmd_pointcloud, distributed=True)

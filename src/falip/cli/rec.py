@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..datasets.refer import DATASETS, RecDataset, load_reclip, load_refer
 from ..errors import FalipError
 from ..methods import METHOD_HELP
 from ..prompts import STYLES
-from ..results import check_output_path
+from ..results import check_apart, check_output_path, predictions_path
 from ..tasks.rec import AGGREGATES, N_CAPTIONS, NO_PROPOSALS, PROMPT, RegionScorer, draw_captions, evaluate, parse_methods
-from .common import add_bias_args, add_loader_args, add_model_args, check_loader_flags, load_from_args, settings_line
+from .common import (
+    add_bias_args,
+    add_loader_args,
+    add_model_args,
+    add_run_args,
+    check_loader_flags,
+    load_from_args,
+    settings_line,
+)
 
 
 def _load_data(args: argparse.Namespace) -> RecDataset:
@@ -40,6 +49,9 @@ def cmd_rec(args: argparse.Namespace) -> int:
     check_loader_flags(args)
     methods = parse_methods(args.method)
     data = _load_data(args)
+    reads = [args.annotations, args.detections, *data.source.values(), *(args.model or []), *(args.pretrained or [])]
+    predictions = args.predictions or predictions_path(args.output)
+    check_apart({"--output": args.output, "--predictions": predictions}, [r for r in reads if r and Path(r).is_file()])
     captions = draw_captions(data.split_expressions(), args.captions, args.seed) if args.subtract else None
     models = _load_models(args)
     for model in models:
@@ -54,18 +66,7 @@ def cmd_rec(args: argparse.Namespace) -> int:
         n_captions=args.captions,
         edit_style=args.edit_style,
     )
-    run_config = dict(
-        task="rec",
-        dataset=data.name,
-        split=data.split,
-        data=data.source,
-        proposals=data.proposal_source,
-        preprocess=[m.preprocess for m in models],
-        precision=args.precision,
-        seed=args.seed if args.subtract else None,
-        no_proposals=args.no_proposals,
-        **scorer.describe(),
-    )
+    run_config = dict(data=data.source, precision=args.precision, seed=args.seed if args.subtract else None)
     result = evaluate(
         scorer,
         data,
@@ -79,6 +80,7 @@ def cmd_rec(args: argparse.Namespace) -> int:
         no_proposals=args.no_proposals,
         batch_size=args.batch_size,
         workers=args.workers,
+        allow_lost_inputs=args.allow_lost_inputs,
         pretrained=[m.pretrained for m in models] if any(m.pretrained for m in models) else None,
         device=args.device,
     )
@@ -159,4 +161,5 @@ def register(sub) -> None:
     g.add_argument("--no-resume", action="store_true", help="overwrite existing predictions instead of continuing them")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_loader_args(g, "images (each with all its proposals, for all its sentences)")
+    add_run_args(g)
     p.set_defaults(func=cmd_rec, distributed=True)

@@ -13,10 +13,6 @@ an image edit such as ``blur`` or ``circle``, or ``falip+<edit>``) — the code 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,20 +21,20 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .. import distributed
 from ..bias import FovealConfig
 from ..datasets.generic import EmptyMaskError, RegionDataset, RegionSample, read_mask
-from ..digests import describe_inputs, file_stamp
+from ..digests import describe_inputs
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
-from ..images import ImageTooLargeError, RotationNotice, load_image
+from ..images import ImageTooLargeError, load_image
 from ..methods import Method, encode_with_method, encode_with_method_batch, parse_method
 from ..model import PreparedImage, Preprocessor
 from ..results import RunRecorder
 from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
-from .loader import DEFAULT_BATCH_SIZE, default_workers, load_batches
+from .loader import DEFAULT_BATCH_SIZE
+from .run import Run, Summary, digest, fingerprint, skip_reasons, weights_files
 
 
 class SampleError(FalipError):
@@ -300,6 +296,31 @@ def classification_metrics(records: Sequence[dict], num_classes: int, skipped: i
     return metrics, {k: groups[k] for k in sorted(groups)}
 
 
+def describe(
+    model,
+    classnames: Sequence[str],
+    templates: Union[Templates, str, None] = None,
+    method: Union[str, Method] = "falip",
+    config: Optional[FovealConfig] = None,
+    mode: str = "exact",
+) -> dict:
+    """Everything that determines a classification run's answers, JSON-able (its fingerprint): the model's
+    description, preprocessing, method, mode, bias, the classes and the digest of every class prompt (``prompts``)."""
+    method = parse_method(method) if isinstance(method, str) else method
+    templates = load_templates(templates) if templates is None or isinstance(templates, str) else templates
+    prompts = [[p + method.text_suffix for p in ps] for ps in class_prompts(classnames, templates)]
+    return dict(
+        models=[{k: v for k, v in model.info().items() if k != "device"}],
+        preprocess=model.preprocess,
+        method=method.name,
+        mode=mode,
+        bias=(config or model.config).to_dict(),
+        classes=digest(list(classnames)),
+        num_classes=len(classnames),
+        prompts=digest(prompts),
+    )
+
+
 def evaluate(
     model,
     dataset: RegionDataset,
@@ -313,11 +334,14 @@ def evaluate(
     workers: Optional[int] = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    allow_lost_inputs: bool = False,
 ) -> dict:
     """Classify every sample of ``dataset`` and write ``output`` (results JSON) and its predictions JSONL.
 
-    run_config: what identifies the run (model, templates, …) — stored with the results and
-    compared on resume; the method, mode, bias, dataset and classes are always added.
+    The run's fingerprint is :func:`describe` (model, method, mode, bias, classes, prompts by content)
+    with the dataset and split, plus the caller's ``run_config`` fields (:func:`falip.tasks.run.fingerprint`);
+    a resume with a different one is refused. Skipped samples count as lost: past half of the run, it
+    refuses unless ``allow_lost_inputs``.
     batch_size: images encoded together (and edited images per forward pass); workers: DataLoader
     processes reading and preprocessing images (default :func:`falip.tasks.loader.default_workers`; 0:
     inline). Predictions do not depend on either.
@@ -326,59 +350,34 @@ def evaluate(
     method = parse_method(method) if isinstance(method, str) else method
     config = config or model.config
     classnames = list(dataset.classnames)
-    class_index = {c: i for i, c in enumerate(classnames)}
-    run = dict(run_config or {})
-    run.update(
-        dataset=dataset.name,
-        split=dataset.split,
-        method=method.name,
-        mode=mode,
-        bias=config.to_dict(),
-        classes=hashlib.sha256(json.dumps(classnames).encode()).hexdigest()[:16],
-        num_classes=len(classnames),
-    )
-    inputs = describe_inputs([model], files=dataset.source)
-    rec = distributed.open_recorder(output, "classify", run, resume=resume, inputs=inputs)
-    for sample_id, reason, detail in dataset.problems if distributed.is_main() else ():
-        if sample_id not in rec.done:
-            rec.skip(sample_id, reason, detail)
-
-    classifier = text_classifier(model, classnames, templates, method)  # (C, E), once per run
-    rotated = RotationNotice()
-    stamps: dict[Path, Optional[str]] = {}
-
-    def stamp(path: Path) -> Optional[str]:
-        if path not in stamps:
-            stamps[path] = file_stamp(path)
-        return stamps[path]
-
-    def changed(s: RegionSample) -> bool:
-        """A resumed prediction whose image file was replaced since (it is computed again)."""
-        done = rec.done.get(s.id)
-        return done is not None and done.get("image_stamp") not in (None, stamp(s.image))
-
-    # Which samples this run computes: this rank's images, the samples not done yet (or whose image changed).
-    mine = [s for group in distributed.shard(group_by_image(dataset.samples)) for s in group]  # this rank's images
-    todo = [s for s in mine if s.id not in rec.done or changed(s)]
-    n_changed = sum(s.id in rec.done for s in todo)
-    groups = group_by_image(todo)
-    bar = tqdm(
-        total=len(mine),
-        initial=len(mine) - len(todo),
-        unit="region",
-        disable=not progress or not distributed.is_main(),
+    template_file = Path(templates) if isinstance(templates, str) and Path(templates).is_file() else None
+    templates = load_templates(templates) if templates is None or isinstance(templates, str) else templates
+    described = {**describe(model, classnames, templates, method, config, mode), "dataset": dataset.name, "split": dataset.split}
+    masks = [s.mask for s in dataset.samples if s.mask is not None]
+    run = Run(
+        "classify",
+        output,
+        fingerprint(described, run_config),
+        inputs=describe_inputs([model], files=dataset.source),
+        reads=[*dataset.source.values(), template_file, *weights_files([model]), *(s.image for s in dataset.samples), *masks],
+        resume=resume,
+        allow_lost_inputs=allow_lost_inputs,
+        progress=progress,
         desc=f"classify {dataset.name} {method.name}",
+        unit="region",
     )
-    topk = min(5, len(classnames))
+    for sample_id, reason, detail in dataset.problems if distributed.is_main() else ():
+        if sample_id not in run.rec.done:
+            run.rec.skip(sample_id, reason, detail)
+    classifier = text_classifier(model, classnames, templates, method)  # (C, E), once per run
+    class_index = {c: i for i, c in enumerate(classnames)}
     images: set[Path] = set()  # images encoded in this run
-    regions = 0
 
-    def write(group: ImageGroup, done: list, failed: list) -> None:
-        """Record a group's predictions (top-k of its region embeddings) and its skipped samples."""
-        nonlocal regions
+    def record(group: ImageGroup, done: list, failed: list) -> None:
+        """Record a group's predictions (top-k of its region embeddings ``done``) and its skipped samples."""
         if done:
             logits = _logits(model, torch.stack([e for _, e in done]), classifier)  # (K, C)
-            best = logits.topk(topk, dim=-1).indices.tolist()
+            best = logits.topk(min(5, len(classnames)), dim=-1).indices.tolist()
             for (s, _), top in zip(done, best):
                 truth = class_index[s.label]
                 fields = dict(
@@ -388,33 +387,29 @@ def evaluate(
                     correct=top[0] == truth,
                     correct5=truth in top,
                 )
-                rec.add(s.id, **fields, image_stamp=stamp(s.image), **({"group": s.group} if s.group else {}))
+                run.rec.add(s.id, **fields, image_stamp=run.stamp(s.image), **({"group": s.group} if s.group else {}))
             images.add(group.image_path)
-            regions += len(done)
+            run.count(regions=len(done))
         for s, err in list(group.failed) + failed:
-            rec.skip(s.id, err.reason, err.detail)
+            run.rec.skip(s.id, err.reason, err.detail)
 
+    work = run.plan(group_by_image(dataset.samples), lambda s: (s.id, s.image))
     # Workers decode and preprocess (pixels for methods without an edit); the model encodes a batch of images at once.
     loader = GroupLoader(class_index, None if method.edit else model.preprocessor())
-    workers = default_workers() if workers is None else workers
-    start = time.perf_counter()
     with torch.no_grad():
-        for batch in load_batches(groups, loader, batch_size, workers, model.device):
+        for batch in run.batches(work, loader, batch_size, workers, model.device):
             for group in batch:
                 for name, tag in group.rotations:
-                    rotated(name, tag)
+                    run.rotated(name, tag)
             for group, (done, failed) in zip(batch, _encode_groups(model, batch, method, config, mode, batch_size)):
-                write(group, done, failed)
-                bar.update(len(group.samples))
-    bar.close()
-    seconds = max(distributed.all_gather(time.perf_counter() - start, "classify seconds"))  # the slowest rank's
+                record(group, done, failed)
+                run.advance([s.id for s in group.samples])
+    seconds = run.seconds()
     images = set().union(*distributed.all_gather(images, "classify images"))
-    counts = distributed.sum_counts(dict(regions=regions, rotated=rotated.count, changed=n_changed))
-    if counts["changed"] and distributed.is_main():
-        warnings.warn(f"{counts['changed']} resumed predictions are computed again: their image files changed", stacklevel=2)
+    counts = run.totals("regions")
 
-    def write(rec: RunRecorder) -> dict:
-        """The metrics over every sample, and the results JSON (on rank 0 of a distributed run: of all ranks)."""
+    def summarize(rec: RunRecorder) -> Summary:
+        """The metrics over every sample (on rank 0 of a distributed run: of all ranks)."""
         current = [s.id for s in dataset.samples] + [p[0] for p in dataset.problems]
         records = [rec.done[i] for i in current if i in rec.done]
         ok = [r for r in records if "skipped" not in r]
@@ -427,14 +422,14 @@ def evaluate(
             regions_per_s=round(counts["regions"] / seconds, 2) if counts["regions"] and seconds > 0 else None,
             resumed=rec.resumed,
             exif_rotated_images=counts["rotated"],
-            recomputed_changed_images=counts["changed"],
+            recomputed_changed_images=run.changed,
         )
-        extra = dict(dataset=dataset.name, split=dataset.split, method=method.name, speed=speed)
+        fields = dict(dataset=dataset.name, split=dataset.split, method=method.name, speed=speed)
         if group_table:
-            extra["groups"] = group_table
-        return rec.finish(metrics, order=current, **extra)
+            fields["groups"] = group_table
+        return Summary(metrics, order=current, items=len(current), lost=skip_reasons(records), fields=fields)
 
-    return distributed.finish(rec, write)
+    return run.finish(summarize)
 
 
 def rename_classes(dataset: RegionDataset, names: Sequence[str]) -> RegionDataset:

@@ -27,9 +27,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .. import distributed
 from ..bias import FovealConfig
 from ..datasets.pointclouds import PointCloudDataset
 from ..digests import describe_inputs
@@ -50,8 +48,8 @@ from ..pointcloud import (
     view_foreground,
 )
 from ..results import RunRecorder
-from ..zeroshot import Templates, load_templates, zero_shot_classifier
-from .loader import default_workers, load_batches
+from ..zeroshot import Templates, class_prompts, load_templates, zero_shot_classifier
+from .run import Run, Summary, digest, fingerprint, skip_reasons, weights_files
 
 DEFAULT_TEMPLATES = ["point cloud depth map of a {}."]  # PointCLIP's trainers/zeroshot.py CUSTOM_TEMPLATES
 METHODS = ("none", "falip")
@@ -143,11 +141,33 @@ class PointCloudClassifier:
         if isinstance(templates, dict):
             templates = {str(k).replace("_", " "): v for k, v in templates.items()}
         self.classnames = list(classnames)
-        self.text = zero_shot_classifier(model, names, resolve_templates(None) if templates is None else templates)  # (C, E)
+        templates = resolve_templates(None) if templates is None else templates
+        self.prompts = class_prompts(names, templates)
+        self.text = zero_shot_classifier(model, names, templates)  # (C, E)
+
+    def describe(self) -> dict:
+        """Everything that determines the predictions, JSON-able (the run's fingerprint): the model, the
+        projection and its views and weights, the pixels, the method (with its bias and mode), the
+        classes and the digest of every class prompt (``prompts``)."""
+        return dict(
+            models=[{k: v for k, v in self.model.info().items() if k != "device"}],
+            method=self.method,
+            projection=self.projection,
+            views=list(self.view_names),
+            view_weights=self.view_weights.tolist(),
+            up=self.up,
+            max_points=self.max_points if self.authors else None,
+            mask_dilation=self.mask_dilation,
+            pixels="no CLIP mean/std (as the authors)" if self.authors else "CLIP mean/std",
+            **(dict(bias=(self.config or self.model.config).to_dict(), mode=self.mode) if self.method == "falip" else {}),
+            classes=digest(self.classnames),
+            prompts=digest(self.prompts),
+        )
 
     def render(self, points) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, P, 3)`` clouds → the pixels the ViT gets ``(B, V, 3, S, S)`` float32 (for ortho projections
-        before the model's mean/std; for the authors' exactly) and foreground masks ``(B, V, S, S)`` bool."""
+        before the model's mean/std; for the authors' exactly) and foreground masks ``(B, V, S, S)`` bool.
+        :class:`PointCloudError` naming the clouds (by batch index) whose views are not finite."""
         pts = validate_points(points).to(self.model.device)
         S = self.model.image_size
         if self.authors:
@@ -157,6 +177,13 @@ class PointCloudClassifier:
             depth = project(pts, self.views, self.projection, size=S, up=self.up)
             pixels = depth_to_image(depth)[:, :, None].expand(-1, -1, 3, -1, -1)
             masks = foreground(depth, self.mask_dilation)
+        bad = (~torch.isfinite(pixels.flatten(1)).all(1)).nonzero().flatten().tolist()
+        if bad:
+            scale = [f"{float(pts[b].abs().amax()):.3g}" for b in bad]
+            raise PointCloudError(
+                f"cloud(s) {bad} of the batch render to NaN or infinite {self.projection} views (largest coordinate "
+                f"{', '.join(scale)}: too large for float32 arithmetic)"
+            )
         return pixels.cpu(), masks.cpu()
 
     @torch.no_grad()
@@ -218,85 +245,93 @@ class CloudChecker:
         return sample_id, points, label, _check_sample(points, label, self.num_classes, self.up)
 
 
+def _predict(classifier: PointCloudClassifier, clouds: list[tuple[str, np.ndarray, int, None]]) -> dict:
+    """Predicted class of each cloud (its id → class), or ``(reason, detail)`` where it fails. Clouds of
+    different sizes are projected in separate calls; a call that fails is retried cloud by cloud, so a bad
+    cloud fails alone and no result depends on the batch size."""
+    out: dict[str, Union[int, tuple[str, str]]] = {}
+    for size in dict.fromkeys(len(c[1]) for c in clouds):
+        same = [c for c in clouds if len(c[1]) == size]
+        try:
+            pred = classifier.logits(np.stack([c[1] for c in same])).argmax(dim=1).tolist()
+        except FalipError as exc:
+            if len(same) == 1:
+                out[same[0][0]] = ("bad points" if isinstance(exc, PointCloudError) else "encode error", str(exc))
+            else:
+                for c in same:
+                    out.update(_predict(classifier, [c]))
+        else:
+            out.update({c[0]: p for c, p in zip(same, pred)})
+    return out
+
+
 def evaluate(
     classifier: PointCloudClassifier,
     dataset: PointCloudDataset,
     output,
-    run_config: dict,
+    run_config: Optional[dict] = None,
     batch_size: int = DEFAULT_CLOUD_BATCH,
     limit: Optional[int] = None,
     resume: bool = True,
     progress: bool = True,
     workers: Optional[int] = None,
+    allow_lost_inputs: bool = False,
 ) -> dict:
     """Classify the first ``limit`` (default all) clouds of ``dataset``; write and return the results.
 
-    ``batch_size`` clouds are checked by ``workers`` DataLoader processes (default
+    The run's fingerprint is :meth:`PointCloudClassifier.describe` with the dataset and split, plus the
+    caller's ``run_config`` fields (:func:`falip.tasks.run.fingerprint`); a resume with a different one is
+    refused. ``batch_size`` clouds are checked by ``workers`` DataLoader processes (default
     :func:`falip.tasks.loader.default_workers`; 0: inline) and their views (V per cloud) rendered and
-    encoded together. Metrics: ``acc`` (top-1, %), ``n`` (clouds classified), ``skipped`` (clouds that could not be).
+    encoded together. Metrics: ``acc`` (top-1, %; None without a classified cloud), ``n`` (clouds
+    classified), ``skipped`` (clouds that could not be). Skipped clouds are lost: past half of the run,
+    it refuses unless ``allow_lost_inputs``.
     """
     if batch_size < 1:
         raise FalipError(f"batch size must be >= 1, got {batch_size}")
-    inputs = describe_inputs([classifier.model], files={f"file{i}": p for i, p in enumerate(dataset.files)})
-    rec = distributed.open_recorder(output, "pointcloud", run_config, resume=resume, inputs=inputs)
-    C = len(classifier.classnames)
-    total = len(dataset) if limit is None else min(limit, len(dataset))
-
-    def predict(clouds: list[tuple[str, np.ndarray, int, None]]) -> dict[str, Union[int, tuple[str, str]]]:
-        """Predicted class of each cloud (its id → class), or ``(reason, detail)`` when encoding fails.
-        Clouds of different sizes are projected in separate calls."""
-        out: dict[str, Union[int, tuple[str, str]]] = {}
-        sizes = list(dict.fromkeys(len(c[1]) for c in clouds))
-        for size in sizes:
-            same = [c for c in clouds if len(c[1]) == size]
-            try:
-                pred = classifier.logits(np.stack([c[1] for c in same])).argmax(dim=1).tolist()
-            except FalipError as exc:
-                out.update({c[0]: ("encode error", str(exc)) for c in same})
-            else:
-                out.update({c[0]: p for c, p in zip(same, pred)})
-        return out
-
-    def write(sample_id: str, label: int, outcome: Union[int, tuple[str, str]]) -> None:
-        """Record one cloud: its prediction, or skipped with ``(reason, detail)``."""
-        if isinstance(outcome, tuple):
-            rec.skip(sample_id, *outcome)
-        else:
-            names = classifier.classnames
-            rec.add(
-                sample_id,
-                label=label,
-                pred=outcome,
-                correct=bool(outcome == label),
-                label_name=names[label],
-                pred_name=names[outcome],
-            )
-
-    # Which clouds this run computes: this rank's share of the first ``total``, those not done yet.
-    items = [item for _, item in zip(range(total), dataset)]
-    order = [item[0] for item in items]  # every cloud's id, in dataset order (rank 0 writes the results in it)
-    mine = set(distributed.shard(range(total)))  # this rank's clouds (all of them in a single process)
-    todo = [item for index, item in enumerate(items) if index in mine and item[0] not in rec.done]
-    workers = default_workers() if workers is None else workers
-    bar = tqdm(
-        total=len(mine),
-        initial=len(mine) - len(todo),
+    described = {**classifier.describe(), "dataset": dataset.name, "split": dataset.split}
+    run = Run(
+        "pointcloud",
+        output,
+        fingerprint(described, run_config),
+        inputs=describe_inputs([classifier.model], files={f"file{i}": p for i, p in enumerate(dataset.files)}),
+        reads=[*dataset.files, *weights_files([classifier.model])],
+        resume=resume,
+        allow_lost_inputs=allow_lost_inputs,
+        progress=progress,
         desc=f"{dataset.name} {dataset.split}",
-        disable=not progress or not distributed.is_main(),
+        unit="cloud",
     )
-    for loaded in load_batches(todo, CloudChecker(C, classifier.up), batch_size, workers, classifier.model.device):
-        predicted = predict([c for c in loaded if c[3] is None])
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    items = [item for _, item in zip(range(total), dataset)]
+    work = [c for unit in run.plan([[item] for item in items], lambda item: (item[0], None)) for c in unit]
+    checker = CloudChecker(len(classifier.classnames), classifier.up)
+    for loaded in run.batches(work, checker, batch_size, workers, classifier.model.device):
+        predicted = _predict(classifier, [c for c in loaded if c[3] is None])
         for sample_id, _, label, problem in loaded:  # in dataset order, whatever the batch size
-            write(sample_id, label, problem or predicted[sample_id])
-        bar.update(len(loaded))
-    bar.close()
+            outcome = problem or predicted[sample_id]
+            if isinstance(outcome, tuple):
+                run.rec.skip(sample_id, *outcome)
+            else:
+                names = classifier.classnames
+                run.rec.add(
+                    sample_id,
+                    label=label,
+                    pred=outcome,
+                    correct=bool(outcome == label),
+                    label_name=names[label],
+                    pred_name=names[outcome],
+                )
+        run.advance([c[0] for c in loaded])
 
-    def results(rec: RunRecorder) -> dict:
-        """The metrics over every cloud, and the results JSON (on rank 0 of a distributed run: of all ranks)."""
-        records = rec.records()
-        acc = 100.0 * sum(r["correct"] for r in records) / len(records) if records else 0.0
-        skipped = rec.skipped_summary()["count"]
-        metrics = {"acc": acc, "n": len(records), "skipped": skipped}
-        return rec.finish(metrics, order=order, dataset=dataset.name, split=dataset.split)
+    def summarize(rec: RunRecorder) -> Summary:
+        """The metrics over every cloud (on rank 0 of a distributed run: of all ranks)."""
+        order = [item[0] for item in items]
+        current = [rec.done[i] for i in order if i in rec.done]
+        records = [r for r in current if "skipped" not in r]
+        acc = 100.0 * sum(r["correct"] for r in records) / len(records) if records else None
+        metrics = {"acc": acc, "n": len(records), "skipped": len(current) - len(records)}
+        fields = dict(dataset=dataset.name, split=dataset.split)
+        return Summary(metrics, order=order, items=len(order), lost=skip_reasons(current), fields=fields)
 
-    return distributed.finish(rec, results)
+    return run.finish(summarize)

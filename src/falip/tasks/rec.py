@@ -16,7 +16,6 @@ are cached; each image is decoded once.
 from __future__ import annotations
 
 import random
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..bias import FovealConfig
@@ -38,16 +36,17 @@ from ..datasets.refer import (
     segmentation_mask,
     xywh_to_xyxy,
 )
-from ..digests import describe_inputs, file_stamp
+from ..digests import describe_inputs
 from ..encode import MODES
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
-from ..images import ImageTooLargeError, RotationNotice, load_image
+from ..images import ImageTooLargeError, load_image
 from ..methods import METHOD_HELP, Method, encode_with_method_batch, parse_method
 from ..model import PreparedImage, Preprocessor
 from ..prompts import STYLES
 from ..results import RunRecorder
-from .loader import DEFAULT_BATCH_SIZE, default_workers, load_batches
+from .loader import DEFAULT_BATCH_SIZE
+from .run import Run, Summary, fingerprint, skip_reasons, weights_files
 
 PROMPT = "a photo of {}"
 AGGREGATES = ("sum", "max")
@@ -126,6 +125,7 @@ class RegionScorer:
         """Everything that determines the scores, JSON-able (stored with results, checked on resume)."""
         return dict(
             models=[{k: v for k, v in m.info().items() if k != "device"} for m in self.models],
+            preprocess=[m.preprocess for m in self.models],
             bias=[(self.config or m.config).to_dict() for m in self.models],
             bias_layers=[list(m.bias_layers(self.config)) for m in self.models],
             mode=self.mode,
@@ -402,6 +402,97 @@ def method_label(methods: Sequence[Method], aggregate: str, subtract: bool) -> s
     return label + ("+P" if subtract else "")
 
 
+def _encode(scorer: RegionScorer, batch: list[RecImage]) -> dict[int, list]:
+    """Region features of every image of ``batch`` that loaded (``id(image) → [model][method] → (K', E)``),
+    in one batched call; an image whose regions the model cannot use (e.g. outside the centre crop) fails
+    alone: its ``error`` becomes ``invalid region``."""
+    ready = [x for x in batch if x.samples and x.error is None]
+
+    def encode(xs: list[RecImage]) -> list:
+        prepared = [x.prepared for x in xs] if xs[0].prepared is not None else None
+        return scorer.encode_batch([x.image for x in xs], [x.boxes for x in xs], [x.masks for x in xs], prepared)
+
+    try:
+        return dict(zip(map(id, ready), encode(ready))) if ready else {}
+    except InvalidRegionError:
+        pass
+    features = {}
+    for x in ready:
+        try:
+            features[id(x)] = encode([x])[0]
+        except InvalidRegionError as exc:
+            x.error = ("invalid region", f"image {x.image_id}: {exc}")
+    return features
+
+
+def _record(run: Run, scorer: RegionScorer, data: RecDataset, image_root, loaded: RecImage, features) -> None:
+    """Record one image's sentences: each one's best proposal from the image's region ``features``, or a
+    skip (the sample's own problem, or the image's ``error``)."""
+
+    def skip(s: RecSample, reason: str, detail: str) -> None:
+        run.rec.add(s.id, skipped=reason, detail=detail, image_id=s.image_id, sentence=s.sentence)
+
+    for s in loaded.problems:
+        skip(s, *s.problem)
+    for name, tag in loaded.rotations:
+        run.rotated(name, tag)
+    run.count(**loaded.counts, whole_images=loaded.fallback is not None)
+    if loaded.error is not None:
+        for s in loaded.samples:
+            skip(s, *loaded.error)
+        return
+    if not loaded.samples:
+        return
+    run.count(images=1, expressions=len(loaded.samples))
+    proposals, gold = loaded.proposals, data.proposal_source == "gold"
+    kept = {proposals[k].ann_id for k in loaded.keep}
+    image = _existing(data, image_root, loaded.image_id)
+    logits = scorer.score(features, [s.sentence for s in loaded.samples])  # (T, K')
+    for s, row in zip(loaded.samples, logits):
+        k = loaded.keep[int(row.argmax())]
+        pred = proposals[k].bbox
+        targets = data.target_boxes(s)
+        overlap = max(iou(pred, t) for t in targets)
+        dropped = gold and not loaded.fallback and not kept & set(s.targets)  # its gold box had no area inside the image
+        run.rec.add(
+            s.id,
+            image_id=loaded.image_id,
+            ref_id=s.ref_id,
+            sentence=s.sentence,
+            target_ann_ids=list(s.targets),
+            target_boxes=[list(t) for t in targets],
+            pred_index=k,
+            pred_box=list(pred),
+            pred_ann_id=proposals[k].ann_id,
+            image_stamp=run.stamp(image) if image is not None else None,
+            iou=round(overlap, 4),
+            n_proposals=len(proposals),
+            scores=[round(float(v), 4) for v in row],
+            correct=overlap > 0.5,
+            **({"fallback": loaded.fallback} if loaded.fallback else {}),
+            **({"lost": "target box dropped"} if dropped else {}),
+        )
+
+
+def _existing(data: RecDataset, image_root, image_id: str) -> Optional[Path]:
+    """The file an image is read from (the first of its names that exists), or None."""
+    return next((p for p in _image_paths(data, image_root, image_id) if p.is_file()), None)
+
+
+def rec_metrics(records: Sequence[dict], skipped: int, counts: dict, seconds: float) -> dict:
+    """Accuracy (IoU > 0.5) in % over the scored expressions (``acc``) and over all of them (``acc_all``),
+    ``None`` when there are none; speed of this run's work."""
+    n_correct = sum(bool(r["correct"]) for r in records)
+    return {
+        "acc": 100.0 * n_correct / len(records) if records else None,
+        "n": len(records),
+        "skipped": skipped,
+        "acc_all": 100.0 * n_correct / (len(records) + skipped) if records else None,
+        "expr_per_s": counts["expressions"] / seconds if counts["expressions"] else None,
+        "images_per_s": counts["images"] / seconds if counts["images"] else None,
+    }
+
+
 def evaluate(
     scorer: RegionScorer,
     data: RecDataset,
@@ -416,16 +507,20 @@ def evaluate(
     no_proposals: str = "whole-image",
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: Optional[int] = None,
+    allow_lost_inputs: bool = False,
     **extra,
 ) -> dict:
     """Run REC over ``data`` and write the results JSON (and per-sample JSONL); returns the results dict.
 
-    ``run_config`` (default: :meth:`RegionScorer.describe`) is stored with the results and checked
-    on resume: a different config refuses to mix predictions. ``extra`` adds top-level fields.
+    The run's fingerprint is :meth:`RegionScorer.describe` with the dataset, split, proposals and
+    ``no_proposals``, plus the caller's ``run_config`` fields (:func:`falip.tasks.run.fingerprint`); a
+    resume with a different one refuses to mix predictions. ``extra`` adds top-level fields.
     Samples that cannot be evaluated are recorded as skipped with a reason; skipped samples are
     retried when a run is resumed. ``no_proposals``: an image without usable proposals is scored
     with the whole image as its only proposal, as the reference code does (``whole-image``: its
     sentences count, and ``run.no_proposals`` counts them), or its sentences are skipped (``skip``).
+    Skipped sentences, whole-image fallbacks and sentences whose gold target box was dropped are
+    *lost*: past half of the run, it refuses unless ``allow_lost_inputs`` (:func:`falip.tasks.run.lost_inputs`).
     ``batch_size``: images encoded together; ``workers``: DataLoader processes reading images and
     proposals (default :func:`falip.tasks.loader.default_workers`; 0: inline). Predictions do not depend on either.
     """
@@ -434,153 +529,43 @@ def evaluate(
     if no_proposals not in NO_PROPOSALS:
         raise ValueError(f"no_proposals must be one of {NO_PROPOSALS}, got {no_proposals!r}")
     samples = data.samples[:limit] if limit is not None else data.samples
-    config = run_config if run_config is not None else scorer.describe()
-    inputs = describe_inputs(
-        scorer.models,
-        files={k: data.source.get(k) for k in ("refs", "instances", "annotations", "detections")},
-        image_root=image_root,
+    described = dict(task="rec", dataset=data.name, split=data.split, proposals=data.proposal_source, no_proposals=no_proposals)
+    files = {k: data.source.get(k) for k in ("refs", "instances", "annotations", "detections")}
+    run = Run(
+        "rec",
+        output,
+        fingerprint({**scorer.describe(), **described}, run_config),
+        inputs=describe_inputs(scorer.models, files=files, image_root=image_root),
+        reads=[
+            *files.values(),
+            *weights_files(scorer.models),
+            *(p for i in data.images for p in _image_paths(data, image_root, i)),
+        ],
+        resume=resume,
+        predictions=predictions,
+        retry_skipped=True,
+        allow_lost_inputs=allow_lost_inputs,
+        progress=progress,
+        desc=f"rec {data.name} {data.split}",
+        unit="expression",
     )
-    rec = distributed.open_recorder(output, "rec", config, resume=resume, predictions=predictions, inputs=inputs)
-    need_masks = any(m.edit == "reverse_blur" for m in scorer.methods)
-    rotated = RotationNotice()
-    counts = dict(
-        images=0,
-        expressions=0,
-        proposals=0,
-        clamped=0,
-        dropped=0,
-        masks_missing=0,
-        correct=0,
-        scored=0,
-        whole_images=0,
-        whole_expressions=0,
-    )
-    stamps: dict[str, Optional[str]] = {}
-
-    def stamp(image_id: str) -> Optional[str]:
-        """Size and mtime of the image's file, read once per image."""
-        if image_id not in stamps:
-            found = [p for p in _image_paths(data, image_root, image_id) if p.is_file()]
-            stamps[image_id] = file_stamp(found[0]) if found else None
-        return stamps[image_id]
-
-    def changed(s: RecSample) -> bool:
-        """A resumed prediction whose image file was replaced since (it is computed again)."""
-        done = rec.done.get(s.id)
-        return done is not None and done.get("image_stamp") not in (None, stamp(s.image_id))
-
-    def pending(s: RecSample) -> bool:
-        return s.id not in rec.done or "skipped" in rec.done[s.id] or changed(s)
-
-    def skip(s: RecSample, reason: str, detail: str) -> None:
-        rec.add(s.id, skipped=reason, detail=detail, image_id=s.image_id, sentence=s.sentence)
-
-    def write(loaded: RecImage, features: Optional[list[list[torch.Tensor]]], error: Optional[tuple[str, str]]) -> None:
-        """Record one image's sentences: predictions from its proposals' ``features``, or skips with ``error``."""
-        for s in loaded.problems:
-            skip(s, *s.problem)
-        for name, tag in loaded.rotations:
-            rotated(name, tag)
-        for key, value in loaded.counts.items():
-            counts[key] += value
-        counts["whole_images"] += loaded.fallback is not None
-        if not loaded.samples:
-            return
-        if error is not None:
-            for s in loaded.samples:
-                skip(s, *error)
-            return
-        counts["images"] += 1
-        proposals = loaded.proposals
-        logits = scorer.score(features, [s.sentence for s in loaded.samples])  # (T, K')
-        for s, row in zip(loaded.samples, logits):
-            k = loaded.keep[int(row.argmax())]
-            pred = proposals[k].bbox
-            targets = data.target_boxes(s)
-            overlap = max(iou(pred, t) for t in targets)
-            rec.add(
-                s.id,
-                image_id=loaded.image_id,
-                ref_id=s.ref_id,
-                sentence=s.sentence,
-                target_ann_ids=list(s.targets),
-                target_boxes=[list(t) for t in targets],
-                pred_index=k,
-                pred_box=list(pred),
-                pred_ann_id=proposals[k].ann_id,
-                image_stamp=stamp(loaded.image_id),
-                iou=round(overlap, 4),
-                n_proposals=len(proposals),
-                scores=[round(float(v), 4) for v in row],
-                correct=overlap > 0.5,
-                **({"fallback": loaded.fallback} if loaded.fallback else {}),
-            )
-            counts["expressions"] += 1
-            counts["whole_expressions"] += loaded.fallback is not None
-
-    def encode(batch: list[RecImage]) -> list[tuple[Optional[list], Optional[tuple[str, str]]]]:
-        """``(features, error)`` per image: one batched call for the images that loaded; an image whose
-        regions the model cannot use (e.g. outside the centre crop) fails alone, with ``invalid region``."""
-        ready = [x for x in batch if x.samples and x.error is None]
-
-        def run(xs: list[RecImage]) -> list:
-            prepared = [x.prepared for x in xs] if xs[0].prepared is not None else None
-            return scorer.encode_batch([x.image for x in xs], [x.boxes for x in xs], [x.masks for x in xs], prepared)
-
-        try:
-            features = dict(zip(map(id, ready), run(ready))) if ready else {}
-        except InvalidRegionError:
-            features = {}
-            for x in ready:
-                try:
-                    features[id(x)] = run([x])[0]
-                except InvalidRegionError as exc:
-                    x.error = ("invalid region", f"image {x.image_id}: {exc}")
-        return [(features.get(id(x)), x.error) for x in batch]
-
-    # Which samples this run computes: this rank's images, their pending samples (known problems are skipped, not loaded).
     groups: dict[str, list[RecSample]] = {}
     for s in samples:
         groups.setdefault(s.image_id, []).append(s)
-    mine = distributed.shard(list(groups.items()))  # this rank's images (all of them in a single process)
-    own = [s for _, group in mine for s in group]
-    work = [(image_id, [s for s in group if pending(s)]) for image_id, group in mine]
-    work = [(image_id, todo) for image_id, todo in work if todo]
-
-    def tally(records: list[dict]) -> None:
-        """Running accuracy on the progress bar (resumed sentences included)."""
-        scored = [r for r in records if "correct" in r]
-        counts["scored"] += len(scored)
-        counts["correct"] += sum(r["correct"] for r in scored)
-        if counts["scored"]:
-            bar.set_postfix(acc=f"{100.0 * counts['correct'] / counts['scored']:.2f}")
-
-    n_changed = sum(changed(s) for s in samples)
-    if n_changed and distributed.is_main():
-        warnings.warn(f"{n_changed} resumed predictions are computed again: their image files changed", stacklevel=2)
-    started = time.perf_counter()
-    bar = tqdm(
-        total=len(own),
-        initial=sum(not pending(s) for s in own),
-        desc=f"rec {data.name} {data.split}",
-        unit="expr",
-        disable=not progress or not distributed.is_main(),
-    )
-    tally([rec.done[s.id] for s in own if not pending(s)])
+    image_of = {image_id: _existing(data, image_root, image_id) for image_id in groups}
+    work = run.plan(list(groups.values()), lambda s: (s.id, image_of[s.image_id]))
     # Workers read images and proposals and preprocess; each batch of images is encoded in one call per (model, method).
+    need_masks = any(m.edit == "reverse_blur" for m in scorer.methods)
     need_image = any(m.edit is not None for m in scorer.methods)
     preprocessors = tuple(m.preprocessor() for m in scorer.models) if any(m.edit is None for m in scorer.methods) else None
     loader = RecImageLoader(data, image_root, no_proposals, need_masks, need_image, preprocessors)
-    workers = default_workers() if workers is None else workers
-    for batch in load_batches(work, loader, batch_size, workers, scorer.models[0].device):
-        for loaded, (features, error) in zip(batch, encode(batch)):
-            write(loaded, features, error)
-            todo = loaded.problems + loaded.samples
-            bar.update(len(todo))
-            tally([rec.done[s.id] for s in todo])
-    bar.close()
-    elapsed = max(distributed.all_gather(time.perf_counter() - started, "rec elapsed"))  # the slowest rank's
-    counts = distributed.sum_counts({**counts, "rotated": rotated.count})
+    for batch in run.batches([(todo[0].image_id, todo) for todo in work], loader, batch_size, workers, scorer.models[0].device):
+        features = _encode(scorer, batch)
+        for loaded in batch:
+            _record(run, scorer, data, image_root, loaded, features.get(id(loaded)))
+            run.advance([s.id for s in loaded.problems + loaded.samples])
+    seconds = run.seconds()
+    counts = run.totals("images", "expressions", "proposals", "clamped", "dropped", "masks_missing", "whole_images")
     if counts["clamped"] >= max(3, CLAMP_WARNING_SHARE * counts["proposals"]) and distributed.is_main():
         warnings.warn(
             f"{counts['clamped']} of {counts['proposals']} {data.proposal_source} proposal boxes extended past their image "
@@ -589,28 +574,20 @@ def evaluate(
             stacklevel=2,
         )
 
-    def write(rec: RunRecorder) -> dict:
-        """The metrics over every sample, and the results JSON (on rank 0 of a distributed run: of all ranks)."""
-        records = [rec.done[s.id] for s in samples if "correct" in rec.done.get(s.id, {})]
-        n_skipped = sum(1 for s in samples if "skipped" in rec.done.get(s.id, {}))
-        n_correct = sum(bool(r["correct"]) for r in records)
-        metrics = {
-            "acc": 100.0 * n_correct / len(records) if records else None,
-            "n": len(records),
-            "skipped": n_skipped,
-            "acc_all": 100.0 * n_correct / (len(records) + n_skipped) if records or n_skipped else None,
-            "expr_per_s": counts["expressions"] / elapsed if counts["expressions"] else None,
-            "images_per_s": counts["images"] / elapsed if counts["images"] else None,
-        }
-        run = dict(
+    def summarize(rec: RunRecorder) -> Summary:
+        """The metrics over every sample (on rank 0 of a distributed run: of all ranks)."""
+        current = [rec.done[s.id] for s in samples if s.id in rec.done]
+        records = [r for r in current if "correct" in r]
+        whole = [r for r in records if r.get("fallback") == "whole image"]
+        run_info = dict(
             computed=counts["expressions"],
             resumed=rec.resumed,
-            recomputed_changed_images=n_changed,
+            recomputed_changed_images=run.changed,
             images_encoded=counts["images"],
             proposals_clamped=counts["clamped"],
             proposals_dropped=counts["dropped"],
             masks_missing=counts["masks_missing"] if need_masks else None,
-            no_proposals=dict(policy=no_proposals, images=counts["whole_images"], expressions=counts["whole_expressions"]),
+            no_proposals=dict(policy=no_proposals, images=counts["whole_images"], expressions=len(whole)),
             exif_rotated_images=counts["rotated"],
             limit=limit,
         )
@@ -621,6 +598,23 @@ def evaluate(
             method=method_label(scorer.methods, scorer.aggregate, scorer.captions is not None),
             proposals=data.proposal_source,
         )
-        return rec.finish(metrics, order=[s.id for s in samples], **{**fields, **extra}, run=run)
+        lost = {
+            **skip_reasons(current),
+            "scored on the whole image (no usable proposal)": len(whole),
+            "scored without their target (its gold box has no area inside the image)": sum("lost" in r for r in records),
+        }
+        return Summary(
+            metrics=rec_metrics(records, len(current) - len(records), counts, seconds),
+            order=[s.id for s in samples],
+            items=len(samples),
+            lost=lost,
+            notes={
+                f"{data.proposal_source} proposal boxes dropped (no area inside their image)": (
+                    counts["dropped"],
+                    counts["proposals"],
+                )
+            },
+            fields={**fields, **extra, "run": run_info},
+        )
 
-    return distributed.finish(rec, write)
+    return run.finish(summarize)
