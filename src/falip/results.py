@@ -276,14 +276,16 @@ class _OutputLock:
     def _foreign(self, target: Path, holder: Optional[dict], me: dict) -> str:
         """Why a lock this process cannot check is refused, and how to remove it."""
         if holder is None:
-            who = "a lock that cannot be read"
+            who = "another falip process (its lock cannot be read"
         elif set(_PLACE) - set(holder):
-            who = f"PID {holder['pid']} (a lock without its host and namespace)"
+            who = f"another falip process (PID {holder['pid']}, a lock without its host and PID namespace"
         else:
-            where = [f"{k} {holder[k]}" for k in _PLACE if holder.get(k) != me[k]]
-            who = f"PID {holder['pid']} of another host or PID namespace ({', '.join(where)})"
+            where = ", ".join(f"{k} {holder[k]}" for k in _PLACE if holder.get(k) != me[k])
+            who = f"another falip process (PID {holder['pid']} of another host or PID namespace: {where}"
         return (
-            f"{target} is locked by {who}: lock {self.path}; if no falip process is writing it, delete {self.path} and run again"
+            f"{target} is being written by {who}; lock {self.path}); falip cannot tell from here whether it still runs: "
+            f"wait for it to finish or choose another --output; if no falip process is writing it, delete {self.path} "
+            "and run again"
         )
 
     def _holder(self) -> Optional[dict]:

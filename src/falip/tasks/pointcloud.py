@@ -255,8 +255,11 @@ def _predict(classifier: PointCloudClassifier, clouds: list[tuple[str, np.ndarra
         try:
             pred = classifier.logits(np.stack([c[1] for c in same])).argmax(dim=1).tolist()
         except FalipError as exc:
-            if len(same) == 1:
-                out[same[0][0]] = ("bad points" if isinstance(exc, PointCloudError) else "encode error", str(exc))
+            if len(same) == 1 and isinstance(exc, PointCloudError):
+                out[same[0][0]] = ("bad points", str(exc))
+            elif len(same) == 1:
+                largest = float(np.abs(same[0][1]).max())
+                out[same[0][0]] = ("encode error", f"this cloud (largest |coordinate| {largest:.3g}) failed alone: {exc}")
             else:
                 for c in same:
                     out.update(_predict(classifier, [c]))

@@ -220,7 +220,7 @@ class Run:
 
     def seconds(self) -> float:
         """Wall time of the work, the slowest rank's."""
-        return max(distributed.all_gather(time.perf_counter() - self._started, f"{self.task} seconds"))
+        return max(distributed.all_gather(time.perf_counter() - self._started, f"{self.task} elapsed"))
 
     def totals(self, *names: str) -> dict:
         """The counters ``names`` (and ``rotated``: EXIF-tagged images) summed over all ranks."""
