@@ -231,6 +231,11 @@ def parse_texts(text: str, limits: Limits) -> list[str]:
             raise InputError(f"texts: text {i} must be a non-blank string, got {json.dumps(t)[:80]}")
         if len(t) > limits.max_text_chars:
             raise InputError(f"texts: text {i} has {len(t)} characters, over the limit of {limits.max_text_chars}")
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"texts: text {i} is not valid Unicode (a lone surrogate), got {json.dumps(t)[:80]}") from None
     return value
 
 
@@ -246,7 +251,7 @@ def parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise InputError(f"mode: unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        raise InputError(f"mode: unknown mode {mode[:80]!r}; use one of {', '.join(MODES)}")
     return mode
 
 
@@ -255,7 +260,7 @@ def check_method(method: str) -> str:
     try:
         return parse_method(method).name
     except ValueError:
-        raise InputError(f"method: unknown method {method!r}; use {METHOD_HELP}") from None
+        raise InputError(f"method: unknown method {method[:80]!r}; use {METHOD_HELP}") from None
 
 
 def png_data_uri(image: Image.Image) -> str:
