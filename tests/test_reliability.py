@@ -579,6 +579,7 @@ def test_allowed_hosts_follow_the_bind_address_and_the_allow_list():
 
 def test_stalled_uploads_are_closed_and_health_answers_meanwhile(tiny_model):
     """A bounded number of stalled clients on 127.0.0.1: 6 send headers and part of a body, 3 send nothing."""
+    import select
     import socket
     import threading
 
@@ -612,6 +613,22 @@ def test_stalled_uploads_are_closed_and_health_answers_meanwhile(tiny_model):
             answers.append(data)
         assert all(a.startswith(b"HTTP/1.1 408") and b"not received within 1 s" in a for a in answers[:6]), answers
         assert answers[6:] == [b"", b"", b""]
+        # A kept-alive connection: one answer, then a second request's headers trickled a byte at a time.
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=60)
+        trickle.sendall(f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        assert trickle.recv(4096).startswith(b"HTTP/1.1 200")
+        closed = False
+        for _ in range(40):  # up to 10 s of trickling; the server must close about 1 s after its answer
+            try:
+                if select.select([trickle], [], [], 0.25)[0] and trickle.recv(4096) == b"":
+                    closed = True
+                    break
+                trickle.sendall(b"G")
+            except ConnectionError:  # reset by the server: closed too
+                closed = True
+                break
+        trickle.close()
+        assert closed, "a kept-alive connection trickling its next request's headers was never closed"
         assert httpx.get(url + "api/health", timeout=60).status_code == 200
     finally:
         server.should_exit = True

@@ -273,8 +273,8 @@ def url_of(sock: socket.socket) -> str:
 
 def bounded_protocol(limits: Limits):
     """uvicorn's HTTP/1.1 protocol with two bounds: a connection beyond ``limits.max_connections`` is closed at
-    once, and one whose first request's headers have not arrived ``limits.read_timeout_s`` after it opened is
-    closed (the body's time bound is :class:`Guard`'s; idle keep-alive connections close after uvicorn's 5 s)."""
+    once, and one that has no request in progress ``limits.read_timeout_s`` after it opened or after its last
+    answer (headers that never complete, trickled or not) is closed. The body's time bound is :class:`Guard`'s."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class BoundedH11(H11Protocol):
@@ -284,10 +284,18 @@ def bounded_protocol(limits: Limits):
                 log.warning("%d connections open (--max-connections): closing a new one", len(self.connections) - 1)
                 transport.close()
                 return
-            self.loop.call_later(limits.read_timeout_s, self._close_without_request)
+            self._close_later()
 
-        def _close_without_request(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._close_later()
+
+        def _close_later(self) -> None:
+            self.loop.call_later(limits.read_timeout_s, self._close_if_no_request)
+
+        def _close_if_no_request(self) -> None:
+            idle = self.cycle is None or self.cycle.response_complete  # no request begun since the last answer
+            if idle and not self.transport.is_closing():
                 self.transport.close()
 
     return BoundedH11
