@@ -71,6 +71,7 @@ def test_demo_on_an_attention_pooled_model_says_why_there_are_no_maps(tmp_path):
     assert set(paths) == {"html", "summary"} and not (tmp_path / "attention.png").exists()
     page = paths["html"].read_text()
     assert "biases its attention probe towards the box" in page and "No attention maps" in page
+    assert "logit scale · cosine + logit bias (sigmoid logit)" in page  # a SigLIP-style score, by its name
     assert page.count("<table>") == 2
 
 

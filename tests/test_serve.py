@@ -160,6 +160,21 @@ def test_score_answers_with_the_score_table_shape_ties_and_the_score_name(client
     assert client.get("/api/health").json()["score"] == body["score"]
 
 
+def test_a_sigmoid_model_is_served_with_its_own_score_name(scene):
+    from fastapi.testclient import TestClient
+
+    from falip import FalipModel
+    from falip.app.server import create_app
+    from test_timm import runtime
+
+    model = FalipModel(runtime("falip_test_vit_map"), preprocess="squash")  # attention-pooled, sigmoid scores
+    client = TestClient(create_app(model), base_url="http://127.0.0.1:7860")
+    want = {"kind": "sigmoid", "name": "logit scale · cosine + logit bias (sigmoid logit)"}
+    assert client.get("/api/health").json()["score"] == want
+    r = score(client, png_bytes(scene.image), [list(o.box) for o in scene.objects], ["the blue star"])
+    assert r.status_code == 200 and r.json()["score"] == want, r.text
+
+
 def mask_png(size, box) -> bytes:
     m = np.zeros((size[1], size[0]), np.uint8)
     x0, y0, x1, y1 = (int(v) for v in box)
