@@ -15,7 +15,6 @@ masks are resampled with the same resize (area filter) and shift.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InvalidRegionError, RegionClampWarning
+from .notices import warn
 
 PREPROCESS_MODES = ("squash", "crop", "pad")
 
@@ -65,10 +65,9 @@ class ImageTransform:
         S = self.input_size
         x0, y0, x1, y1 = (float(v) for v in box)
         if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
-            warnings.warn(
-                f"box {index} {tuple(box)} extends outside the {W}x{H} image; clamped to it",
+            warn(
+                f"box {index} ({', '.join(f'{float(v):g}' for v in box)}) extends outside the {W}x{H} image; clamped to it",
                 RegionClampWarning,
-                stacklevel=3,
             )
         x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, W), min(y1, H)
         # The scale first, then x * scale: the reference's float operations (executor.py,

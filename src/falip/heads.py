@@ -10,7 +10,6 @@ encoding path applies it, and :func:`falip.methods.encode_unleashed` for prompts
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from .bias import FovealConfig
 from .errors import FalipError, ImageLoadError
 from .images import RotationNotice, load_image
 from .methods import Method, parse_method, prompted_input
+from .notices import warn
 from .trace import trace
 
 STATISTICS = ("l2", "relative", "cosine")
@@ -129,7 +129,7 @@ def head_response(
         try:
             image = load_image(sample.image, exif=False, on_rotation=rotated)
         except ImageLoadError as exc:
-            warnings.warn(f"sample {sample.id}: {exc}; skipped", stacklevel=2)
+            warn(f"sample {sample.id}: {exc}; skipped")
             skipped.append((sample.id, "unreadable image", str(exc)))
             if recorder is not None:
                 recorder.skip(sample.id, "unreadable image", str(exc))

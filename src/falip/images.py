@@ -24,7 +24,6 @@ import io
 import os
 import struct
 import threading
-import warnings
 import zlib
 from collections.abc import Callable
 from typing import Optional, Union
@@ -34,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError
 from .inputs import check_path
+from .notices import warn
 
 EXIF_ORIENTATION = 0x0112
 
@@ -58,12 +58,10 @@ class RotationNotice:
             self.count += 1
             first = self.count == 1
         if first:
-            warnings.warn(
-                ExifIgnoredWarning(
-                    f"{name} carries EXIF orientation {tag}: dataset images are read in their stored pixel orientation, "
-                    "which COCO/RefCOCO annotations assume (further tagged images are counted in the results, not reported)"
-                ),
-                stacklevel=2,
+            warn(
+                f"{name} carries EXIF orientation {tag}: dataset images are read in their stored pixel orientation, "
+                "which COCO/RefCOCO annotations assume (further tagged images are counted in the results, not reported)",
+                ExifIgnoredWarning,
             )
 
 

@@ -30,7 +30,6 @@ import os
 import re
 import socket
 import time
-import warnings
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -40,6 +39,7 @@ from typing import Literal, Optional
 
 from .errors import FalipError
 from .files import atomic_write
+from .notices import warn
 from .version import __version__
 
 MAX_SKIP_EXAMPLES = 50
@@ -509,10 +509,7 @@ class RunRecorder:
             if "id" in record:
                 self.done[str(record["id"])] = record
         if bad:
-            warnings.warn(
-                f"{path}: dropped {bad} cut or garbled line(s) left by an interrupted run; those samples are computed again",
-                stacklevel=4,
-            )
+            warn(f"{path}: dropped {bad} cut or garbled line(s) left by an interrupted run; those samples are computed again")
         self._rewrite |= bool(bad) or len(ids) != len(set(ids))
         return True
 

@@ -14,12 +14,15 @@ import argparse
 import contextlib
 import importlib
 import io
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Optional
 
 from .. import distributed
 from ..errors import FalipError
+from ..notices import cli_warning_line
 
 # Modules that add their own subcommands through ``register(subparsers)``, in help order.
 COMMAND_MODULES = (
@@ -43,8 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A comma list of numbers that starts with a minus sign (``--box -50,-50,100,100``), which argparse takes for an option.
+_NEGATIVE_LIST = re.compile(r"-\d[\d.eE+-]*(?:,\s*[-+]?[\d.eE+-]+)+")
+
+
+def attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--box", "-50,-50,100,100"]`` → ``["--box=-50,-50,100,100"]``: an option's value that is a list of
+    numbers starting with ``-`` stays that option's value."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_LIST.fullmatch(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Each warning as one ``falip: warning: …`` line (no file path, no source line)."""
+    print(cli_warning_line(message), file=sys.stderr if file is None else file)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (FalipError, ValueError) as exc:

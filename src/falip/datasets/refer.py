@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import FalipError
 from ..inputs import check, check_path, field_of, read_text, require, text_lines
+from ..notices import warn
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # other folders: unc
@@ -322,11 +322,10 @@ def _warn_if_xyxy(detections: dict[str, list[XYWH]], path: Path) -> None:
         return
     share = float(np.mean((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])))
     if share >= XYXY_SUSPICION and np.any(boxes[:, 0] > 0):
-        warnings.warn(
+        warn(
             f"{path}: {share:.0%} of the {len(boxes)} detections have w > x and h > y, as [x0, y0, x1, y1] boxes would; "
             "detections must be [x, y, w, h] (COCO): convert with w = x1 - x0, h = y1 - y0",
             BoxConventionWarning,
-            stacklevel=3,
         )
 
 

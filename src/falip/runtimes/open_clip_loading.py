@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import logging
 import os
 import re
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,6 +41,7 @@ from ..loading import (
     reachable,
     shipped_model,
 )
+from ..notices import folded_logs, warn
 from .open_clip import OpenClipRuntime
 from .registry import Adapter, LoadedModel
 
@@ -298,25 +297,18 @@ def _unknown_model(name: str) -> ModelLoadError:
     )
 
 
-class _DropRandomInitNote(logging.Filter):
-    """open_clip logs "Model initialized randomly" for a model built without weights; falip loads them right after."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No pretrained weights loaded for model")
-
-
 def create_with_weights(name: str, weights: str, precision: str, device: str, quick_gelu: bool):
     """open_clip's ``name`` with the weights file ``weights``, read and converted by open_clip's own
     ``load_checkpoint``, put in by :func:`~falip.loading.assign_checked` (built on the meta device: :func:`load_built`)."""
     import open_clip
 
     def build(on: str):
-        note = _DropRandomInitNote()
-        logging.getLogger().addFilter(note)
-        try:
-            return open_clip.create_model(name, precision=precision, device=on, force_quick_gelu=quick_gelu)
-        finally:
-            logging.getLogger().removeFilter(note)
+        with folded_logs("open_clip") as logs:  # "Model initialized randomly": falip loads the weights right after
+            model = open_clip.create_model(name, precision=precision, device=on, force_quick_gelu=quick_gelu)
+        notes = [f"open_clip: {m}" for m in logs if "initialized randomly" not in m]
+        if notes:
+            warn("; ".join(notes))
+        return model
 
     def load(model):
         def checked_load_state_dict(state_dict, strict=True, assign=False):
@@ -376,7 +368,10 @@ def create_clip(
         reason = "HF_HUB_OFFLINE is set" if hub_offline() else reachable("https://huggingface.co")
         if reason:
             raise ModelLoadError(f"cannot load {name_or_path}: {reason}. Download it and pass a local file.")
-        model = open_clip.create_model(name_or_path, precision=precision, device=device)
+        with folded_logs("open_clip") as logs:
+            model = open_clip.create_model(name_or_path, precision=precision, device=device)
+        if logs:
+            warn("; ".join(f"open_clip: {m}" for m in logs))
         check_finite(model, name_or_path)
         return model, dict(name=name_or_path, pretrained=None, mean=None, std=None, arch=None, card=None, weights_file=None)
 
@@ -386,9 +381,6 @@ def create_clip(
     mean = std = None
     tag_quick_gelu = False
     if pretrained is None:
-        warnings.warn(
-            f"{name} has no pretrained weights: using random initialisation", UserWarning, stacklevel=5
-        )  # the caller of falip.load
         weights = None
     elif Path(pretrained).expanduser().is_file():
         weights = str(Path(pretrained).expanduser())
@@ -403,7 +395,10 @@ def create_clip(
         tag_quick_gelu = bool(cfg.get("quick_gelu", False))
     force_quick_gelu = tag_quick_gelu if quick_gelu is None else quick_gelu
     if weights is None:
-        model = open_clip.create_model(name, precision=precision, device=device, force_quick_gelu=force_quick_gelu)
+        with folded_logs("open_clip") as logs:
+            model = open_clip.create_model(name, precision=precision, device=device, force_quick_gelu=force_quick_gelu)
+        notes = [f"open_clip: {m}" for m in logs if "initialized randomly" not in m]  # falip's own line says so
+        warn("; ".join([f"{name} has no pretrained weights: using random initialisation", *notes]))
     else:
         model = create_with_weights(name, weights, precision, device, force_quick_gelu)
         check_finite(model, weights)

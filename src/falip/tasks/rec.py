@@ -16,7 +16,6 @@ are cached; each image is decoded once.
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, load_image
 from ..methods import METHOD_HELP, Method, encode_with_method_batch, parse_method
 from ..model import PreparedImage, Preprocessor
+from ..notices import warn
 from ..prompts import STYLES
 from ..results import RunRecorder
 from .loader import DEFAULT_BATCH_SIZE
@@ -567,11 +567,10 @@ def evaluate(
     seconds = run.seconds()
     counts = run.totals("images", "expressions", "proposals", "clamped", "dropped", "masks_missing", "whole_images")
     if counts["clamped"] >= max(3, CLAMP_WARNING_SHARE * counts["proposals"]) and distributed.is_main():
-        warnings.warn(
+        warn(
             f"{counts['clamped']} of {counts['proposals']} {data.proposal_source} proposal boxes extended past their image "
             "and were clamped: are they [x, y, w, h] (COCO) and not [x0, y0, x1, y1]?",
             BoxConventionWarning,
-            stacklevel=2,
         )
 
     def summarize(rec: RunRecorder) -> Summary:

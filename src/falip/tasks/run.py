@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from .. import distributed
 from ..digests import file_stamp
 from ..errors import FalipError
 from ..images import RotationNotice
+from ..notices import warn
 from ..results import RunRecorder
 from .loader import default_workers, load_batches
 
@@ -99,7 +99,7 @@ def lost_inputs(items: int, lost: dict, unit: str, allowed: bool) -> dict:
             f"{line}: more than {LOST_SHARE:.0%} of the run; check the inputs, or pass --allow-lost-inputs "
             "(allow_lost_inputs=True) to write results from what is left (the predictions file keeps every record)"
         )
-    warnings.warn(line, LostInputsWarning, stacklevel=4)
+    warn(line, LostInputsWarning)
     return record
 
 
@@ -182,7 +182,7 @@ class Run:
         work = [[s for s in unit if self.pending(*identity(s))] for unit in mine]
         self.changed = distributed.sum_counts({"changed": sum(self.is_changed(*identity(s)) for s in own)})["changed"]
         if self.changed and distributed.is_main():
-            warnings.warn(f"{self.changed} resumed predictions are computed again: their image files changed", stacklevel=3)
+            warn(f"{self.changed} resumed predictions are computed again: their image files changed")
         resumed = [identity(s)[0] for s in own if not self.pending(*identity(s))]
         self._bar = tqdm(
             total=len(own),
@@ -238,7 +238,7 @@ class Run:
             summary = summarize(rec)
             for what, (n, of) in summary.notes.items():
                 if n:
-                    warnings.warn(f"{n} of {of} {what}", LostInputsWarning, stacklevel=4)
+                    warn(f"{n} of {of} {what}", LostInputsWarning)
             lost = lost_inputs(summary.items, summary.lost, self.unit, self.allow_lost_inputs)
             return rec.finish(summary.metrics, order=summary.order, **summary.fields, lost_inputs=lost)
 
