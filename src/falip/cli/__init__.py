@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Optional
 
+from tqdm import tqdm
+
 from .. import distributed
 from ..errors import FalipError
 from ..notices import cli_warning_line
@@ -70,8 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Each warning as one ``falip: warning: …`` line (no file path, no source line)."""
-    print(cli_warning_line(message), file=sys.stderr if file is None else file)
+    """Each warning as one ``falip: warning: …`` line (no file path, no source line), above any progress bar."""
+    tqdm.write(cli_warning_line(message), file=sys.stderr if file is None else file)
 
 
 def _main(args: argparse.Namespace) -> int:
