@@ -21,7 +21,7 @@ from timm.models.vision_transformer import _create_vision_transformer
 
 from conftest import tiny_clip
 from falip.runtimes import OpenClipRuntime
-from falip.runtimes.open_clip_timm import timm_runtime
+from falip.runtimes.open_clip_eva import timm_runtime
 
 GRID = 4  # 32×32 inputs, 8-pixel patches
 VIT_TOWERS = {  # timm name → (VisionTransformer arguments, open_clip timm_pool)

@@ -8,7 +8,7 @@ and so must stay last:
   holding a ``config.json``; register its ``ADAPTER`` above the open_clip line.
 - open_clip's timm towers (``open_clip_timm.py``: ViT; ``open_clip_eva.py``: Eva) are not a separate adapter:
   the open_clip loader picks the runtime class by the image tower's type; ``open_clip_timm`` calls
-  ``open_clip_loading.register_visual_runtime("TimmModel", ...)`` when imported (below, with its class).
+  ``open_clip_loading.register_visual_runtime("TimmModel", ...)`` when imported (open_clip_eva.py, for both kinds of timm tower).
 
 Every runtime class is a :class:`~falip.runtimes.contract.BlockRuntime` over its model's primitives.
 """

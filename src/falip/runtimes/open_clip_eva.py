@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .open_clip_timm import TimmTower, timm_layout
+from .open_clip_loading import register_visual_runtime
+from .open_clip_timm import OpenClipTimmRuntime, TimmTower, timm_layout
 
 
 class OpenClipEvaRuntime(TimmTower):
@@ -131,3 +132,16 @@ class OpenClipEvaRuntime(TimmTower):
         x = query + (attended if blk.gamma_1 is None else blk.gamma_1 * attended)
         y = blk.mlp(blk.norm2(x))
         return x + (y if blk.gamma_2 is None else blk.gamma_2 * y)
+
+
+# open_clip's timm towers (``TimmModel``), both kinds: this module sits above open_clip_timm, so it registers them.
+def timm_runtime(clip: nn.Module, **kwargs):
+    """The runtime of an open_clip ``TimmModel`` tower: by its trunk's type (``Eva`` or ``VisionTransformer``)."""
+    from timm.models.eva import Eva
+
+    if isinstance(getattr(clip.visual, "trunk", None), Eva):
+        return OpenClipEvaRuntime(clip, **kwargs)
+    return OpenClipTimmRuntime(clip, **kwargs)
+
+
+register_visual_runtime("TimmModel", timm_runtime)

@@ -410,7 +410,7 @@ def create_clip(
 # The adapter
 
 # open_clip image tower type name → the runtime class that runs it: ``cls(clip, mean=, std=, tokenizer=,
-# text_missing=)``. open_clip's timm towers (``TimmModel``) add their class here (runtimes/open_clip_timm.py,
+# text_missing=)``. open_clip's timm towers (``TimmModel``) add their class here (runtimes/open_clip_eva.py,
 # via :func:`register_visual_runtime`); any other tower (ModifiedResNet …) is refused with the support table's hint.
 VISUAL_RUNTIMES: dict[str, Callable[..., object]] = {"VisionTransformer": OpenClipRuntime}
 

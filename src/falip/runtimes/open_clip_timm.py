@@ -25,7 +25,6 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .open_clip import OpenClipModelParts
-from .open_clip_loading import register_visual_runtime
 
 TIMM_RANGE = "timm 1.0.17 to 1.0.31"  # the range falip is tested with; pyproject.toml declares it
 
@@ -214,17 +213,3 @@ class OpenClipTimmRuntime(TimmTower):
         blk = self.blocks[index]  # drop-path is the identity in eval
         x = query + blk.ls1(attended)
         return x + blk.ls2(blk.mlp(blk.norm2(x)))
-
-
-def timm_runtime(clip: nn.Module, **kwargs):
-    """The runtime of an open_clip ``TimmModel`` tower: by its trunk's type (``Eva`` or ``VisionTransformer``)."""
-    from timm.models.eva import Eva
-
-    if isinstance(getattr(clip.visual, "trunk", None), Eva):
-        from .open_clip_eva import OpenClipEvaRuntime
-
-        return OpenClipEvaRuntime(clip, **kwargs)
-    return OpenClipTimmRuntime(clip, **kwargs)
-
-
-register_visual_runtime("TimmModel", timm_runtime)
