@@ -54,6 +54,9 @@ MARGIN = 0.05  # fraction of the image left empty on each side around the unit s
 MIN_RANGE = 0.5  # smallest depth range that depth_to_image spreads over its grey levels
 
 
+MAX_VIEW_SIZE = 4096  # pixels per side of one rendered view
+
+
 class PointCloudError(FalipError, ValueError):
     """A point cloud (array or file) is empty, malformed or not finite."""
 
@@ -194,8 +197,8 @@ def project(
     vectorised call.
     """
     check_projection(projection, ORTHO_PROJECTIONS)
-    if size < 8:
-        raise PointCloudError(f"size must be at least 8 pixels, got {size}")
+    if not 8 <= size <= MAX_VIEW_SIZE:
+        raise PointCloudError(f"size must be 8 to {MAX_VIEW_SIZE} pixels per view, got {size}")
     pts = validate_points(points)
     single = pts.ndim == 2
     pts = normalize_points(pts[None] if single else pts, up=up)
@@ -433,8 +436,8 @@ def render_views(points, projection: str = "pointclip_v2", max_points: Optional[
     check_projection(projection, AUTHOR_PROJECTIONS)
     if max_points is not None and max_points < 1:
         raise PointCloudError(f"max_points must be >= 1 or None, got {max_points}")
-    if size < 8:
-        raise PointCloudError(f"size must be at least 8 pixels, got {size}")
+    if not 8 <= size <= MAX_VIEW_SIZE:
+        raise PointCloudError(f"size must be 8 to {MAX_VIEW_SIZE} pixels per view, got {size}")
     pts = validate_points(points)
     single = pts.ndim == 2
     pts = (pts[None] if single else pts)[:, :max_points].contiguous()

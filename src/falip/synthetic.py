@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .inputs import check_count
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
     "red": (215, 40, 40),
@@ -197,8 +199,20 @@ def mirror(scene: Scene) -> Scene:
 # Writers: the generated scenes in the formats the task pipelines read
 
 
+MAX_IMAGES = 1_000_000
+SIZE_RANGE = (32, 4096)  # image side in pixels: smaller leaves no room for the objects' sizes and margins
+
+
 def generate(seed: int, n_images: int, n_objects: tuple[int, int] = (3, 3), size: int = 256) -> list[Scene]:
-    """``n_images`` scenes with ``n_objects[0]..n_objects[1]`` objects each, reproducible from ``seed``."""
+    """``n_images`` scenes with ``n_objects[0]..n_objects[1]`` objects each, reproducible from ``seed``.
+
+    Sizes are checked before anything is drawn: 1 to :data:`MAX_IMAGES` images, sides in :data:`SIZE_RANGE`,
+    1 to 16 objects (one per colour and shape) with ``n_objects[0] <= n_objects[1]``."""
+    check_count(n_images, "the number of images (--images)", 1, MAX_IMAGES)
+    check_count(size, "the image side (--size, pixels)", *SIZE_RANGE)
+    high = len(COLOURS) * len(SHAPES)
+    low = check_count(n_objects[0], "the fewest objects per image (--objects)", 1, high)
+    check_count(n_objects[1], f"the most objects per image (--objects, at least {low})", low, high)
     rng = np.random.default_rng(seed)
     return [make_scene(rng, int(rng.integers(n_objects[0], n_objects[1] + 1)), size) for _ in range(n_images)]
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from PIL import Image
+
 from ..errors import FalipError
 from ..heads import STATISTICS
+from ..inputs import check_count
 from ..methods import METHOD_HELP, parse_method
 from ..results import check_apart
-from ..viz import attention_maps, draw_attention
+from ..viz import attention_figure_size, attention_maps, draw_attention
 from .common import add_bias_args, add_model_args, add_run_args, load_from_args, parse_box, parse_index_list, settings_line
+
+MAX_TILE = 1024  # pixels per map of falip attention
 
 
 def _refuse_mode(args: argparse.Namespace) -> None:
@@ -23,11 +28,16 @@ def cmd_attention(args: argparse.Namespace) -> int:
     if not args.box:
         raise FalipError("give at least one region with --box x0,y0,x1,y1")
     _refuse_mode(args)
-    if args.tile < 16:
-        raise FalipError(f"--tile must be at least 16 pixels, got {args.tile}")
+    check_count(args.tile, "--tile (pixels per map)", 16, MAX_TILE)
     model = load_from_args(args)
     print(settings_line(model))
     maps = attention_maps(model, args.image, args.box, layers=args.show_layers, config=model.config)
+    W, H = attention_figure_size(len(args.box), len(maps.layers), args.tile)
+    if W * H > Image.MAX_IMAGE_PIXELS:
+        raise FalipError(
+            f"the figure would be {W}x{H} = {W * H} pixels (over {Image.MAX_IMAGE_PIXELS}): use a smaller --tile, "
+            "fewer --box or fewer --show-layers"
+        )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     draw_attention(maps, tile=args.tile).save(output)
@@ -101,7 +111,7 @@ def register(sub) -> None:
         default=None,
         help="blocks whose maps are drawn, e.g. 6-11 (default: the biased blocks, see --layers)",
     )
-    p.add_argument("--tile", type=int, default=160, help="size of one map in pixels (default 160)")
+    p.add_argument("--tile", type=int, default=160, help=f"size of one map in pixels, 16 to {MAX_TILE} (default 160)")
     add_model_args(p)
     add_bias_args(p)
     p.set_defaults(func=cmd_attention, mode=None)

@@ -8,6 +8,9 @@ dataset's class order. Layouts and download sources are described in ``docs/clas
 from __future__ import annotations
 
 import csv
+import io
+import math
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Union
@@ -15,6 +18,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..errors import FalipError
+from ..inputs import check_path, read_text, text_lines
 from .generic import Box, RegionDataset, RegionSample
 
 REGIONS = ("box", "mask")
@@ -24,12 +28,12 @@ WATERBIRDS_PLACES = ("land", "water")
 IMAGENET_S_SIZES = (50, 300, 919)
 
 PathLike = Union[str, Path]
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
 def _need(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise FalipError(f"{what} not found: {path}")
-    return path
+    """``path`` when it is a folder (names ending in ``/`` folder) or a readable file, else an error saying what it is."""
+    return check_path(path, what, "folder" if what.endswith("/ folder") else "file")
 
 
 def _check_choice(value: str, choices, what: str) -> None:
@@ -37,9 +41,23 @@ def _check_choice(value: str, choices, what: str) -> None:
         raise FalipError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _table(path: Path) -> list[list[str]]:
-    """Whitespace-separated rows of a CUB text file."""
-    return [line.split() for line in _need(path, "CUB file").read_text(encoding="utf-8").splitlines() if line.strip()]
+def _table(path: Path, columns: int) -> list[list[str]]:
+    """Whitespace-separated rows of a CUB text file, each of ``columns`` fields (an error names the file and line)."""
+    rows = []
+    for n, line in enumerate(text_lines(path, "CUB file"), start=1):
+        if line.strip():
+            row = line.split(None, columns - 1) if columns == 2 else line.split()
+            if len(row) != columns:
+                raise FalipError(f"{path}:{n}: expected {columns} fields separated by spaces, got {line.strip()[:80]!r}")
+            rows.append(row)
+    return rows
+
+
+def _number(text: str, where: str) -> float:
+    value = float(text) if _NUMBER.fullmatch(text) else math.nan
+    if not math.isfinite(value):
+        raise FalipError(f"{where}: expected a finite number, got {text!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,14 +79,17 @@ class CubIndex:
         if not (root / "images.txt").is_file():
             raise FalipError(f"{root} is not a CUB-200-2011 folder: images.txt not found")
         self.root = root
-        self.paths = {i: p for i, p in _table(root / "images.txt")}  # id → "001.X/X_0001.jpg"
-        self.class_of = {i: int(c) for i, c in _table(root / "image_class_labels.txt")}
-        self.is_train = {i: s == "1" for i, s in _table(root / "train_test_split.txt")}
+        self.paths = {i: p for i, p in _table(root / "images.txt", 2)}  # id → "001.X/X_0001.jpg"
+        labels = root / "image_class_labels.txt"
+        self.class_of = {i: int(_number(c, f"{labels}: image {i}")) for i, c in _table(labels, 2)}
+        self.is_train = {i: s == "1" for i, s in _table(root / "train_test_split.txt", 2)}
         self.boxes: dict[str, Box] = {}
-        for i, x, y, w, h in _table(root / "bounding_boxes.txt"):
-            x0, y0 = float(x), float(y)
-            self.boxes[i] = (x0, y0, x0 + float(w), y0 + float(h))
-        classes = sorted((int(c), name) for c, name in _table(root / "classes.txt"))
+        boxes = root / "bounding_boxes.txt"
+        for i, *xywh in _table(boxes, 5):
+            x0, y0, w, h = (_number(v, f"{boxes}: image {i}") for v in xywh)
+            self.boxes[i] = (x0, y0, x0 + w, y0 + h)
+        classes_txt = root / "classes.txt"
+        classes = sorted((int(_number(c, f"{classes_txt}: class {name}")), name) for c, name in _table(classes_txt, 2))
         self.classnames = [cub_readable(name) for _, name in classes]
         self.class_ids = [c for c, _ in classes]
         self.id_of_path = {p: i for i, p in self.paths.items()}
@@ -124,15 +145,13 @@ def dogs_readable(folder: str) -> str:
 def read_voc_boxes(path: Path) -> list[Box]:
     """Boxes ``(xmin, ymin, xmax, ymax)`` of every object in a VOC-style XML file."""
     try:
-        tree = ET.parse(path)
+        tree = ET.parse(check_path(path, "annotation file"))
     except (ET.ParseError, OSError) as exc:
         raise FalipError(f"cannot read annotation {path}: {exc}") from exc
     boxes = []
     for bndbox in tree.getroot().iter("bndbox"):
-        try:
-            boxes.append(tuple(float(bndbox.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
-        except (TypeError, ValueError) as exc:
-            raise FalipError(f"{path}: a <bndbox> lacks numeric xmin/ymin/xmax/ymax") from exc
+        values = [(bndbox.findtext(k) or "").strip() for k in ("xmin", "ymin", "xmax", "ymax")]
+        boxes.append(tuple(_number(v, f"{path}: <bndbox> xmin/ymin/xmax/ymax") for v in values))
     if not boxes:
         raise FalipError(f"{path} holds no <bndbox>")
     return boxes  # type: ignore[return-value]
@@ -256,12 +275,14 @@ def load_waterbirds(root: PathLike, cub_root: PathLike, split: str = "test", reg
     seg = cub.segmentations() if region == "mask" else None
     split_code = {"train": "0", "val": "1", "test": "2"}[split]
     samples, problems = [], []
-    with open(meta, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(meta, "Waterbirds metadata"), newline="") as f:
         reader = csv.DictReader(f)
         missing = {"img_id", "img_filename", "y", "split", "place"} - set(reader.fieldnames or ())
         if missing:
             raise FalipError(f"{meta} lacks columns {sorted(missing)}")
         for row in reader:
+            if None in row.values() or None in row:
+                raise FalipError(f"{meta}:{reader.line_num}: expected {len(reader.fieldnames)} comma-separated fields")
             if row["split"].strip() != split_code:
                 continue
             sid, rel = row["img_id"].strip(), row["img_filename"].strip()

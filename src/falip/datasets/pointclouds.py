@@ -12,6 +12,7 @@ Only the first three columns (xyz) are used.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import FalipError
+from ..inputs import check_array_bytes, check_claim, check_count, check_path, text_lines
 from ..pointcloud import PointCloudError
 
 SCANOBJECTNN_CLASSES = (
@@ -33,6 +36,7 @@ SCANOBJECTNN_VARIANTS = {
 }
 DATASETS = ("modelnet40", "scanobjectnn")
 CLOUD_SUFFIXES = (".npy", ".txt", ".xyz", ".ply", ".off")
+MAX_CLOUD_POINTS = 10_000_000  # points sampled on one mesh
 
 
 class DatasetError(PointCloudError):
@@ -78,18 +82,17 @@ def read_h5(path) -> H5Part:
     """Read ``data`` (N, P, ≥3) and ``label`` (N,) or (N, 1) from a PointNet-style HDF5 file."""
     import h5py
 
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"HDF5 file not found: {path}")
+    path = check_path(path, "HDF5 file", error=DatasetError)
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("data", "label") if k not in f]
             if missing:
                 raise DatasetError(f"{path} has no {' or '.join(repr(m) for m in missing)} dataset (keys: {sorted(f.keys())})")
-            data = np.asarray(f["data"][()])
-            labels = np.asarray(f["label"][()])
-    except OSError as exc:
-        raise DatasetError(f"{path} is not a readable HDF5 file: {exc}") from exc
+            data, labels = (_h5_array(f, key, path) for key in ("data", "label"))
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, FalipError):
+            raise
+        raise DatasetError(f"{path} is not a readable HDF5 file: {exc}") from None
     if data.ndim != 3 or data.shape[-1] < 3:
         raise DatasetError(f"{path}: 'data' must have shape (N, P, 3), got {data.shape}")
     labels = labels.reshape(labels.shape[0], -1) if labels.ndim else labels
@@ -99,6 +102,21 @@ def read_h5(path) -> H5Part:
         if labels.dtype.kind != "f" or not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise DatasetError(f"{path}: 'label' must hold integer class ids, got dtype {labels.dtype}")
     return H5Part(path, data[..., :3].astype(np.float32, copy=False), labels[:, 0].astype(np.int64))
+
+
+def _h5_array(f, key: str, path: Path) -> np.ndarray:
+    """``f[key]`` read whole, once it is known to be a numeric dataset of a bounded size that holds data."""
+    import h5py
+
+    node = f[key]
+    if not isinstance(node, h5py.Dataset):
+        raise DatasetError(f"{path}: '{key}' must be a dataset (an array), got a {type(node).__name__.lower()}")
+    if node.dtype.kind not in "fiub":
+        raise DatasetError(f"{path}: '{key}' must hold numbers, got dtype {node.dtype}")
+    check_array_bytes(int(node.size) * node.dtype.itemsize, str(path), f"'{key}' of shape {node.shape}")
+    if node.size and node.id.get_storage_size() == 0:
+        raise DatasetError(f"{path}: '{key}' of shape {node.shape} was declared but never written (no data stored)")
+    return np.asarray(node[()])
 
 
 def _find_dir(root: Path, names: Sequence[str], marker: str) -> Path:
@@ -114,10 +132,10 @@ def load_modelnet40(root, split: str = "test") -> PointCloudDataset:
     if split not in ("train", "test"):
         raise DatasetError(f"ModelNet40 split must be train or test, got {split!r}")
     folder = _find_dir(Path(root), ["modelnet40_ply_hdf5_2048", "data/modelnet40_ply_hdf5_2048"], "shape_names.txt")
-    classnames = [line.strip() for line in (folder / "shape_names.txt").read_text().splitlines() if line.strip()]
+    classnames = [line.strip() for line in text_lines(folder / "shape_names.txt", "ModelNet40 class list") if line.strip()]
     listing = folder / f"{split}_files.txt"
-    if listing.is_file():
-        names = [Path(line.strip()).name for line in listing.read_text().splitlines() if line.strip()]
+    if listing.exists():
+        names = [Path(line.strip()).name for line in text_lines(listing, "ModelNet40 file list") if line.strip()]
         files = [folder / n for n in names]
     else:
         files = sorted(folder.glob(f"ply_data_{split}*.h5"))
@@ -166,9 +184,8 @@ def load_cloud(path, n_points: int = 2048, seed: int = 0) -> np.ndarray:
 
     ``n_points``/``seed`` only matter for ``.off`` meshes, whose surface is sampled by face area.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PointCloudError(f"point cloud file not found: {path}")
+    path = check_path(path, "point cloud file", error=PointCloudError)
+    n_points = check_count(n_points, "points sampled on a mesh (--points)", 1, MAX_CLOUD_POINTS)
     suffix = path.suffix.lower()
     if suffix not in CLOUD_SUFFIXES:
         raise PointCloudError(
@@ -176,7 +193,7 @@ def load_cloud(path, n_points: int = 2048, seed: int = 0) -> np.ndarray:
         )
     try:
         if suffix == ".npy":
-            points = np.load(path, allow_pickle=False)
+            points = _read_npy(path)
         elif suffix in (".txt", ".xyz"):
             points = _read_text(path)
         elif suffix == ".ply":
@@ -185,8 +202,10 @@ def load_cloud(path, n_points: int = 2048, seed: int = 0) -> np.ndarray:
             points = _read_off(path, n_points, seed)
     except PointCloudError:
         raise
-    except (ValueError, OSError, UnicodeDecodeError, IndexError, KeyError) as exc:
-        raise PointCloudError(f"{path} is not a readable {suffix} point cloud: {exc}") from exc
+    except FalipError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError, IndexError, KeyError, EOFError) as exc:
+        raise PointCloudError(f"{path} is not a readable {suffix} point cloud: {exc}") from None
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] < 3:
         raise PointCloudError(f"{path}: expected points of shape (P, 3) (or more columns), got {points.shape}")
@@ -200,9 +219,21 @@ def load_cloud(path, n_points: int = 2048, seed: int = 0) -> np.ndarray:
     return points
 
 
+def _read_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array, its header's shape checked against the file's size and :data:`MAX_ARRAY_BYTES` first."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if dtype.hasobject:
+            raise PointCloudError(f"{path}: holds Python objects (dtype {dtype}), not numbers")
+        check_claim(math.prod(shape) * dtype.itemsize, path.stat().st_size - f.tell(), str(path), f"an array of shape {shape}")
+    return np.load(path, allow_pickle=False)
+
+
 def _read_text(path: Path) -> np.ndarray:
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text_lines(path, "point cloud file"):
         line = line.strip()
         if line and not line.startswith("#"):
             rows.append([float(v) for v in line.replace(",", " ").split()])
@@ -230,7 +261,7 @@ def _read_ply(path: Path) -> np.ndarray:
             if words[0] == "format":
                 fmt = words[1]
             elif words[0] == "element":
-                elements.append([words[1], int(words[2]), []])
+                elements.append([words[1], check_count(int(words[2]), f"{path}: PLY element {words[1]!r} count", 0, 2**40), []])
             elif words[0] == "property" and elements:
                 if words[1] == "list":
                     elements[-1][2].append((words[-1], "list"))
@@ -243,13 +274,16 @@ def _read_ply(path: Path) -> np.ndarray:
         if not {"x", "y", "z"} <= set(names) or any(t == "list" for _, t in props):
             raise PointCloudError(f"{path}: PLY vertices need x, y, z properties (got {names})")
         cols = [names.index(a) for a in "xyz"]
-        if fmt == "ascii":
+        left = path.stat().st_size - f.tell()
+        if fmt == "ascii":  # a vertex line holds at least one character per property and a line end
+            check_claim(count * (2 * len(props)), left, str(path), f"{count} ASCII vertices")
             rows = [f.readline().split() for _ in range(count)]
             return np.array([[float(r[c]) for c in cols] for r in rows])
         if fmt not in ("binary_little_endian", "binary_big_endian"):
             raise PointCloudError(f"{path}: unknown PLY format {fmt!r}")
         endian = "<" if fmt == "binary_little_endian" else ">"
         dtype = np.dtype([(p, endian + t) for p, t in props])
+        check_claim(dtype.itemsize * count, left, str(path), f"{count} vertices of {dtype.itemsize} bytes")
         raw = f.read(dtype.itemsize * count)
         if len(raw) < dtype.itemsize * count:
             raise PointCloudError(f"{path}: PLY file is truncated ({count} vertices announced)")
@@ -259,7 +293,7 @@ def _read_ply(path: Path) -> np.ndarray:
 
 def _read_off(path: Path, n_points: int, seed: int) -> np.ndarray:
     words = []
-    for line in path.read_text(encoding="ascii").splitlines():
+    for line in text_lines(path, "OFF file"):
         line = line.split("#")[0].strip()
         if line:
             words.extend(line.split())
@@ -269,6 +303,11 @@ def _read_off(path: Path, n_points: int, seed: int) -> np.ndarray:
     if len(words[0]) > 3:  # ModelNet's files glue the counts to the header: "OFF1234 5678 0"
         rest = [words[0][3:]] + rest
     n_verts, n_faces = int(rest[0]), int(rest[1])
+    if n_verts < 0 or n_faces < 0 or 3 * n_verts + 4 * n_faces > len(rest) - 3:  # a vertex is 3 words, a face at least 4
+        raise PointCloudError(
+            f"{path}: the OFF header announces {n_verts} vertices and {n_faces} faces, but the file holds only "
+            f"{len(rest) - 3} numbers after it; the file is truncated or its header is wrong"
+        )
     pos = 3
     verts = np.array(rest[pos : pos + 3 * n_verts], dtype=np.float64).reshape(n_verts, 3)
     pos += 3 * n_verts
