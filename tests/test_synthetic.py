@@ -90,8 +90,8 @@ def test_impossible_scenes_and_bad_object_counts_are_clear_one_line_errors(tmp_p
         make_scene(rng, 17)
     for spec, message in (
         ("abc", "a count or a range"),
-        ("0", "at least 1 object"),
-        ("5-3", "low <= high"),
+        ("0", "(--objects) must be an integer from 1 to 16"),
+        ("5-3", "(--objects, at least 5) must be an integer from 5 to 16"),
         ("16", "fewer objects"),
     ):
         assert main(["synth", "--output", str(tmp_path / spec), "--images", "2", "--objects", spec, "--size", "64"]) == 2
