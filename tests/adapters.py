@@ -59,6 +59,10 @@ EVA_TOWERS = {  # timm name → (Eva arguments, open_clip timm_pool): tiny EVA02
         "map",
     ),  # fmt: skip
     "falip_test_eva01": (dict(global_pool="token"), "token"),
+    "falip_test_eva_postnorm": (
+        dict(use_post_norm=True, use_rot_pos_emb=True, ref_feat_shape=(GRID, GRID), global_pool="token"),
+        "token",
+    ),
     "falip_test_eva_avg": (dict(use_rot_pos_emb=True, global_pool="avg"), "avg"),
 }
 TOWERS = {**VIT_TOWERS, **EVA_TOWERS}
@@ -241,6 +245,7 @@ CASES = {
         _timm_case("falip_test_eva02", "eva02"),
         _timm_case("falip_test_pe", "pe-core"),
         _timm_case("falip_test_eva01", "eva01"),
+        _timm_case("falip_test_eva_postnorm", "eva02-e-postnorm"),
         Case("hf-clip", tiny_hf_clip, _hf_runtime(lambda m: openai_to_hf.clip_tokenizer(m.config.text_config.max_position_embeddings)),
              _hf_own, "vision_model.embeddings.patch_embedding.weight", "text_model.embeddings.token_embedding.weight"),
         Case("hf-siglip", lambda: tiny_siglip("siglip"), _hf_runtime(lambda m: None), _hf_own,

@@ -201,3 +201,67 @@ def test_the_no_tokenizer_contract(name):
         case.runtime(model, tokenizer=False, text_missing=None)
     if rt.tokenizer is not None:
         assert rt.encode_text(["a dog", "two cats"]).shape == (2, rt.embed_dim) and rt.info()["text"] is True
+
+
+# -- full size: EVA02-B-16 and PE-Core-S-16-384 with random weights from a file (the slow tests) -------------
+
+FULL_TOL = 2e-5
+
+
+@pytest.fixture(scope="module", params=["EVA02-B-16", "PE-Core-S-16-384"])
+def full_size(request, tmp_path_factory):
+    """(open_clip model, falip.load(name, pretrained=FILE)) on the same random weights, saved as a state-dict file."""
+    import warnings
+
+    import open_clip
+
+    import falip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        clip = open_clip.create_model(request.param).eval()
+    path = tmp_path_factory.mktemp("full") / f"{request.param}.pt"
+    torch.save(clip.state_dict(), path)
+    return clip, falip.load(request.param, pretrained=str(path), preprocess="squash")
+
+
+@pytest.mark.slow
+def test_full_size_eva_towers_from_a_file(full_size):
+    import numpy as np
+
+    from falip import FovealConfig
+
+    clip, model = full_size
+    assert model.runtime.family == "open_clip-eva" and model.runtime.positional
+    image = np.random.default_rng(0).integers(0, 255, (200, 260, 3), dtype=np.uint8)
+    boxes = [(10, 10, 120, 150), (130, 40, 250, 190)]
+    with torch.no_grad():
+        own = F.normalize(clip.encode_image(model.preprocess_image(image)[0]), dim=-1)
+    zero = model.encode_regions(image, boxes, config=FovealConfig(alpha=0.0), mode="exact")
+    close(zero, own.expand(2, -1), atol=FULL_TOL)
+    naive = model.encode_regions(image, boxes, mode="naive")
+    close(model.encode_regions(image, boxes, mode="exact"), naive, atol=FULL_TOL)
+    assert (naive - own).abs().max() > 5 * FULL_TOL  # the bias changes the embedding
+    assert (naive[0] - naive[1]).abs().max() > 5 * FULL_TOL  # two boxes, two embeddings
+
+
+# -- the supported-models table ---------------------------------------------------------------
+
+
+def test_docs_models_md_is_what_falip_models_prints():
+    import re
+    from pathlib import Path
+
+    from falip.cli.models import markdown
+    from falip.runtimes.registry import catalog
+
+    rows = catalog()
+    doc = (Path(__file__).parents[1] / "docs" / "models.md").read_text(encoding="utf-8")
+    table = re.search(r"<!-- falip models: begin -->\n(.*)\n<!-- falip models: end -->", doc, re.S).group(1)
+    assert table == markdown(rows), "docs/models.md is stale: regenerate it with `falip models --format markdown`"
+    status = {name: s for _, name, s in rows}
+    for name in ("ViT-B-16", "falip-toy", "ViT-B-16-SigLIP2", "MobileCLIP2-L-14", "EVA02-B-16", "PE-Core-S-16-384", "EVA01-g-14"):
+        assert status[name] == "runs", name
+    for name, why in (("RN50", "ResNet"), ("coca_ViT-B-32", "attentional pooler"), ("ViTamin-S", "not a ViT or Eva")):
+        assert status[name].startswith("refused: ") and why in status[name], name
+    assert status["vit_medium_patch16_gap_256"].startswith("refused: ") and "avg" in status["vit_medium_patch16_gap_256"]

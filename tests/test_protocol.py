@@ -102,13 +102,23 @@ def test_load_asks_the_registered_adapters_in_order_and_honours_the_card(monkeyp
         return LoadedModel(runtime=runtime, name=name, pretrained=None, weights_file=None, card=card)
 
     fake = Adapter(name="fake", claims=lambda name, pretrained: name.startswith("fake:"), load=load)
-    monkeypatch.setattr(registry, "ADAPTERS", [fake, *registry.ADAPTERS])
+    monkeypatch.setattr(registry, "ADAPTERS", list(registry.ADAPTERS))  # restored after the test
+    registry.register(fake)  # registered after the catch-all open_clip adapter, asked before it
+    assert [a.name for a in registry.ADAPTERS] == ["hf", "fake", "open_clip"]
     model = falip.load("fake:tiny", precision="fp32")
     assert model.runtime is runtime and model.name == "fake:tiny" and calls == [("fake:tiny", None, "cpu", "fp32", None)]
     assert model.preprocess == "pad" and model.config.alpha == 0.7 and model.config.layers == (-1,)
     assert falip.load("falip-toy").runtime.family == "open_clip"  # not claimed by fake: the next adapter
     with pytest.raises(ValueError, match="already registered"):
         registry.register(fake)
+    first = Adapter(name="first", claims=lambda name, pretrained: name.startswith("fake:"), load=load)
+    registry.register(first, before="hf")  # the caller's order: asked first
+    assert [a.name for a in registry.ADAPTERS] == ["first", "hf", "fake", "open_clip"]
+    calls.clear()
+    falip.load("fake:again")
+    assert calls[0][0] == "fake:again"
+    with pytest.raises(ValueError, match="no runtime adapter named 'nope'"):
+        registry.register(Adapter(name="late", claims=lambda n, p: False, load=load), before="nope")
 
 
 # ----------------------------------------------------------------------------------------------

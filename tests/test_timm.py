@@ -241,3 +241,23 @@ def test_falip_load_picks_the_timm_runtime_and_loads_offline_without_the_hub_tok
     assert offline.encode_regions(img, [(0, 0, 20, 20)]).shape == (1, 24)
     with pytest.raises(TextUnavailableError, match="tokenizer for falip-test-timm-map-hubtok could not be loaded"):
         offline.encode_text(["a dog"])
+
+
+def test_the_declared_timm_range_is_the_one_errors_name():
+    import re
+    from pathlib import Path
+
+    from falip.runtimes.open_clip_timm import TIMM_RANGE
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    low, high = re.search(r'"timm>=([\d.]+),<=([\d.]+)"', pyproject).groups()
+    assert TIMM_RANGE == f"timm {low} to {high}"
+
+
+def test_an_unknown_attention_layout_is_an_unsupported_model_error_naming_the_range(monkeypatch):
+    clip = timm_clip("falip_test_vit_reg")
+    del clip.visual.trunk.blocks[1].attn.qkv  # e.g. a timm release with separate projections
+    with pytest.raises(
+        UnsupportedModelError, match=r"block 1's attention of timm [\d.]+ has no qkv: .*falip runs timm 1.0.17 to"
+    ):
+        OpenClipTimmRuntime(clip, text_missing="no tokenizer in this test")

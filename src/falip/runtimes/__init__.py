@@ -1,8 +1,8 @@
 """Adapters that run a CLIP implementation's towers with attention biases, and their registry.
 
 Registration order is priority order: :func:`load_runtime` asks each adapter in turn whether it
-claims the input. Register adapters here, each before the open_clip one, which claims every input
-and so must stay last:
+claims the input; :func:`register` keeps the catch-all open_clip adapter (it claims every input) last, so an
+adapter registered later, here or by a third party, is asked before it:
 
 - ``hf.py`` (HF transformers CLIP / SigLIP / SigLIP2): claims ``hf:<hub id>`` and local directories
   holding a ``config.json``; register its ``ADAPTER`` above the open_clip line.
@@ -22,7 +22,7 @@ from .open_clip_timm import OpenClipTimmRuntime
 from .registry import ADAPTERS, Adapter, LoadedModel, list_models, load_runtime, register
 
 register(hf.ADAPTER)
-register(open_clip_loading.ADAPTER)  # last: claims every input
+register(open_clip_loading.ADAPTER)  # catch-all: stays last
 
 __all__ = [
     "ADAPTERS",

@@ -85,12 +85,12 @@ class TimmTower(OpenClipModelParts):
             )
         clip.eval()
         self.clip, self.visual, self.trunk, self.blocks = clip, visual, trunk, trunk.blocks
-        embed = trunk.patch_embed
-        (h, w), (ph, pw) = tuple(embed.img_size), tuple(embed.patch_size)
-        if h != w or ph != pw:
-            raise UnsupportedModelError(f"only square inputs and patches are supported, got {(h, w)}/{(ph, pw)}")
-        self.image_size, self.patch_size = int(h), int(ph)
-        self.grid = tuple(int(g) for g in embed.grid_size)
+        embed = trunk.patch_embed  # timm's PatchEmbed, or a convolutional stem (HybridEmbed: MobileCLIP's MCi)
+        (h, w), (gh, gw) = tuple(embed.img_size), tuple(embed.grid_size)
+        if h != w or gh != gw or h % gh:
+            raise UnsupportedModelError(f"only square inputs on a square token grid are supported, got {(h, w)} on {(gh, gw)}")
+        self.image_size, self.patch_size = int(h), int(h) // int(gh)  # pixels per token, whatever the stem
+        self.grid = (int(gh), int(gw))
         self.num_prefix = int(trunk.num_prefix_tokens)
         self.num_layers = len(self.blocks)
         self.num_heads = int(self.blocks[0].attn.num_heads)
@@ -102,11 +102,11 @@ class TimmTower(OpenClipModelParts):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.trunk.patch_embed.proj.weight.dtype
+        return next(self.trunk.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.trunk.patch_embed.proj.weight.device
+        return next(self.trunk.parameters()).device
 
     def _own_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)
