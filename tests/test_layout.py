@@ -33,7 +33,19 @@ def test_library_modules_do_not_import_the_cli():
 def test_python_m_falip_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "falip", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for command in ("score", "rec", "classify", "pointcloud", "heads", "attention", "demo", "bias", "synth", "aggregate"):
+    for command in (
+        "score",
+        "rec",
+        "classify",
+        "pointcloud",
+        "heads",
+        "attention",
+        "demo",
+        "bias",
+        "synth",
+        "aggregate",
+        "models",
+    ):
         assert command in out.stdout
 
 

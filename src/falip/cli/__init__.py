@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "falip.cli.classify",
     "falip.cli.heads",
     "falip.cli.serve",
+    "falip.cli.models",
 )
 
 

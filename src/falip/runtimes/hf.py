@@ -488,4 +488,10 @@ def _tokenizer(directory: Path):
         return None, f"no usable tokenizer in {directory} ({type(exc).__name__}: {first_line(exc)})"
 
 
-ADAPTER = Adapter(name="hf", claims=claims, load=load_hf)
+def catalog() -> list[tuple[str, str]]:
+    """``(what, "runs")`` for each transformers model type falip runs (loaded from a directory or ``hf:<org>/<name>``)."""
+    classes = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model (at its native square grid)"}
+    return [(f"transformers model_type {kind!r} ({classes[kind]})", "runs") for kind in MODEL_TYPES]
+
+
+ADAPTER = Adapter(name="hf", claims=claims, load=load_hf, catalog=catalog)

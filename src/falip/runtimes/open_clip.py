@@ -195,3 +195,48 @@ class OpenClipRuntime(OpenClipModelParts):
         blk = self.blocks[index]
         x = query + blk.ls_1(attended)
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
+def catalog() -> list[tuple[str, str]]:
+    """``(name, "runs" | "refused: why")`` for every model the open_clip adapter knows (falip's shipped models and
+    every open_clip config), classified from the config dicts: nothing is built (a timm tower whose pooling is its
+    own default is built on the meta device, without weights, to read it)."""
+    import open_clip
+    from timm.models import is_model_in_modules
+
+    from ..loading import SHIPPED_MODELS
+
+    out = [(name, "runs") for name in SHIPPED_MODELS]
+    for name in open_clip.list_models():
+        v = open_clip.get_model_config(name)["vision_cfg"]
+        tower = v.get("timm_model_name")
+        if tower is None:
+            out.append((name, _native_status(v)))
+        elif not is_model_in_modules(tower, ["vision_transformer", "vision_transformer_hybrid", "eva"]):
+            out.append((name, f"refused: its image tower is timm's {tower}, not a ViT or Eva (no [CLS] query or probe to bias)"))
+        else:
+            out.append((name, _timm_status(tower, v.get("timm_pool", "avg"), v.get("timm_proj", "linear"))))
+    return out
+
+
+def _native_status(v: dict) -> str:
+    if isinstance(v.get("layers"), (list, tuple)):
+        return "refused: a ResNet image tower has no attention over patches to bias"
+    if v.get("attentional_pool"):
+        return "refused: pools with an attentional pooler (CoCa), not its [CLS] token"
+    if v.get("pool_type", "tok") != "tok" or v.get("global_average_pool"):
+        return "refused: pools by averaging its tokens: no [CLS] query to bias"
+    return "runs"
+
+
+def _timm_status(tower: str, pool: str, proj: Optional[str]) -> str:
+    if pool in ("abs_attn", "rot_attn"):
+        return f"refused: open_clip's {pool} head pools CNN features"
+    if not pool and proj in ("linear", "mlp"):  # the timm model's own default pooling: read it off a weightless build
+        import timm
+
+        with torch.device("meta"):
+            pool = timm.create_model(tower).global_pool
+    if pool in ("map", "token"):
+        return "runs"
+    return f"refused: its timm tower pools with global_pool={pool!r}: an average/max pool has no query to bias"

@@ -42,7 +42,7 @@ from ..loading import (
     shipped_model,
 )
 from ..notices import folded_logs, warn
-from .open_clip import OpenClipRuntime
+from .open_clip import OpenClipRuntime, catalog
 from .registry import Adapter, LoadedModel
 
 OPENAI_HEAD_WIDTH = 64
@@ -470,5 +470,10 @@ def list_open_clip_models() -> list[str]:
 # Claims every input: registered last, so a name no other adapter knows ends in open_clip's
 # "unknown model" error with suggestions.
 ADAPTER = Adapter(
-    name="open_clip", claims=lambda name_or_path, pretrained: True, load=load_open_clip, list_models=list_open_clip_models
+    name="open_clip",
+    claims=lambda name_or_path, pretrained: True,
+    load=load_open_clip,
+    list_models=list_open_clip_models,
+    catalog=catalog,
+    catch_all=True,
 )
