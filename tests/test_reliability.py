@@ -737,12 +737,12 @@ def test_r3e_hf_config_with_other_layer_counts_than_its_weights_is_refused(tmp_p
     held = config[f"{tower}_config"]["num_hidden_layers"]
     config[f"{tower}_config"]["num_hidden_layers"] = layers
     (directory / "config.json").write_text(json.dumps(config))
-    line = _cli_error(["score", _png(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", directory], capsys)
+    line = _cli_error(["score", _photo_file(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", directory], capsys)
     assert str(directory / "model.safetensors") in line and says in line
     assert f"config.json gives the {tower} tower {layers} layers, the weights hold {held}" in line
 
 
-def _png(tmp_path):
+def _photo_file(tmp_path):
     Image.fromarray(random_image(np.random.default_rng(0), 64, 48)).save(tmp_path / "p.png")
     return tmp_path / "p.png"
 
@@ -752,7 +752,9 @@ def test_r3e_integer_tensors_are_never_cast_into_float_parameters(tmp_path, caps
     state = tiny_clip(64, 16, layers=2, width=64).state_dict()
     state["visual.proj"] = (state["visual.proj"] * 50).to(dtype)
     torch.save(state, tmp_path / "int.pt")
-    line = _cli_error(["score", _png(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", tmp_path / "int.pt"], capsys)
+    line = _cli_error(
+        ["score", _photo_file(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", tmp_path / "int.pt"], capsys
+    )
     assert str(tmp_path / "int.pt") in line and f"visual.proj is {str(dtype).removeprefix('torch.')}" in line
     pytest.importorskip("transformers")
     directory = _hf_clip_dir(tmp_path / "hf")
@@ -770,7 +772,7 @@ def test_r3e_logit_scale_that_overflows_is_refused_at_load(tmp_path, capsys):
     state["logit_scale"] = torch.tensor(90.0)  # exp(90) > float32's largest value
     torch.save(state, tmp_path / "hot.pt")
     line = _cli_error(
-        ["score", _png(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", tmp_path / "hot.pt", "--json"],
+        ["score", _photo_file(tmp_path), "--box", "0,0,10,10", "--text", "x", "--model", tmp_path / "hot.pt", "--json"],
         capsys,
     )
     assert "hot.pt has logit_scale 90" in line and "overflows float32" in line
