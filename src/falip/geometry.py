@@ -126,6 +126,22 @@ def make_transform(mode: str, image_size: tuple[int, int], input_size: int) -> I
     return ImageTransform(mode, (W, H), S, (rw, rh), ((S - rw) // 2, (S - rh) // 2))
 
 
+def _as_lists(value):
+    """Nested iterables (generators, tuples, ranges) as nested lists; arrays, strings and scalars unchanged."""
+    if isinstance(value, (np.ndarray, str, bytes)) or not hasattr(value, "__iter__"):
+        return value
+    return [_as_lists(v) for v in value]
+
+
+def _leaves(value):
+    """The scalars of nested lists."""
+    if isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
 def validate_boxes(boxes, image_size: tuple[int, int]) -> np.ndarray:
     """Check boxes given as ``(K, 4)`` xyxy pixels and return them as a float64 array.
 
@@ -134,10 +150,13 @@ def validate_boxes(boxes, image_size: tuple[int, int]) -> np.ndarray:
     """
     if hasattr(boxes, "detach"):
         boxes = boxes.detach().cpu().numpy()
+    boxes = _as_lists(boxes)
+    if (isinstance(boxes, np.ndarray) and boxes.dtype == bool) or any(isinstance(v, (bool, np.bool_)) for v in _leaves(boxes)):
+        raise InvalidRegionError(f"boxes must be numbers, not booleans: got {boxes!r:.100}")
     try:
         arr = np.asarray(boxes, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRegionError(f"boxes must be numbers shaped (K, 4), got {boxes!r}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRegionError(f"boxes must be finite numbers shaped (K, 4), got {boxes!r:.100} ({exc})") from None
     if arr.ndim == 1 and arr.shape[0] == 4:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != 4:
@@ -177,9 +196,11 @@ def validate_masks(masks, image_size: tuple[int, int]) -> list[np.ndarray]:
             raise InvalidRegionError(f"mask {i} has shape {m.shape} but the image is H={H}, W={W}")
         if m.dtype.kind == "f" and not np.all(np.isfinite(m)):
             raise InvalidRegionError(f"mask {i} contains NaN or infinite values")
-        m = m > 0.5 if m.dtype.kind == "f" else m.astype(bool)
+        soft = m.dtype.kind == "f"
+        m = m > 0.5 if soft else m.astype(bool)
         if not m.any():
-            raise InvalidRegionError(f"mask {i} is empty (no pixel set)")
+            rule = "no value > 0.5, the rule for float masks" if soft else "no non-zero pixel"
+            raise InvalidRegionError(f"mask {i} is empty: {rule}")
         out.append(m)
     return out
 

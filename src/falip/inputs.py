@@ -9,9 +9,11 @@ One helper per concern, used by every reader of the package (images, masks, anno
 - :func:`require` / :func:`field_of` / :func:`check`: a JSON object's keys, and its values checked as one :data:`Kind` — errors
   name the file, the line or record, and the field; booleans are never numbers;
 - :func:`check_count` / :func:`check_claim`: a size that a user or a file states is checked against a
-  bound and against what the file holds before anything is allocated.
+  bound and against what the file holds before anything is allocated;
+- :func:`warn_overlong`: texts longer than the model's text context (which its tokenizer cuts) are
+  counted and warned about (:class:`TextTruncatedWarning`).
 
-All of them raise :class:`falip.errors.InputFileError`.
+The checks raise :class:`falip.errors.InputFileError` (or the error class a caller passes).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from .errors import FalipError, InputFileError
+from .notices import warn
 
 PathLike = Union[str, os.PathLike]
 PathKind = Literal["file", "folder"]
@@ -244,3 +247,52 @@ def check_array_bytes(nbytes: int, where: str, what: str) -> None:
             f"{where}: {what} would take {nbytes / 2**30:.1f} GiB, over falip's limit of {MAX_ARRAY_BYTES / 2**30:.0f} GiB "
             "for one input array; split the file"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Texts longer than the model's context
+
+
+class TextTruncatedWarning(UserWarning):
+    """Texts longer than the model's text context were cut to it (the authors' code refuses them)."""
+
+
+def token_counts(runtime, texts: Sequence[str]) -> Optional[tuple[list[int], int]]:
+    """``(tokens per text, with start/end tokens; the context length)`` from the runtime's own tokenizer
+    (open_clip's BPE tokenizer, open_clip's HF wrapper, or an HF tokenizer), or None when it cannot tell."""
+    tok = getattr(runtime, "tokenizer", None)
+    if tok is None:
+        return None
+    if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):  # open_clip SimpleTokenizer: <sot> text <eot>
+        return [len(tok.encode(t)) + 2 for t in texts], int(tok.context_length)
+    hf, context = (tok.tokenizer, getattr(tok, "context_length", None)) if hasattr(tok, "tokenizer") else (tok, None)
+    context = context or getattr(runtime, "context_length", None)
+    if context is None or not callable(hf):
+        return None
+    return [len(ids) for ids in hf(list(texts), truncation=False, verbose=False)["input_ids"]], int(context)
+
+
+def overlong_texts(model, texts: Sequence[str]) -> dict[str, int]:
+    """``{text: tokens}`` of the distinct texts longer than ``model``'s text context (they are truncated when encoded)."""
+    unique = list(dict.fromkeys(texts))
+    counted = token_counts(model.runtime, unique)
+    if counted is None:
+        return {}
+    counts, context = counted
+    return {t: n for t, n in zip(unique, counts) if n > context}
+
+
+def warn_overlong(model, texts: Sequence[str], what: str = "texts") -> int:
+    """Warn once (:class:`TextTruncatedWarning`, counted) when texts exceed ``model``'s context; returns how many
+    of ``texts`` (with repeats) do — the number a run records."""
+    over = overlong_texts(model, texts)
+    n = sum(1 for t in texts if t in over)
+    if n:
+        example, tokens = max(over.items(), key=lambda kv: kv[1])
+        context = token_counts(model.runtime, [example])[1]
+        warn(
+            f"{n} of {len(texts)} {what} are longer than the model's text context of {context} tokens and are cut to it "
+            f"(the authors' code refuses them); the longest has {tokens} tokens: {example[:60]!r}",
+            TextTruncatedWarning,
+        )
+    return n

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .errors import FalipError
 from .files import atomic_write
+from .inputs import read_text
 
 Templates = Union[list, dict]
 
@@ -46,9 +47,9 @@ def load_templates(spec: Optional[str] = None) -> Templates:
     if spec is None or spec in ("openai", "simple", "simple-openai"):
         return builtin_templates(spec or "openai")
     path = Path(spec)
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise FalipError(f"template file not found: {path} (built-in sets: openai, simple, simple-openai)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "template file")
     if path.suffix == ".json":
         try:
             data = json.loads(text)

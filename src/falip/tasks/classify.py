@@ -29,6 +29,7 @@ from ..digests import describe_inputs
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, load_image
+from ..inputs import warn_overlong
 from ..methods import Method, encode_with_method, encode_with_method_batch, parse_method
 from ..model import PreparedImage, Preprocessor
 from ..results import RunRecorder
@@ -63,9 +64,11 @@ def text_classifier(
     """
     method = parse_method(method) if isinstance(method, str) else method
     templates = load_templates(templates) if templates is None or isinstance(templates, str) else templates
+    prompts = class_prompts(classnames, templates)
     if method.text_suffix:
-        prompts = class_prompts(classnames, templates)
         templates = {c: [p + method.text_suffix for p in ps] for c, ps in zip(classnames, prompts)}
+        prompts = list(templates.values())
+    warn_overlong(model, [p for ps in prompts for p in ps], "class prompts")
     return zero_shot_classifier(model, classnames, templates)
 
 

@@ -40,6 +40,7 @@ from ..encode import MODES
 from ..errors import FalipError, ImageLoadError, InvalidRegionError
 from ..geometry import validate_boxes
 from ..images import ImageTooLargeError, load_image
+from ..inputs import warn_overlong
 from ..methods import METHOD_HELP, Method, encode_with_method_batch, parse_method
 from ..model import PreparedImage, Preprocessor
 from ..notices import warn
@@ -529,6 +530,11 @@ def evaluate(
     if no_proposals not in NO_PROPOSALS:
         raise ValueError(f"no_proposals must be one of {NO_PROPOSALS}, got {no_proposals!r}")
     samples = data.samples[:limit] if limit is not None else data.samples
+    # Expressions longer than a model's text context are cut by its tokenizer: warned about and counted.
+    longest = [max((scorer.prompt(s.sentence, m) for m in scorer.methods), key=len) for s in samples]
+    truncated = (
+        max(warn_overlong(m, longest, "expressions (in their prompt)") for m in scorer.models) if distributed.is_main() else 0
+    )
     described = dict(task="rec", dataset=data.name, split=data.split, proposals=data.proposal_source, no_proposals=no_proposals)
     files = {k: data.source.get(k) for k in ("refs", "instances", "annotations", "detections")}
     run = Run(
@@ -588,6 +594,7 @@ def evaluate(
             masks_missing=counts["masks_missing"] if need_masks else None,
             no_proposals=dict(policy=no_proposals, images=counts["whole_images"], expressions=len(whole)),
             exif_rotated_images=counts["rotated"],
+            expressions_truncated=truncated,
             limit=limit,
         )
         fields = dict(
