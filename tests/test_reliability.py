@@ -539,7 +539,7 @@ def _app_client(model, **limits):
     return TestClient(create_app(model, Limits(**limits)), base_url="http://127.0.0.1:7860")
 
 
-def _png(image: Image.Image) -> bytes:
+def _png_bytes(image: Image.Image) -> bytes:
     import io
 
     buf = io.BytesIO()
@@ -554,7 +554,7 @@ def _score_form(image: bytes, boxes, texts, **fields):
 
 def test_server_answers_only_to_its_own_host_names_and_refuses_cross_origin_posts(tiny_model):
     client = _app_client(tiny_model)
-    form = _score_form(_png(Image.fromarray(random_image(np.random.default_rng(0), 64, 48))), [[4, 4, 40, 30]], ["a cat"])
+    form = _score_form(_png_bytes(Image.fromarray(random_image(np.random.default_rng(0), 64, 48))), [[4, 4, 40, 30]], ["a cat"])
     for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "LOCALHOST"):
         assert client.get("/api/health", headers={"host": host}).status_code == 200, host
     rebound = client.get("/api/health", headers={"host": "attacker.example:7860"})
@@ -638,11 +638,11 @@ def test_stalled_uploads_are_closed_and_health_answers_meanwhile(tiny_model):
 def test_pixel_limit_holds_for_what_crop_preprocessing_makes_of_an_image():
     model = wrap(tiny_clip(64, 16, layers=2, width=64), preprocess="crop")
     client = _app_client(model)  # default limit: 16 000 000 pixels, so the 200000x1 upload itself passes
-    strip = _png(Image.new("RGB", (200_000, 1), "gray"))
+    strip = _png_bytes(Image.new("RGB", (200_000, 1), "gray"))
     r = client.post("/api/score", **_score_form(strip, [[0, 0, 100, 1]], ["a line"]))
     assert r.status_code == 413 and "resized to 12800000x64" in r.json()["error"], r.text
     client = _app_client(model, max_pixels=1_000_000)
-    square = _png(Image.new("RGB", (400, 400), "gray"))  # fine as an image; its crop of a 400x1 box (25600x64) is not
+    square = _png_bytes(Image.new("RGB", (400, 400), "gray"))  # fine as an image; its crop of a 400x1 box (25600x64) is not
     r = client.post("/api/score", **_score_form(square, [[0, 0, 400, 1]], ["a line"], method="crop"))
     assert r.status_code == 413 and "box 0's crop of 400x1 is resized to 25600x64" in r.json()["error"], r.text
     assert client.post("/api/score", **_score_form(square, [[0, 0, 400, 1]], ["a line"])).status_code == 200  # falip
@@ -685,7 +685,7 @@ BAD_NUMBERS = {
 @pytest.mark.parametrize("name", list(BAD_NUMBERS))
 def test_deep_json_and_huge_numbers_are_a_400_not_a_500(tiny_model, name):
     field, value, fragment = BAD_NUMBERS[name]
-    form = _score_form(_png(Image.fromarray(random_image(np.random.default_rng(0), 64, 48))), [[4, 4, 40, 30]], ["a cat"])
+    form = _score_form(_png_bytes(Image.fromarray(random_image(np.random.default_rng(0), 64, 48))), [[4, 4, 40, 30]], ["a cat"])
     form["data"][field] = value
     r = _app_client(tiny_model).post("/api/score", **form)
     assert r.status_code == 400 and fragment in r.json()["error"], r.text

@@ -257,9 +257,10 @@ GOOD_BOXES = json.dumps([[10, 10, 100, 100]])
 GOOD_TEXTS = json.dumps(["the red circle"])
 BAD_REQUESTS = {
     # name: (form fields other than the image, image bytes or None for the scene, status, fragment of the message)
-    "not an image": ({}, b"this is not an image", 415, "image: not an image file"),
+    "not an image": ({}, b"this is not an image", 415, "image: cannot read image upload.png: not an image file"),
+    "truncated PNG": ({}, "truncated", 400, "upload.png: damaged or truncated file"),
     "empty file": ({}, b"", 400, "image: the uploaded file is empty"),
-    "over the pixel limit": ({}, "big", 413, f"over the limit of {MAX_PIXELS} pixels"),
+    "over the pixel limit": ({}, "big", 413, f"upload.png is 400x400 = 160000 pixels, over the limit of {MAX_PIXELS}"),
     "over the upload limit": ({}, "huge", 413, "over the upload limit"),
     "no image field": ({}, "missing", 400, "image: Field required"),
     "no boxes field and no masks": ({"boxes": None}, None, 400, "boxes: Field required"),
@@ -295,6 +296,8 @@ def test_bad_input_is_a_4xx_json_error_naming_the_problem(client, scene, name):
         image = png_bytes(Image.new("RGB", (400, 400), "gray"))  # 160 000 pixels, small file
     elif image == "huge":
         image = _big_noise()
+    elif image == "truncated":
+        image = png_bytes(scene.image)[: len(png_bytes(scene.image)) // 2]
     elif image is None:
         image = png_bytes(scene.image)
     files = {} if image == "missing" else {"image": ("upload.png", image, "image/png")}

@@ -190,12 +190,12 @@ def create_app(model, limits: Limits = Limits(), hosts: Optional[frozenset[str]]
     async def _read_inputs(image: UploadFile, boxes: Optional[str], masks: list[UploadFile], crops: bool):
         """The decoded image, its boxes and masks (``(names, arrays)``), checked against the limits."""
         data = await image.read()
-        pil = await run_in_threadpool(decode_image, data, limits)
+        pil = await run_in_threadpool(decode_image, data, limits, image.filename or "the uploaded image")
         box_list = parse_boxes(boxes, pil.size, limits, required=not masks)
         if len(box_list) + len(masks) > limits.max_boxes:
             raise InputError(f"regions: {len(box_list)} boxes and {len(masks)} masks is over the limit of {limits.max_boxes}")
         uploads = [(m.filename or f"mask {i}", await m.read()) for i, m in enumerate(masks)]
-        mask_list = await run_in_threadpool(decode_masks, uploads, pil.size, limits)
+        mask_list = await run_in_threadpool(decode_masks, uploads, pil.size)
         check_preprocessed_size(model, pil.size, limits, box_list, crops=crops)
         return pil, box_list, ([name for name, _ in uploads], mask_list)
 

@@ -27,8 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from ..bias import FovealConfig
 from ..datasets.generic import read_mask
 from ..encode import MODES
-from ..errors import FalipError
-from ..images import load_image
+from ..errors import FalipError, ImageLoadError
+from ..images import ImageTooLargeError, load_image
 from ..methods import METHOD_HELP, parse_method, score_with_method
 from ..prompts import EDITS
 from ..ranking import score_name, score_table
@@ -90,36 +90,24 @@ def make_examples(seeds: Sequence[int] = (3, 7, 11)) -> dict[str, Example]:
     return out
 
 
-def decode_image(data: bytes, limits: Limits) -> Image.Image:
-    """An 8-bit RGB image as displayed from uploaded bytes, decoded as ``falip score`` decodes a file
-    (:func:`falip.images.load_image`: EXIF orientation applied, 16-bit and float images scaled by their range).
-
-    The pixel limit is checked on the header, before the pixels are decoded.
-    """
+def decode_image(data: bytes, limits: Limits, name: str = "the uploaded image") -> Image.Image:
+    """An 8-bit RGB image as displayed from uploaded bytes, decoded exactly as ``falip score`` decodes a file
+    (:func:`falip.images.load_image`: the pixel limit checked on the header before decoding, a damaged or
+    truncated file refused, EXIF orientation applied, 16-bit and float images scaled by their range)."""
     if not data:
         raise InputError("image: the uploaded file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise InputError(
-                    f"image: {w}x{h} = {w * h} pixels is over the limit of {limits.max_pixels} pixels; downscale it first",
-                    status=413,
-                )
-            return load_image(img)
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError("image: not an image file (PIL cannot identify its format)", status=415) from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"image: refused as a decompression bomb ({exc})", status=413) from None
-    except (OSError, FalipError) as exc:  # FalipError: falip.images refuses the layout or the value range
-        raise InputError(f"image: cannot decode the uploaded file ({exc})") from None
+        return load_image(data, name=name, max_pixels=limits.max_pixels)
+    except ImageTooLargeError as exc:
+        raise InputError(f"image: {exc}", status=413) from None
+    except ImageLoadError as exc:
+        raise InputError(f"image: {exc}", status=415 if "not an image file" in str(exc) else 400) from None
 
 
-def decode_masks(uploads: Sequence[tuple[str, bytes]], image_size: tuple[int, int], limits: Limits) -> list[np.ndarray]:
-    """Boolean ``(H, W)`` masks from uploaded PNGs ``(file name, bytes)``, read as ``falip score --mask`` reads a
-    file (:func:`falip.datasets.generic.read_mask`); each must have the image's size and at least one pixel set."""
+def decode_masks(uploads: Sequence[tuple[str, bytes]], image_size: tuple[int, int]) -> list[np.ndarray]:
+    """Boolean ``(H, W)`` masks from uploaded files ``(file name, bytes)``, read exactly as ``falip score --mask``
+    reads a file (:func:`falip.datasets.generic.read_mask`, its rules and its empty-mask error); each must have
+    the image's size, checked on the header before decoding."""
     W, H = image_size
     out = []
     for i, (name, data) in enumerate(uploads):
@@ -133,17 +121,14 @@ def decode_masks(uploads: Sequence[tuple[str, bytes]], image_size: tuple[int, in
             raise InputError(f"{label}: not an image file (PIL cannot identify its format)", status=415) from None
         except OSError as exc:
             raise InputError(f"{label}: cannot decode the uploaded file ({exc})") from None
-        if size != (W, H):  # checked on the header, before decoding: a mask is the image's size
+        if size != (W, H):
             raise InputError(f"{label} is {size[0]}x{size[1]} but the image is {W}x{H}; a mask has the image's size")
         buf = io.BytesIO(data)
         buf.name = name
         try:
-            mask = read_mask(buf)
+            out.append(read_mask(buf))
         except FalipError as exc:
             raise InputError(f"{label}: {exc}") from None
-        if not mask.any():
-            raise InputError(f"{label} is empty: no pixel inside (alpha or gray > 127, or 1 in a 0/1 mask)")
-        out.append(mask)
     return out
 
 
