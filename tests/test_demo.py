@@ -97,7 +97,7 @@ def test_number_tags_contrast_with_their_colour():
     assert ((tagged == 0).all(axis=2)).sum() > 50  # black number and rim on red
 
 
-def test_demo_page_fits_1024_to_1920_px_in_a_browser(tmp_path):
+def test_browser_demo_page_fits_1024_to_1920_px(tmp_path):
     """The page in the system chromium: no sideways scrolling at 1024–1920 px; FALIP_DEMO_SCREENSHOT=docs/images/demo.png
     saves it at 1280 px."""
     from test_serve import CHROMIUM_FLAGS, find_chromium

@@ -476,7 +476,7 @@ def region_coords(page, k: int) -> list[float]:
     return [float(page.locator(f"#regions li[data-box='{k}'] input").nth(i).input_value()) for i in range(4)]
 
 
-def test_page_draw_inside_a_box_run_read_ties_and_download(open_page, server, client, scene, tmp_path):
+def test_browser_draw_inside_a_box_run_read_ties_and_download(open_page, server, client, scene, tmp_path):
     page, url = open_page(), server[0]
     path = tmp_path / "scene.png"
     scene.image.save(path)
@@ -538,7 +538,7 @@ def test_page_draw_inside_a_box_run_read_ties_and_download(open_page, server, cl
     assert rows[0] == "method,text,region,region_name,score,score_name,best,tie" and len(rows) == 1 + 5 * 2 * 2
 
     shot = os.environ.get("FALIP_SERVE_SCREENSHOT")
-    if shot:  # FALIP_SERVE_SCREENSHOT=docs/images/serve.png python -m pytest tests/test_serve.py -k page
+    if shot:  # FALIP_SERVE_SCREENSHOT=docs/images/serve.png python -m pytest tests/test_serve.py -k browser_draw
         page.screenshot(path=shot, full_page=True)
 
     # A bundled example brings its image, its boxes and one expression per object, and clears the old results.
@@ -550,7 +550,7 @@ def test_page_draw_inside_a_box_run_read_ties_and_download(open_page, server, cl
     assert page.errors == [] and page.failed == []  # no script error, no 404 (the favicon is inline)
 
 
-def test_page_on_a_phone_touch_draws_a_box_inside_another_and_a_mask_is_a_region(open_page, server, scene, tmp_path):
+def test_browser_phone_touch_draws_a_box_inside_another_and_a_mask_is_a_region(open_page, server, scene, tmp_path):
     page = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True, device_scale_factor=2)
     path, mask = tmp_path / "scene.png", tmp_path / "spoon.png"
     scene.image.save(path)
@@ -578,6 +578,6 @@ def test_page_on_a_phone_touch_draws_a_box_inside_another_and_a_mask_is_a_region
     assert page.evaluate("state.results.falip.regions[2]") == "spoon.png"
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot = os.environ.get("FALIP_SERVE_TOUCH_SCREENSHOT")
-    if shot:  # FALIP_SERVE_TOUCH_SCREENSHOT=docs/images/serve-touch.png python -m pytest tests/test_serve.py -k phone
+    if shot:  # FALIP_SERVE_TOUCH_SCREENSHOT=docs/images/serve-touch.png python -m pytest tests/test_serve.py -k browser_phone
         page.screenshot(path=shot, full_page=True)
     assert page.errors == [] and page.failed == []
