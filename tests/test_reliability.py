@@ -513,6 +513,265 @@ def test_a_replaced_image_file_is_computed_again_on_resume(tmp_path, generic):
 # (cases of this family go below this line, above the next section)
 
 
+def cli_err(argv, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def classify_argv(root, ckpt, output, *extra):
+    return ["classify", "--annotations", root / "regions.jsonl", "--classes", root / "classes.txt", "--image-root", root,
+            "--model", ckpt, "--templates", "simple", "--workers", "0", "--output", output, *extra]  # fmt: skip
+
+
+def reclip_file(root, image_boxes, detections=None):
+    """A ReCLIP JSONL with one sentence per image (its target: annotation 0) and the images it names (64x48)."""
+    rng = np.random.default_rng(3)
+    lines = []
+    for i, boxes in enumerate(image_boxes, start=1):
+        Image.fromarray(random_image(rng, 64, 48)).save(root / f"COCO_train2014_{i:012d}.jpg")
+        anns = [{"id": k, "bbox": b} for k, b in enumerate(boxes)]
+        lines.append({"file_name": f"COCO_train2014_{i:012d}_1.jpg", "image_id": i, "anns": anns, "ann_id": 0,
+                      "sentences": [{"raw": f"thing {i}"}]})  # fmt: skip
+    (root / "refs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if detections is not None:
+        (root / "dets.json").write_text(json.dumps(detections))
+    return root / "refs.jsonl"
+
+
+def rec_argv(root, ckpt, output, *extra):
+    return ["rec", "--format", "reclip", "--annotations", root / "refs.jsonl", "--image-root", root, "--model", ckpt,
+            "--quiet", "--workers", "0", "--output", output, *extra]  # fmt: skip
+
+
+def modelnet(root, clouds):
+    """A ModelNet40-layout HDF5 split of ``clouds`` ``(N, P, 3)`` labelled 0, 1, 2, 0, …"""
+    import h5py
+
+    folder = root / "modelnet40_ply_hdf5_2048"
+    folder.mkdir(parents=True)
+    (folder / "shape_names.txt").write_text("airplane\nbathtub\nflower_pot\n")
+    with h5py.File(folder / "ply_data_test0.h5", "w") as f:
+        f.create_dataset("data", data=np.asarray(clouds, dtype=np.float32))
+        f.create_dataset("label", data=(np.arange(len(clouds)) % 3).reshape(-1, 1).astype(np.uint8))
+    (folder / "test_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_test0.h5\n")
+    return root
+
+
+def pointcloud_argv(root, ckpt, output, *extra):
+    return ["pointcloud", "--dataset", "modelnet40", "--data-root", root, "--model", ckpt, "--workers", "0", "--output", output,
+            *extra]  # fmt: skip
+
+
+# Fingerprints by content: an input file edited under the same path
+
+
+def test_an_edited_templates_file_is_refused_on_resume_naming_the_prompts(tmp_path, generic, capsys):
+    ckpt = save_checkpoint(tmp_path / "m.pt")
+    templates = tmp_path / "t.txt"
+    templates.write_text("a photo of a {}.\n")
+    argv = classify_argv(generic, ckpt, tmp_path / "r.json", "--templates", templates)
+    assert main([str(a) for a in argv]) == 0
+    templates.write_text("a drawing of a {}.\n")  # the same path, other prompts
+    code, err = cli_err(argv, capsys)
+    assert code == 2 and "config.prompts" in err.splitlines()[-1]  # (above it: the progress bar)
+    assert main([str(a) for a in argv + ["--no-resume"]]) == 0  # asked: recomputed with the new prompts
+
+
+def test_an_edited_pointcloud_templates_file_or_annotation_file_rewritten_in_place_is_refused(tmp_path, capsys):
+    root = modelnet(tmp_path / "data", np.random.default_rng(0).normal(size=(3, 64, 3)))
+    ckpt, templates = save_checkpoint(tmp_path / "m.pt"), tmp_path / "t.txt"
+    templates.write_text("a depth map of a {}.\n")
+    argv = pointcloud_argv(root, ckpt, tmp_path / "r.json", "--templates", templates)
+    assert main([str(a) for a in argv]) == 0
+    stat = templates.stat()
+    templates.write_text("a depth map of x {}.\n")  # same size, and the old mtime put back
+    os.utime(templates, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    code, err = cli_err(argv, capsys)
+    assert code == 2 and "config.prompts" in err
+    classes = root / "modelnet40_ply_hdf5_2048" / "shape_names.txt"
+    before, stat = file_digest(classes), classes.stat()
+    classes.write_text("airplane\nbathtub\nflower_pit\n")  # same size, old mtime: the digest cache still sees it
+    os.utime(classes, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(classes) != before
+
+
+# Outputs that would destroy inputs or each other
+
+
+@pytest.mark.parametrize("which", ["annotations", "classes", "image", "checkpoint"])
+def test_an_output_naming_an_input_is_refused_before_any_work_without_suggesting_no_resume(tmp_path, generic, capsys, which):
+    ckpt = save_checkpoint(tmp_path / "m.pt")
+    target = {"annotations": generic / "regions.jsonl", "classes": generic / "classes.txt",
+              "image": generic / "images" / "a.png", "checkpoint": ckpt}[which]  # fmt: skip
+    before = target.read_bytes()
+    for extra in ([], ["--no-resume"]):
+        code, err = cli_err(classify_argv(generic, ckpt, target, *extra), capsys)
+        assert code == 2 and str(target) in err and "--no-resume" not in err and len(err.splitlines()) == 1
+    assert target.read_bytes() == before and not predictions_path(target).exists()
+
+
+def test_rec_predictions_naming_the_annotations_are_refused_and_no_resume_does_not_overwrite_them(tmp_path, capsys):
+    reclip_file(tmp_path, [[[2, 2, 30, 30], [30, 10, 30, 30]]])
+    ckpt, annotations = save_checkpoint(tmp_path / "m.pt"), tmp_path / "refs.jsonl"
+    before = annotations.read_bytes()
+    for extra in (["--predictions", annotations], ["--predictions", annotations, "--no-resume"]):
+        code, err = cli_err(rec_argv(tmp_path, ckpt, tmp_path / "o.json", *extra), capsys)
+        assert code == 2 and "input of this run" in err and "--no-resume" not in err
+    (tmp_path / "notes.json").write_text('{"mine": 1}')  # a file falip did not write is never replaced
+    code, err = cli_err(rec_argv(tmp_path, ckpt, tmp_path / "notes.json", "--no-resume"), capsys)
+    assert code == 2 and "is not a falip results JSON" in err
+    assert annotations.read_bytes() == before and (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+
+
+def test_two_runs_on_one_output_with_other_predictions_never_lose_a_results_json(tmp_path, capsys):
+    reclip_file(tmp_path, [[[2, 2, 30, 30], [30, 10, 30, 30]]])
+    ckpt = save_checkpoint(tmp_path / "m.pt")
+    assert main([str(a) for a in rec_argv(tmp_path, ckpt, tmp_path / "o.json", "--predictions", tmp_path / "a.jsonl")]) == 0
+    first = (tmp_path / "o.json").read_text()
+    for extra in ([], ["--no-resume"]):
+        code, err = cli_err(rec_argv(tmp_path, ckpt, tmp_path / "o.json", "--predictions", tmp_path / "b.jsonl", *extra), capsys)
+        assert code == 2 and "a.jsonl" in err and "--no-resume" not in err
+    assert (tmp_path / "o.json").read_text() == first
+    script = (
+        "import sys, time; from falip.results import RunRecorder\n"
+        "rec = RunRecorder(sys.argv[1], task='t', config={}, predictions=sys.argv[2])\n"
+        "print('locked', flush=True); time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "p.json"), str(tmp_path / "c.jsonl")],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:  # a live run writing p.json from c.jsonl: another on p.json, from d.jsonl, is refused at once
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputInUseError, match=rf"p\.json is being written by another falip process \(PID {child.pid}"):
+            RunRecorder(tmp_path / "p.json", task="t", config={}, predictions=tmp_path / "d.jsonl")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_lock_from_another_host_boot_or_pid_namespace_is_never_taken_over(tmp_path):
+    pred = predictions_path(tmp_path / "r.json")
+    lock = pred.with_name(pred.name + ".lock")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for other in ({"pid_ns": "pid:[1]"}, {"host": "elsewhere"}, {"boot_id": "another-boot"}, None):
+        text = str(dead.pid) if other is None else json.dumps({**process_identity(), "pid": dead.pid, **other})
+        lock.write_text(text)  # None: a bare PID (older falip), whose namespace cannot be known
+        with pytest.raises(OutputInUseError, match=f"PID {dead.pid}.*delete {lock}"):
+            RunRecorder(tmp_path / "r.json", task="t", config={})
+        assert lock.read_text() == text
+    lock.unlink()
+    RunRecorder(tmp_path / "r.json", task="t", config={}).finish({})
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None
+    or subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], capture_output=True).returncode != 0,
+    reason="needs unshare -p (a new PID namespace)",
+)
+def test_a_writer_in_another_pid_namespace_is_refused(tmp_path):
+    """The writer holding the lock has a PID the other namespace cannot see: that is not a stale lock."""
+    held = RunRecorder(tmp_path / "r.json", task="t", config={})
+    script = (
+        "import sys\nfrom falip.results import RunRecorder, OutputInUseError\n"
+        "try:\n    RunRecorder(sys.argv[1], task='t', config={})\nexcept OutputInUseError as e:\n    print('refused', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c", script, str(tmp_path / "r.json")],
+                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert child.stdout.startswith("refused") and "PID namespace" in child.stdout, child.stderr[-2000:]
+    held.finish({})
+
+
+@pytest.mark.parametrize("where", ["library", "cli"])
+def test_a_file_size_limit_names_the_file_being_written(tmp_path, generic, where):
+    """EFBIG (and ENOSPC, the same path) while writing: the error names the file; no traceback on the CLI."""
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))\n"
+    if where == "library":
+        body = "import sys\nfrom falip.results import RunRecorder\nrec = RunRecorder(sys.argv[1], task='t', config={})\nfor i in range(200):\n    rec.add(i, pad='x' * 100)\n"
+        argv = [str(tmp_path / "r.json")]
+    else:
+        ckpt = save_checkpoint(tmp_path / "m.pt")
+        body = "import sys\nfrom falip.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        argv = [str(a) for a in classify_argv(generic, ckpt, tmp_path / "r.json")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "FALIP_CACHE_DIR": str(tmp_path / "cache")}
+    child = subprocess.run([sys.executable, "-c", limit + body, *argv], capture_output=True, text=True, env=env, timeout=300)
+    written = [f"cannot write {path}: File too large" for path in (tmp_path / "r.json", predictions_path(tmp_path / "r.json"))]
+    assert child.returncode != 0 and any(w in child.stderr for w in written), child.stderr[-2000:]
+    if where == "cli":
+        assert child.returncode == 2 and "Traceback" not in child.stderr
+
+
+# One rule for runs that lost most of their inputs; every item lost → null metrics
+
+
+def test_detections_without_area_are_a_counted_loss_and_refused_past_half(tmp_path, capsys):
+    reclip_file(tmp_path, [[[2, 2, 30, 30], [30, 10, 30, 30]]] * 3, detections={"1": [[5, 5, 0, 10]], "2": [[5, 5, -3, 9]],
+                "3": [[2, 2, 30, 30], [9, 9, 0, 0]]})  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "m.pt")
+    argv = rec_argv(tmp_path, ckpt, tmp_path / "o.json", "--detections", tmp_path / "dets.json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = cli_err(argv, capsys)
+    assert code == 2 and "2 of 3 expressions lost (2 scored on the whole image" in err and "--allow-lost-inputs" in err
+    assert [str(w.message) for w in caught if "dropped" in str(w.message)] == [
+        "3 of 4 detector proposal boxes dropped (no area inside their image)"
+    ]
+    assert not (tmp_path / "o.json").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([str(a) for a in argv + ["--allow-lost-inputs"]]) == 0  # resumes what was computed
+    assert "2 of 3 expressions lost (2 scored on the whole image (no usable proposal))" in [str(w.message) for w in caught]
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["lost_inputs"]["count"] == 2 and result["lost_inputs"]["allowed"] and result["run"]["resumed"] == 3
+
+
+def test_a_gold_target_box_without_area_is_a_lost_expression(tmp_path, tiny_model):
+    reclip_file(tmp_path, [[[2, 2, -20, 30], [30, 10, 30, 30]]])  # the target's box has a negative width
+    data = load_reclip(tmp_path / "refs.jsonl")
+    with pytest.raises(LostInputsError, match="1 of 1 expressions lost"):
+        rec_evaluate(RegionScorer([tiny_model]), data, tmp_path, tmp_path / "o.json", progress=False, workers=0)
+
+
+@pytest.mark.parametrize("task", ["rec", "classify", "pointcloud"])
+def test_every_item_lost_gives_null_metrics_not_zero(tmp_path, generic, capsys, task):
+    ckpt = save_checkpoint(tmp_path / "m.pt")
+    if task == "rec":
+        reclip_file(tmp_path, [[[2, 2, 30, 30]]])
+        (tmp_path / "COCO_train2014_000000000001.jpg").unlink()
+        argv = rec_argv(tmp_path, ckpt, tmp_path / "o.json")
+    elif task == "classify":
+        shutil.rmtree(generic / "images")
+        argv = classify_argv(generic, ckpt, tmp_path / "o.json")
+    else:
+        clouds = np.random.default_rng(0).normal(size=(2, 64, 3))
+        clouds[:, 3] = np.nan
+        argv = pointcloud_argv(modelnet(tmp_path / "data", clouds), ckpt, tmp_path / "o.json")
+    code, err = cli_err(argv, capsys)
+    assert code == 2 and "--allow-lost-inputs" in err
+    assert main([str(a) for a in argv + ["--allow-lost-inputs"]]) == 0
+    assert "n/a" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "o.json").read_text())["metrics"]
+    accuracies = {k: v for k, v in metrics.items() if k in ("acc", "acc_all", "top1", "top5")}
+    assert accuracies and all(v is None for v in accuracies.values()) and metrics["n"] == 0
+
+
+# One bad item does not poison its batch
+
+
+def test_a_cloud_with_huge_coordinates_fails_alone_whatever_the_batch_size(tmp_path):
+    clouds = np.random.default_rng(0).normal(size=(4, 64, 3))
+    clouds[1] *= 1e30  # finite, but its depth views overflow in the model
+    root, ckpt = modelnet(tmp_path / "data", clouds), save_checkpoint(tmp_path / "m.pt")
+    runs = {}
+    for batch in ("4", "1"):
+        assert main([str(a) for a in pointcloud_argv(root, ckpt, tmp_path / f"b{batch}.json", "--batch-size", batch)]) == 0
+        result = json.loads((tmp_path / f"b{batch}.json").read_text())
+        records = [json.loads(x) for x in predictions_path(tmp_path / f"b{batch}.json").read_text().splitlines()[1:]]
+        runs[batch] = (result["metrics"], [{k: v for k, v in r.items() if k != "detail"} for r in records])
+    assert runs["4"] == runs["1"] and runs["4"][0]["n"] == 3 and runs["4"][0]["skipped"] == 1
+    assert [r["id"] for r in runs["4"][1] if "skipped" in r] == ["ply_data_test0.h5:1"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-B: damaged and odd input files: images, masks, annotation formats, texts, resource bounds (readers).
 # (cases of this family go below this line, above the next section)

@@ -20,11 +20,12 @@ _DIGEST_LOCK = threading.Lock()
 
 
 def file_digest(path) -> str:
-    """SHA-256 (hex, 16 chars) of a file's bytes, cached per (absolute path, size, mtime) so large
-    weights files are hashed once, not on every run."""
+    """SHA-256 (hex, 16 chars) of a file's bytes, cached per (absolute path, size, mtime, ctime, inode) so
+    large weights files are hashed once, not on every run (a file rewritten with its old size and mtime
+    still has a new ctime: the kernel sets it on every change, no user can)."""
     path = Path(path).expanduser().resolve()
     st = path.stat()
-    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+    key, stamp = str(path), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     cache_file = _digest_cache()
     with _DIGEST_LOCK:
         try:
@@ -50,13 +51,14 @@ def file_digest(path) -> str:
 
 
 def file_stamp(path) -> Optional[str]:
-    """``"<size>:<mtime_ns>"`` of a file (None when it is missing): a cheap per-record identity of an
-    image, so a resume recomputes the samples whose image file was replaced."""
+    """``"<size>:<mtime_ns>:<ctime_ns>:<inode>"`` of a file (None when it is missing): a cheap per-record
+    identity of an image, so a resume recomputes the samples whose image file was replaced or rewritten
+    (even with its old size and mtime restored: the ctime changes)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def describe_inputs(models=(), files: Optional[dict] = None, image_root=None) -> dict:
