@@ -6,6 +6,7 @@ Tiny random models and tiny images keep the whole file fast.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -769,6 +770,238 @@ def test_a_cloud_with_huge_coordinates_fails_alone_whatever_the_batch_size(tmp_p
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-B: damaged and odd input files: images, masks, annotation formats, texts, resource bounds (readers).
 # (cases of this family go below this line, above the next section)
+
+
+def png_bytes(arr) -> bytes:
+    buf = io_bytes(b"")
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_r3b_damaged_images_are_refused_everywhere_and_skipped_in_runs(tmp_path, generic):
+    from falip.images import read_image
+
+    data = png_bytes(random_image(np.random.default_rng(1), 64, 48))
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2] ^= 0xFF  # one flipped byte inside the pixel data: PIL alone decodes it to garbage
+    damaged = {"truncated.png": data[: len(data) * 2 // 3], "corrupt.png": bytes(corrupt)}
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ImageLoadError, match=f"{name}: damaged or truncated"):
+            load_image(tmp_path / name)
+        with pytest.raises(ImageLoadError, match="upload.png: damaged or truncated"):
+            load_image(content, name="upload.png")  # the bytes entry point (server uploads) decodes the same way
+        with pytest.raises(ImageLoadError):
+            read_image(content)
+    with Image.open(tmp_path / "truncated.png") as lazy:  # a PIL image the user opened: decoded here, not swallowed
+        with pytest.raises(ImageLoadError, match="damaged or truncated"):
+            load_image(lazy)
+    assert (np.asarray(load_image(data)) == np.asarray(load_image(Image.open(io_bytes(data))))).all()
+    (generic / "images" / "b.png").write_bytes(damaged["corrupt.png"])
+    result = classify_run(falip.load(str(save_checkpoint(tmp_path / "m.pt"))), generic, tmp_path / "r.json")
+    assert result["skipped"]["by_reason"] == {"unreadable file": 1} and result["metrics"]["n"] == 2
+
+
+def io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def reclip_lines(path, *lines) -> None:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+
+
+RECLIP_OK = dict(file_name="a.jpg", image_id=1, anns=[{"id": 1, "bbox": [1, 2, 3, 4]}], ann_id=1, sentences=[{"raw": "x"}])
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("3", r"r\.jsonl:2: expected a JSON object, got the number 3"),
+        ({**RECLIP_OK, "file_name": 7}, r"r\.jsonl:2: 'file_name' must be a string, got the number 7"),
+        ({**RECLIP_OK, "anns": [{"id": 1, "bbox": [1, 2, 1e400, 4]}]}, r"r\.jsonl:2: anns\[0\]: 'bbox' must be \[x, y, w, h\]"),
+        (
+            '{"file_name": "a", "image_id": 1, "anns": [{"id": 1, "bbox": [1, 2, 1' + "0" * 400 + ', 4]}], "ann_id": 1, '
+            '"sentences": ["x"]}',
+            r"r\.jsonl:2: anns\[0\]: 'bbox' must be .*is not a finite number",
+        ),
+        ({**RECLIP_OK, "anns": [{"id": 1, "bbox": [True, 2, 3, 4]}]}, r"anns\[0\]: 'bbox' must be .*true is not a finite number"),
+        ({**RECLIP_OK, "anns": {"id": 1}}, r"r\.jsonl:2: 'anns' must be a list, got an object"),
+        ({**RECLIP_OK, "sentences": [{"raw": 5}]}, r"r\.jsonl:2 sentence 0: 'raw' must be a string"),
+        ({**RECLIP_OK, "ann_id": [1.5]}, r"r\.jsonl:2: 'ann_id' must be an id"),
+    ],
+)
+def test_r3b_malformed_reclip_lines_name_the_line_and_the_field(tmp_path, line, message):
+    reclip_lines(tmp_path / "r.jsonl", {**RECLIP_OK, "image_id": 0}, line)  # another image: line 2's anns are read
+    with pytest.raises(FalipError, match=message):
+        load_reclip(tmp_path / "r.jsonl")
+
+
+def write_refer(root, refs, instances) -> None:
+    (root / "refcoco").mkdir(parents=True, exist_ok=True)
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    (root / "refcoco" / "instances.json").write_text(json.dumps(instances))
+
+
+def test_r3b_malformed_refer_files_and_jsonl_regions_name_the_record_and_the_field(tmp_path):
+    ref = dict(ref_id=1, ann_id=1, image_id=1, split="val", sentences=[{"raw": "the cat", "sent_id": 1}])
+    good = dict(images=[{"id": 1, "file_name": "a.jpg"}], annotations=[{"id": 1, "image_id": 1, "bbox": [0, 0, 9, 9]}])
+    cases = [
+        ([ref], {**good, "images": [{"id": 1}]}, r"instances\.json: images\[0\]: 'file_name' is missing"),
+        (
+            [ref],
+            {**good, "images": {"1": "a.jpg"}},
+            r"instances\.json \(COCO instances\): 'images' must be a list, got an object",
+        ),
+        ([{**ref, "split": 0}], good, r"refs\(unc\)\.p: ref 0: 'split' must be a string, got the number 0"),
+        ([ref], {**good, "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, True, 9]}]}, r"annotations\[0\]: 'bbox'"),
+        ({"refs": [ref]}, good, r"refs\(unc\)\.p: the refs pickle must be a list"),
+    ]
+    for refs, instances, message in cases:
+        write_refer(tmp_path, refs, instances)
+        with pytest.raises(FalipError, match=message):
+            load_refer(tmp_path, "refcoco", "val")
+    rows = {
+        "5": r"g\.jsonl:1: expected a JSON object, got the number 5",
+        '{"image": 3, "box": [0, 0, 9, 9]}': r"g\.jsonl:1: 'image' must be a string, got the number 3",
+        '{"image": "a.png", "box": [0, false, 9, 9]}': r"g\.jsonl:1: 'box' must be \[x0, y0, x1, y1\].*false is not a finite",
+        '{"image": "a.png", "box": [0, 0, 1' + "0" * 400 + ", 9]}": r"g\.jsonl:1: 'box' must be .*too large",
+    }
+    for row, message in rows.items():
+        (tmp_path / "g.jsonl").write_text(row + "\n")
+        with pytest.raises(FalipError, match=message):
+            read_regions_jsonl(tmp_path / "g.jsonl")
+    import h5py
+
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f.create_group("data")
+        f["label"] = np.zeros(2)
+    from falip.datasets.pointclouds import read_h5
+
+    with pytest.raises(FalipError, match=r"g\.h5: 'data' must be a dataset \(an array\), got a group"):
+        read_h5(tmp_path / "g.h5")
+    # a generator of boxes is a list of boxes; booleans are not coordinates
+    img = random_image(np.random.default_rng(0), 64, 48)
+    scores = tiny_wrap().score_regions(img, (b for b in [[0, 0, 30, 30], [10, 10, 60, 40]]), ["x"])
+    assert scores.shape == (2, 1)
+    with pytest.raises(InvalidRegionError, match="not booleans"):
+        tiny_wrap().score_regions(img, [[0, 0, True, 30]], ["x"])
+
+
+_TINY = {}
+
+
+def tiny_wrap():
+    if "m" not in _TINY:
+        _TINY["m"] = wrap(tiny_clip(64, 16, layers=2, width=64))
+    return _TINY["m"]
+
+
+def test_r3b_errors_say_what_a_path_is_and_which_rule_read_a_mask(tmp_path, capsys):
+    from falip.datasets.generic import EmptyMaskError, read_classes
+
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
+    os.symlink(tmp_path / "loop2.png", tmp_path / "loop1.png")
+    os.symlink(tmp_path / "loop1.png", tmp_path / "loop2.png")
+    for name, what in (("folder.png", "is a folder"), ("fifo.png", "is a named pipe"), ("loop1.png", "is a symlink loop")):
+        with pytest.raises(ImageLoadError, match=what):
+            load_image(tmp_path / name)
+        with pytest.raises(FalipError, match=what):
+            read_mask(tmp_path / name)
+        with pytest.raises(FalipError, match=what):
+            read_regions_jsonl(tmp_path / name)
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "m16.png")
+    with pytest.raises(EmptyMaskError, match=r"m16\.png is empty: .*value > 32767"):
+        read_mask(tmp_path / "m16.png")
+    Image.fromarray(np.full((8, 8), 0.4, np.float32)).save(tmp_path / "soft.tif")
+    with pytest.raises(EmptyMaskError, match=r"soft\.tif is empty: .*value > 0\.5"):
+        read_mask(tmp_path / "soft.tif")
+    index = np.zeros((8, 8), np.uint8)
+    index[2:5, 2:6] = 1  # class 1, whose VOC palette colour (128, 0, 0) is dark: read through its colour it is empty
+    index[1, :] = 255  # VOC's void outline
+    voc = Image.fromarray(index, "P")
+    voc.putpalette([0, 0, 0, 128, 0, 0] + [0, 0, 0] * 253 + [224, 224, 192])
+    voc.save(tmp_path / "voc.png")
+    assert read_mask(tmp_path / "voc.png").sum() == 12
+    only = Image.fromarray(np.where(index == 1, 255, 0).astype(np.uint8), "P")
+    only.putpalette([0, 0, 0] * 255 + [255, 255, 255])
+    only.save(tmp_path / "p255.png")
+    assert read_mask(tmp_path / "p255.png").sum() == 12
+    with pytest.raises(InvalidRegionError, match=r"mask 0 is empty: no value > 0\.5"):
+        tiny_wrap().score_regions(np.zeros((48, 64, 3), np.uint8), None, ["x"], masks=[np.full((48, 64), 0.3)])
+    (tmp_path / "latin1.jsonl").write_bytes(
+        b'{"image": "a.png", "box": [0, 0, 9, 9]}\n{"image": "caf\xe9.png", "box": [0, 0, 9, 9]}\n'
+    )
+    with pytest.raises(FalipError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 15\)"):
+        read_regions_jsonl(tmp_path / "latin1.jsonl")
+    (tmp_path / "bom.txt").write_bytes("\ufeffcat\ndog\n".encode())
+    assert read_classes(tmp_path / "bom.txt") == ["cat", "dog"]
+    (tmp_path / "bom_t.txt").write_bytes("\ufeffa photo of a {}.\n".encode())
+    assert falip.zeroshot.load_templates(str(tmp_path / "bom_t.txt")) == ["a photo of a {}."]
+    for argv, message in (
+        (["bias", "--image-size", "0,0", "--box", "0,0,1,1"], "1 to 1048576 pixels per side"),
+        (["synth", "--output", str(tmp_path / "s"), "--size", "8"], "--size, pixels) must be an integer from 32 to 4096"),
+        (["synth", "--output", str(tmp_path / "s"), "--images", "0"], "(--images) must be an integer from 1"),
+    ):
+        with pytest.raises(SystemExit) if argv[0] == "bias" else contextlib.nullcontext():
+            assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_r3b_overlong_and_empty_expressions_are_counted_not_scored_silently(tmp_path, tiny_model):
+    from falip.inputs import TextTruncatedWarning
+
+    Image.fromarray(random_image(np.random.default_rng(0), 64, 48)).save(tmp_path / "COCO_train2014_000000000001.jpg")
+    line = dict(
+        file_name="COCO_train2014_000000000001_1.jpg",
+        image_id=1,
+        anns=[{"id": 1, "bbox": [2, 2, 30, 30]}, {"id": 2, "bbox": [30, 10, 30, 30]}],
+        ann_id=1,
+        sentences=[{"raw": "the cat"}, {"raw": " ".join(["cat"] * 90)}, {"raw": "  "}, {"raw": "a dog"}],
+    )
+    reclip_lines(tmp_path / "r.jsonl", line)
+    data = load_reclip(tmp_path / "r.jsonl")
+    assert [s.problem[0] if s.problem else None for s in data.samples] == [None, None, "empty expression", None]
+    with pytest.warns(TextTruncatedWarning, match="1 of 4 expressions .* text context of 77 tokens"):
+        result = rec_evaluate(RegionScorer([tiny_model], "falip"), data, tmp_path, tmp_path / "o.json", progress=False)
+    assert result["run"]["expressions_truncated"] == 1
+    assert result["skipped"]["by_reason"] == {"empty expression": 1} and result["metrics"]["n"] == 3
+
+
+def test_r3b_sizes_a_file_states_are_checked_before_allocating(tmp_path, capsys):
+    import h5py
+
+    from falip.datasets.pointclouds import load_cloud, read_h5
+
+    header = b"ply\nformat binary_little_endian 1.0\nelement vertex 2000000000\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+    (tmp_path / "big.ply").write_bytes(header + b"\0" * 120)
+    code = main(["render-depth", str(tmp_path / "big.ply"), "--output", str(tmp_path / "d.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "announces 2000000000 vertices" in err and "holds only 120 bytes" in err
+    buf = io_bytes(b"")
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (3_000_000_000, 3)})
+    (tmp_path / "big.npy").write_bytes(buf.getvalue() + b"\0" * 96)  # a header claiming 72 GB, 96 bytes of data
+    with pytest.raises(FalipError, match=r"big\.npy: the header announces an array of shape \(3000000000, 3\)"):
+        load_cloud(tmp_path / "big.npy")
+    (tmp_path / "big.off").write_text("OFF\n100000000 2 0\n0 0 0\n1 0 0\n")
+    with pytest.raises(FalipError, match=r"big\.off: the OFF header announces 100000000 vertices"):
+        load_cloud(tmp_path / "big.off")
+    with h5py.File(tmp_path / "huge.h5", "w") as f:
+        f.create_dataset("data", shape=(10**6, 2048, 3), dtype="f4", chunks=(1, 2048, 3))
+        f["label"] = np.zeros(10**6)
+    with pytest.raises(FalipError, match=r"'data' of shape \(1000000, 2048, 3\) would take 22\.9 GiB"):
+        read_h5(tmp_path / "huge.h5")
+    Image.fromarray(random_image(np.random.default_rng(0), 64, 48)).save(tmp_path / "p.png")
+    for tile in ("100000", "8"):
+        code = main(
+            ["attention", str(tmp_path / "p.png"), "--box", "0,0,9,9", "--tile", tile, "--output", str(tmp_path / "a.png")]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and "--tile (pixels per map) must be an integer from 16 to 1024" in err
 
 
 # ----------------------------------------------------------------------------------------------

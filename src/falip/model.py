@@ -306,7 +306,10 @@ class FalipModel:
         images = list(images)
         if (boxes_per_image is None) == (masks_per_image is None):
             raise ValueError("give exactly one of boxes_per_image=... or masks_per_image=... (one list per image)")
-        regions = list(boxes_per_image if boxes_per_image is not None else masks_per_image)
+        regions = [
+            r if r is None or hasattr(r, "__len__") else list(r)
+            for r in (boxes_per_image if boxes_per_image is not None else masks_per_image)
+        ]  # generators too
         if len(regions) != len(images):
             raise ValueError(f"{len(images)} images but {len(regions)} region lists")
         pixels, biases, counts = [], [], []
