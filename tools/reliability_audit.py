@@ -541,6 +541,204 @@ def _(t):
 # (cases of this family go below this line, above the next section)
 
 
+def _jpeg(t: Path, name: str = "p.jpg") -> bytes:
+    smooth_image(3, 96, 64).save(t / name, quality=90)
+    return (t / name).read_bytes()
+
+
+@case("r3-inputs", "score a JPEG cut to 60 % of its bytes")
+def _(t):
+    data = _jpeg(t)
+    (t / "cut.jpg").write_bytes(data[: len(data) * 3 // 5])
+    out = cli(["score", t / "cut.jpg", "--box", "0,0,30,30", "--text", "x", "--model", tiny_checkpoint(t / "m.pt")], "cut.jpg")
+    return "silent" if out == "ok" else out
+
+
+@case("r3-inputs", "classify with one PNG whose pixel data has 4 bytes zeroed")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    data = bytearray((root / "images" / "1.png").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4] = b"\0\0\0\0"
+    (root / "images" / "1.png").write_bytes(bytes(data))
+    out = cli(classify_argv(root, ckpt, t / "r.json", "--allow-lost-inputs"))
+    if out != "ok":
+        return out
+    skipped = json.loads((t / "r.json").read_text())["skipped"]
+    return "warning" if skipped.get("by_reason", {}).get("unreadable file") == 1 else "silent"
+
+
+@case("r3-inputs", "load_image on the bytes of a GIF cut in half")
+def _(t):
+    buf = io.BytesIO()
+    smooth_image(1, 80, 60).save(buf, "GIF")
+    out = api(lambda: falip.load_image(buf.getvalue()[: len(buf.getvalue()) // 2], name="half.gif"), "half.gif")
+    return "silent" if not isinstance(out, str) else out
+
+
+@case("r3-inputs", "refer instances.json annotation without 'bbox'")
+def _(t):
+    folder = t / "refer" / "refcoco"
+    folder.mkdir(parents=True)
+    ref = dict(ref_id=1, ann_id=5, image_id=1, split="val", sentences=[{"raw": "the cat"}])
+    (folder / "refs(unc).p").write_bytes(pickle.dumps([ref]))
+    (folder / "instances.json").write_text(json.dumps({"images": [], "annotations": [{"id": 5, "image_id": 1}]}))
+    from falip.datasets.refer import load_refer
+
+    return api(lambda: load_refer(t / "refer", "refcoco", "val"), "'bbox' is missing")
+
+
+@case("r3-inputs", "ReCLIP line whose 'sentences' is an object")
+def _(t):
+    line = {**reclip_line(1, [[0, 0, 9, 9]]), "sentences": {"raw": "the cat"}}
+    (t / "r.jsonl").write_text(json.dumps(line) + "\n")
+    from falip.datasets.refer import load_reclip
+
+    return api(lambda: load_reclip(t / "r.jsonl"), "r.jsonl:1: 'sentences' must be a list")
+
+
+@case("r3-inputs", "generic JSONL box written as the string '0,0,9,9'")
+def _(t):
+    (t / "g.jsonl").write_text(json.dumps({"image": "a.png", "box": "0,0,9,9"}) + "\n")
+    from falip.datasets.generic import read_regions_jsonl
+
+    return api(lambda: read_regions_jsonl(t / "g.jsonl"), "g.jsonl:1: 'box' must be")
+
+
+@case("r3-inputs", "generic JSONL label that is a list")
+def _(t):
+    (t / "g.jsonl").write_text(json.dumps({"image": "a.png", "box": [0, 0, 9, 9], "label": ["cat"]}) + "\n")
+    from falip.datasets.generic import read_regions_jsonl
+
+    return api(lambda: read_regions_jsonl(t / "g.jsonl"), "g.jsonl:1: 'label'")
+
+
+@case("r3-inputs", "detections file with a 3-number box and one with a string coordinate")
+def _(t):
+    from falip.datasets.refer import load_detections
+
+    outs = []
+    for boxes in ([[1, 2, 3]], [[1, 2, "3", 4]]):
+        (t / "d.json").write_text(json.dumps({"7": boxes}))
+        outs.append(api(lambda: load_detections(t / "d.json"), "image 7 box 0"))
+    return next((o for o in outs if o != "clear error"), "clear error") if all(isinstance(o, str) for o in outs) else "silent"
+
+
+@case("r3-inputs", "score --mask naming a folder")
+def _(t):
+    (t / "maskdir").mkdir()
+    out = cli(["score", *_photo(t), "--mask", t / "maskdir", "--text", "x", "--model", tiny_checkpoint(t / "m.pt")], "a folder")
+    return out
+
+
+@case("r3-inputs", "classify --annotations through a broken symlink")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    os.symlink(t / "gone.jsonl", t / "link.jsonl")
+    argv = classify_argv(root, ckpt, t / "r.json")
+    argv[argv.index(root / "regions.jsonl")] = t / "link.jsonl"
+    return cli(argv, "broken symlink")
+
+
+@case("r3-inputs", "16-bit mask with values 0 and 1000 (all under its rule)")
+def _(t):
+    m = np.zeros((48, 64), np.uint16)
+    m[5:20, 5:30] = 1000
+    Image.fromarray(m).save(t / "m16.png")
+    out = cli(["score", *_photo(t), "--mask", t / "m16.png", "--text", "x", "--model", tiny_checkpoint(t / "m.pt")], "> 32767")
+    return "silent" if out == "ok" else out
+
+
+@case("r3-inputs", "palette mask with classes 2 and 3 in dark palette colours")
+def _(t):
+    from falip.datasets.generic import read_mask
+
+    index = np.zeros((48, 64), np.uint8)
+    index[4:10, 4:14], index[20:30, 30:40] = 2, 3
+    img = Image.fromarray(index, "P")
+    img.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0, 0, 0] * 252)
+    img.save(t / "voc.png")
+    out = api(lambda: read_mask(t / "voc.png"), "voc.png")
+    return out if isinstance(out, str) else ("right" if out.sum() == 160 else "silent")
+
+
+@case("r3-inputs", "classes file saved as UTF-16")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    (root / "classes.txt").write_bytes("cat\ndog\n".encode("utf-16"))
+    return cli(classify_argv(root, ckpt, t / "r.json"), "classes.txt:1: not UTF-8")
+
+
+@case("r3-inputs", "classify --templates file starting with a byte-order mark")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    (t / "t.txt").write_bytes("\ufeffa photo of a {}.\n".encode())
+    argv = classify_argv(root, ckpt, t / "r.json")
+    argv[argv.index("simple")] = t / "t.txt"
+    out = cli(argv, "t.txt")
+    if out != "ok":
+        return out
+    prompts = json.loads((t / "r.json").read_text())
+    return "silent" if "\ufeff" in json.dumps(prompts, ensure_ascii=False) else "right"
+
+
+@case("r3-inputs", "rec with a 120-word expression")
+def _(t):
+    smooth_image(0).save(t / "COCO_train2014_000000000001.jpg")
+    line = reclip_line(1, [[2, 2, 20, 20], [30, 10, 20, 20]], raw=" ".join(["red"] * 120))
+    (t / "r.jsonl").write_text(json.dumps(line) + "\n")
+    argv = ["rec", "--format", "reclip", "--annotations", t / "r.jsonl", "--image-root", t, "--quiet"]
+    err = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("default")
+        code = main([str(a) for a in [*argv, "--model", tiny_checkpoint(t / "m.pt"), "--output", t / "o.json"]])
+    if code != 0:
+        return "vague error"
+    counted = json.loads((t / "o.json").read_text())["run"].get("expressions_truncated") == 1
+    return "warning" if counted and "text context of 77 tokens" in err.getvalue() else "silent"
+
+
+@case("r3-inputs", "rec with an empty 'raw' beside a real expression")
+def _(t):
+    smooth_image(0).save(t / "COCO_train2014_000000000001.jpg")
+    line = {**reclip_line(1, [[2, 2, 20, 20], [30, 10, 20, 20]]), "sentences": [{"raw": "the thing"}, {"raw": ""}]}
+    (t / "r.jsonl").write_text(json.dumps(line) + "\n")
+    argv = ["rec", "--format", "reclip", "--annotations", t / "r.jsonl", "--image-root", t, "--quiet", "--allow-lost-inputs"]
+    out = cli([*argv, "--model", tiny_checkpoint(t / "m.pt"), "--output", t / "o.json"])
+    if out != "ok":
+        return out
+    result = json.loads((t / "o.json").read_text())
+    return "warning" if result["skipped"]["by_reason"] == {"empty expression": 1} else "silent"
+
+
+@case("r3-inputs", "render-depth on an ASCII PLY announcing 10^9 vertices")
+def _(t):
+    head = "ply\nformat ascii 1.0\nelement vertex 1000000000\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+    (t / "a.ply").write_text(head + "0 0 0\n1 1 1\n")
+    return cli(["render-depth", t / "a.ply", "--output", t / "d.png"], "a.ply")
+
+
+@case("r3-inputs", "render-depth on an OFF mesh announcing 10^8 faces")
+def _(t):
+    (t / "m.off").write_text("OFF\n3 100000000 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")
+    return cli(["render-depth", t / "m.off", "--output", t / "d.png"], "m.off")
+
+
+@case("r3-inputs", "render-depth --size 100000 and synth --size 5000")
+def _(t):
+    np.save(t / "c.npy", np.random.default_rng(0).normal(size=(64, 3)))
+    outs = [cli(["render-depth", t / "c.npy", "--size", "100000", "--output", t / "d.png"], "100000"),
+            cli(["synth", "--output", t / "s", "--size", "5000", "--images", "1"], "--size")]  # fmt: skip
+    return next((o for o in outs if o != "clear error"), "clear error")
+
+
+@case("r3-inputs", "a .npy point cloud whose header claims 10^10 points")
+def _(t):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10**10, 3)})
+    (t / "c.npy").write_bytes(buf.getvalue() + b"\0" * 48)
+    return cli(["render-depth", t / "c.npy", "--output", t / "d.png"], "c.npy")
+
+
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-C: numbers that overflow, non-finite scores, threads, the CLI's one-line error handler (core and CLI).
 # (cases of this family go below this line, above the next section)
