@@ -9,8 +9,8 @@ per image as ReCLIP JSONL, then runs :func:`falip.tasks.rec.evaluate` (the ``fal
 grouped by image, each image's proposals encoded once per method) for each method and reports
 expressions/s (best of ``--repeats`` interleaved rounds), with ratios against ``falip`` (exact)
 of the same run. ``reference`` is the pattern
-of the ReCLIP/FALIP release code, timed on the same data: every proposal re-encoded for every
-sentence, one full forward pass per proposal (``naive``). Accuracy is meaningless with random
+of the ReCLIP/FALIP release code (``bench_authors.authors_pattern``), timed on the same data: every
+proposal re-encoded for every sentence, one full forward pass per proposal (``naive``). Accuracy is meaningless with random
 weights and is not reported.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -29,10 +30,12 @@ import torch
 from PIL import Image
 
 import falip
-from falip.datasets.refer import load_reclip, xywh_to_xyxy
+from falip.datasets.refer import load_reclip
 from falip.images import load_image
-from falip.methods import encode_with_method
 from falip.tasks.rec import RegionScorer, evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_authors import authors_pattern  # noqa: E402
 
 METHODS = "falip,falip@approx,none,crop,blur,circle,blur_circle,box,shade,grayscale,reverse_blur,falip+circle,falip+blur"
 
@@ -64,16 +67,11 @@ def write_data(root: Path, n_images: int, n_boxes: int, n_sentences: int, seed: 
     return path
 
 
-def time_reference(model, data, image_root: Path) -> float:
-    """Expressions/s of the release code's pattern: per sentence, one naive pass per proposal."""
-    start, n = time.perf_counter(), 0
-    for s in data.samples:
-        image = load_image(image_root / data.images[s.image_id][0])
-        boxes = np.array([xywh_to_xyxy(p.bbox) for p in data.proposals(s.image_id)])
-        regions = encode_with_method(model, image, boxes, mode="naive")
-        text = model.encode_text([f"a photo of {s.sentence.lower()}"])
-        int((regions @ text.T).argmax())
-        n += 1
+def time_reference(model, annotations: Path, image_root: Path) -> float:
+    """Expressions/s of the release code's pattern (``bench_authors.authors_pattern``): per sentence, one naive pass
+    per proposal."""
+    start = time.perf_counter()
+    n = len(authors_pattern(model, dict(annotations=annotations, image_root=image_root, detections=None)))
     return n / (time.perf_counter() - start)
 
 
@@ -101,13 +99,14 @@ def main() -> None:
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         root = Path(tmp)
-        data = load_reclip(write_data(root, args.images, args.boxes, args.sentences))
+        annotations = write_data(root, args.images, args.boxes, args.sentences)
+        data = load_reclip(annotations)
         warm = RegionScorer([model], "falip")  # warm-up: first calls allocate
         warm.score(warm.encode(load_image(root / data.images["0"][0]), np.array([[0, 0, 100, 100]])), ["x"])
         for round_ in range(args.repeats):  # rounds interleave the methods, so slow drifts hit them all
             for spec in specs:
                 if spec == "reference":
-                    speed = time_reference(model, data, root)
+                    speed = time_reference(model, annotations, root)
                 else:
                     name, _, mode = spec.partition("@")
                     scorer = RegionScorer([model], name, mode=mode or "exact")
