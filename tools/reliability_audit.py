@@ -536,6 +536,241 @@ def _(t):
 # (cases of this family go below this line, above the next section)
 
 
+def cli_run(argv, must_name: str = "") -> tuple[str, str]:
+    """The CLI in-process, judged on its last stderr line (progress bars and ``falip: warning:`` lines may
+    come first): ``(outcome, stderr)`` with outcome ``ok``, ``clear error`` (exit 2, the error line names
+    ``must_name``), ``vague error`` or ``traceback``."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    except Exception:
+        return "traceback", err.getvalue()
+    lines = err.getvalue().strip().splitlines()
+    if code == 0:
+        return "ok", err.getvalue()
+    last = lines[-1] if lines else ""
+    good = code == 2 and last.startswith("falip: error:") and must_name in last
+    return ("clear error" if good else "vague error"), err.getvalue()
+
+
+def kept(path: Path, before: bytes, outcome: str) -> str:
+    """``data loss`` when ``path`` no longer holds ``before``, else ``outcome``."""
+    return outcome if path.is_file() and path.read_bytes() == before else "data loss"
+
+
+def pc_data(root: Path, clouds) -> Path:
+    import h5py
+
+    folder = root / "modelnet40_ply_hdf5_2048"
+    folder.mkdir(parents=True)
+    (folder / "shape_names.txt").write_text("airplane\nbathtub\nflower_pot\n")
+    with h5py.File(folder / "ply_data_test0.h5", "w") as f:
+        f.create_dataset("data", data=np.asarray(clouds, dtype=np.float32))
+        f.create_dataset("label", data=(np.arange(len(clouds)) % 3).reshape(-1, 1).astype(np.uint8))
+    (folder / "test_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_test0.h5\n")
+    return root
+
+
+def pc_argv(root: Path, ckpt: Path, output: Path, *extra) -> list:
+    return ["pointcloud", "--dataset", "modelnet40", "--data-root", root, "--model", ckpt, "--workers", "0", "--output", output,
+            *extra]  # fmt: skip
+
+
+def rec_setup(t: Path, anns=((2, 2, 30, 30), (30, 10, 30, 30)), images=2) -> list:
+    for i in range(1, images + 1):
+        smooth_image(i).save(t / f"COCO_train2014_{i:012d}.jpg")
+    lines = [reclip_line(i, [list(b) for b in anns], raw=f"thing {i}") for i in range(1, images + 1)]
+    (t / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return ["rec", "--format", "reclip", "--annotations", t / "r.jsonl", "--image-root", t, "--model", tiny_checkpoint(t / "m.pt"),
+            "--quiet", "--workers", "0"]  # fmt: skip
+
+
+@case("R3-A", "classify: a {class: [prompts]} templates JSON edited in place, then resumed")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    prompts = t / "p.json"
+    prompts.write_text(json.dumps({"cat": ["a photo of a cat."], "dog": ["a photo of a dog."]}))
+    argv = classify_argv(root, ckpt, t / "r.json", "--templates", prompts)
+    assert cli_run(argv)[0] == "ok"
+    prompts.write_text(json.dumps({"cat": ["a sketch of a cat."], "dog": ["a photo of a dog."]}))
+    out, _ = cli_run(argv, must_name="prompts")
+    if out != "ok":
+        return out
+    return "silent" if json.loads((t / "r.json").read_text())["speed"]["resumed"] else "right"
+
+
+@case("R3-A", "pointcloud: --view-weights changed, same --output")
+def _(t):
+    root, ckpt = pc_data(t / "data", np.random.default_rng(0).normal(size=(3, 64, 3))), tiny_checkpoint(t / "m.pt")
+    assert cli_run(pc_argv(root, ckpt, t / "r.json"))[0] == "ok"
+    out, _ = cli_run(pc_argv(root, ckpt, t / "r.json", "--view-weights", "1,1,1,1,3,3"), must_name="view_weights")
+    return "silent" if out == "ok" else out
+
+
+@case("R3-A", "rec library: run_config {'note': ...} and another mode, same output")
+def _(t):
+    from falip.datasets.refer import load_reclip
+    from falip.tasks.rec import RegionScorer, evaluate
+
+    rec_setup(t)
+    model = falip.load(str(t / "m.pt"))
+    data = load_reclip(t / "r.jsonl")
+
+    def run(mode):
+        scorer = RegionScorer([model], "falip", mode=mode)
+        return evaluate(scorer, data, t, t / "o.json", run_config={"note": "mine"}, progress=False, workers=0)
+
+    run("exact")
+    out = api(lambda: run("approx"), must_name="mode")
+    return "silent" if isinstance(out, dict) else out
+
+
+@case("R3-A", "classify --output names the templates file")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    templates = t / "t.txt"
+    templates.write_text("a photo of a {}.\n")
+    before = templates.read_bytes()
+    out, _ = cli_run(classify_argv(root, ckpt, templates, "--templates", templates, "--no-resume"), must_name=str(templates))
+    return kept(templates, before, out)
+
+
+@case("R3-A", "classify --output names the model checkpoint")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    before = ckpt.read_bytes()
+    out, _ = cli_run(classify_argv(root, ckpt, ckpt), must_name=str(ckpt))
+    return kept(ckpt, before, out)
+
+
+@case("R3-A", "rec --predictions names the detections file, with --no-resume")
+def _(t):
+    argv = rec_setup(t)
+    (t / "d.json").write_text(json.dumps({"1": [[2, 2, 30, 30]], "2": [[30, 10, 30, 30]]}))
+    before = (t / "d.json").read_bytes()
+    out, err = cli_run([*argv, "--detections", t / "d.json", "--output", t / "o.json", "--predictions", t / "d.json", "--no-resume"],
+                       must_name="d.json")  # fmt: skip
+    return kept(t / "d.json", before, out)
+
+
+@case("R3-A", "pointcloud --output names an HDF5 file of the data")
+def _(t):
+    root, ckpt = pc_data(t / "data", np.random.default_rng(0).normal(size=(3, 64, 3))), tiny_checkpoint(t / "m.pt")
+    h5 = root / "modelnet40_ply_hdf5_2048" / "ply_data_test0.h5"
+    before = h5.read_bytes()
+    out, _ = cli_run(pc_argv(root, ckpt, h5, "--no-resume"), must_name=str(h5))
+    return kept(h5, before, out)
+
+
+@case("R3-A", "--output is a JSON file falip did not write")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    (t / "notes.json").write_text('{"my": "notes"}')
+    before = (t / "notes.json").read_bytes()
+    out, _ = cli_run(classify_argv(root, ckpt, t / "notes.json", "--no-resume"), must_name="notes.json")
+    return kept(t / "notes.json", before, out)
+
+
+@case("R3-A", "rec: one --output, another --predictions, with --no-resume")
+def _(t):
+    argv = rec_setup(t)
+    assert cli_run([*argv, "--output", t / "o.json", "--predictions", t / "a.jsonl"])[0] == "ok"
+    before = (t / "o.json").read_bytes()
+    out, _ = cli_run([*argv, "--output", t / "o.json", "--predictions", t / "b.jsonl", "--no-resume"], must_name="a.jsonl")
+    return kept(t / "o.json", before, out)
+
+
+@case("R3-A", "a lock left by a dead PID of another PID namespace")
+def _(t):
+    import socket
+
+    from falip.results import OutputInUseError, RunRecorder, predictions_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = Path(str(predictions_path(t / "r.json")) + ".lock")
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    here = {"host": socket.gethostname(), "boot_id": boot.read_text().strip() if boot.is_file() else None}
+    lock.write_text(json.dumps({**here, "pid": dead.pid, "pid_ns": "pid:[4026531999]"}))  # this host, another namespace
+    try:
+        RunRecorder(t / "r.json", task="t", config={}).finish({})
+    except OutputInUseError as exc:
+        return "clear error" if str(lock) in str(exc) and "delete" in str(exc) else "vague error"
+    return "data loss"  # taken over: two writers in two namespaces would interleave
+
+
+@case("R3-A", "the file-size limit (EFBIG) is reached while a run writes")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (900, 900))\n"
+    body = "import sys\nfrom falip.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [str(a) for a in classify_argv(root, ckpt, t / "r.json")]
+    child = subprocess.run([sys.executable, "-c", limit + body, *argv], capture_output=True, text=True, env=env, timeout=600)
+    if "Traceback" in child.stderr:
+        return "traceback"
+    last = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
+    named = str(t / "r.json") in last or "r.predictions.jsonl" in last
+    if child.returncode == 0:  # every file fit under the limit: right if the results are complete
+        try:
+            return "right" if json.loads((t / "r.json").read_text())["metrics"]["n"] == 3 else "silent"
+        except (OSError, ValueError, KeyError):
+            return "silent"
+    return "clear error" if child.returncode == 2 and named else "vague error"
+
+
+@case("R3-A", "rec: every detection has zero or negative size")
+def _(t):
+    argv = rec_setup(t)
+    (t / "d.json").write_text(json.dumps({"1": [[5, 5, 0, 9]], "2": [[5, 5, -4, 9]]}))
+    out, _ = cli_run([*argv, "--detections", t / "d.json", "--output", t / "o.json"], must_name="--allow-lost-inputs")
+    return "silent" if out == "ok" else out
+
+
+def every_item_lost(argv: list, output: Path, metric: str) -> str:
+    """A run that lost every item: refused naming --allow-lost-inputs, then (asked) null metrics — ``right``;
+    ``silent`` when a number (e.g. 0.00 %) is reported for no item."""
+    out, _ = cli_run(argv, must_name="--allow-lost-inputs")
+    if out == "clear error":
+        out, _ = cli_run([*argv, "--allow-lost-inputs"])
+    if out != "ok":
+        return out
+    metrics = json.loads(output.read_text())["metrics"]
+    return "right" if metrics[metric] is None and metrics["n"] == 0 else "silent"
+
+
+@case("R3-A", "classify with every image missing: metrics")
+def _(t):
+    root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
+    shutil.rmtree(root / "images")
+    return every_item_lost(classify_argv(root, ckpt, t / "r.json"), t / "r.json", "top1")
+
+
+@case("R3-A", "pointcloud with every cloud unreadable (NaN points): metrics")
+def _(t):
+    clouds = np.random.default_rng(2).normal(size=(3, 64, 3))
+    clouds[:, 0] = np.nan
+    root, ckpt = pc_data(t / "data", clouds), tiny_checkpoint(t / "m.pt")
+    return every_item_lost(pc_argv(root, ckpt, t / "r.json"), t / "r.json", "acc")
+
+
+@case("R3-A", "pointcloud: a cloud at 1e30 in a batch of 4 vs one cloud at a time")
+def _(t):
+    clouds = np.random.default_rng(1).normal(size=(4, 64, 3))
+    clouds[2] *= 1e30
+    root, ckpt = pc_data(t / "data", clouds), tiny_checkpoint(t / "m.pt")
+    runs = []
+    for batch in ("4", "1"):
+        out, _ = cli_run(pc_argv(root, ckpt, t / f"b{batch}.json", "--batch-size", batch))
+        if out != "ok":
+            return out
+        runs.append(json.loads((t / f"b{batch}.json").read_text())["metrics"])
+    return "right" if runs[0] == runs[1] and runs[0]["skipped"] == 1 else "silent"
+
+
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-B: damaged and odd input files: images, masks, annotation formats, texts, resource bounds (readers).
 # (cases of this family go below this line, above the next section)

@@ -76,8 +76,6 @@ def evaluate(
     )
     result = head_response(model, samples, prompt, statistic, config or model.config, recorder=run.rec, progress=progress)
     heatmap = out / "heads.png"
-    title = f"{result.prompt}: {statistic} change of each head's [CLS] term, n={result.n}"
-    draw_head_heatmap(result.response, title, top=top).save(heatmap)
 
     def summarize(rec: RunRecorder) -> Summary:
         current = [rec.done[s.id] for s in samples if s.id in rec.done]
@@ -94,4 +92,7 @@ def evaluate(
         )
         return Summary(metrics, order=[s.id for s in samples], items=len(samples), lost=skip_reasons(current), fields=fields)
 
-    return run.finish(summarize)
+    results = run.finish(summarize)
+    title = f"{result.prompt}: {statistic} change of each head's [CLS] term, n={result.n}"
+    draw_head_heatmap(result.response, title, top=top).save(heatmap)  # once the run is accepted
+    return results
