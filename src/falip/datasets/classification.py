@@ -163,11 +163,14 @@ def read_mat_file_list(path: Path) -> list[str]:
 
     try:
         data = loadmat(str(path))
-    except (OSError, ValueError) as exc:
-        raise FalipError(f"cannot read {path}: {exc}") from exc
+    except (OSError, ValueError, TypeError, KeyError, IndexError, NotImplementedError) as exc:
+        raise FalipError(f"cannot read {path}: {exc}") from None
     if "file_list" not in data:
         raise FalipError(f"{path} has no 'file_list' (is it a Stanford Dogs list?)")
-    return [str(np.asarray(entry).ravel()[0]) for entry in data["file_list"].ravel()]  # (N, 1) cells of 1-element arrays
+    try:
+        return [str(np.asarray(entry).ravel()[0]) for entry in data["file_list"].ravel()]  # (N, 1) cells of 1-element arrays
+    except (IndexError, AttributeError) as exc:
+        raise FalipError(f"{path}: 'file_list' is not a list of file names ({exc})") from None
 
 
 def load_dogs(root: PathLike, split: str = "test") -> RegionDataset:
@@ -275,37 +278,48 @@ def load_waterbirds(root: PathLike, cub_root: PathLike, split: str = "test", reg
     seg = cub.segmentations() if region == "mask" else None
     split_code = {"train": "0", "val": "1", "test": "2"}[split]
     samples, problems = [], []
-    with io.StringIO(read_text(meta, "Waterbirds metadata"), newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"img_id", "img_filename", "y", "split", "place"} - set(reader.fieldnames or ())
-        if missing:
-            raise FalipError(f"{meta} lacks columns {sorted(missing)}")
-        for row in reader:
-            if None in row.values() or None in row:
-                raise FalipError(f"{meta}:{reader.line_num}: expected {len(reader.fieldnames)} comma-separated fields")
-            if row["split"].strip() != split_code:
-                continue
-            sid, rel = row["img_id"].strip(), row["img_filename"].strip()
-            try:
-                y, place = WATERBIRDS_CLASSES[int(row["y"])], WATERBIRDS_PLACES[int(row["place"])]
-            except (ValueError, IndexError):
-                problems.append((sid, "unknown label", f"{rel}: y={row['y']!r}, place={row['place']!r} must be 0 or 1"))
-                continue
-            cub_id = cub.id_of_path.get(rel)
-            if cub_id is None or cub_id not in cub.boxes:
-                problems.append((sid, "missing annotation", f"{rel} is not a CUB-200-2011 image with a box in {cub.root}"))
-                continue
-            samples.append(
-                RegionSample(
-                    id=sid,
-                    image=root / rel,
-                    label=y,
-                    box=cub.boxes[cub_id] if region == "box" else None,
-                    mask=seg / Path(rel).with_suffix(".png") if seg is not None else None,
-                    group=f"{y}_on_{place}",
-                )
+    for row in _csv_rows(meta, ("img_id", "img_filename", "y", "split", "place")):
+        if row["split"].strip() != split_code:
+            continue
+        sid, rel = row["img_id"].strip(), row["img_filename"].strip()
+        try:
+            y, place = WATERBIRDS_CLASSES[int(row["y"])], WATERBIRDS_PLACES[int(row["place"])]
+        except (ValueError, IndexError):
+            problems.append((sid, "unknown label", f"{rel}: y={row['y']!r}, place={row['place']!r} must be 0 or 1"))
+            continue
+        cub_id = cub.id_of_path.get(rel)
+        if cub_id is None or cub_id not in cub.boxes:
+            problems.append((sid, "missing annotation", f"{rel} is not a CUB-200-2011 image with a box in {cub.root}"))
+            continue
+        samples.append(
+            RegionSample(
+                id=sid,
+                image=root / rel,
+                label=y,
+                box=cub.boxes[cub_id] if region == "box" else None,
+                mask=seg / Path(rel).with_suffix(".png") if seg is not None else None,
+                group=f"{y}_on_{place}",
             )
+        )
     return RegionDataset("waterbirds", split, list(WATERBIRDS_CLASSES), samples, problems)
+
+
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
+    """The rows of a UTF-8 CSV file with a header holding ``columns``; a malformed row is an error naming its line."""
+    with io.StringIO(read_text(path, "CSV file"), newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            missing = set(columns) - set(reader.fieldnames or ())
+            if missing:
+                raise FalipError(f"{path} lacks columns {sorted(missing)}")
+            rows = []
+            for row in reader:
+                if None in row.values() or None in row:
+                    raise FalipError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} comma-separated fields")
+                rows.append(row)
+        except csv.Error as exc:
+            raise FalipError(f"{path}:{reader.line_num}: not a CSV row ({exc})") from None
+    return rows
 
 
 def load_dataset(

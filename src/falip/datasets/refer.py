@@ -114,7 +114,16 @@ def _read_pickle(path: Path):
                 return _PlainUnpickler(f, encoding=encoding).load()
         except UnicodeDecodeError:
             continue
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
             raise FalipError(f"{path} is not a refs pickle (a list of refs): {exc}") from None
     raise FalipError(f"{path}: cannot decode its strings")
 

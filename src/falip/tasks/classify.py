@@ -151,7 +151,7 @@ def _sample_region(sample: RegionSample, size: tuple[int, int], class_index: dic
         raise SampleError("unknown label", f"{sample.id}: label {sample.label!r} is not one of the {len(class_index)} classes")
     W, H = size
     if sample.mask is not None:
-        if not sample.mask.is_file():
+        if not (sample.mask.exists() or sample.mask.is_symlink()):  # present but not a file: read_mask says what it is
             raise SampleError("missing file", f"mask file not found: {sample.mask}")
         try:
             mask = read_mask(sample.mask, sample.mask_id)
@@ -185,7 +185,7 @@ def load_group(samples: list[RegionSample], class_index: dict[str, int], on_rota
     ``on_rotation`` hears of tagged images."""
     group = ImageGroup(samples[0].image, samples)
     path = group.image_path
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):  # present but not a file: load_image says what it is
         group.failed = [(s, SampleError("missing file", f"image file not found: {path}")) for s in samples]
         return group
     try:

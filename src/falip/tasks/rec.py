@@ -272,7 +272,7 @@ def _image_paths(data: RecDataset, image_root, image_id: str) -> list[Path]:
 def _open_image(data: RecDataset, image_root, image_id: str, on_rotation=None):
     """The image as RGB PIL, or ``(reason, detail)`` when it is missing or cannot be decoded."""
     paths = _image_paths(data, image_root, image_id)
-    existing = [p for p in paths if p.is_file()]
+    existing = [p for p in paths if p.exists() or p.is_symlink()]  # a folder or pipe: load_image says what it is
     if not existing:
         tried = " or ".join(str(p) for p in paths) or "no file name in the annotations"
         return "missing image", f"image {image_id}: file not found: {tried}"
