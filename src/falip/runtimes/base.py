@@ -20,19 +20,23 @@ Pooling: ``pool == "cls"`` — the embedding is read from token 0 (the class tok
 query row). ``pool == "attention_pool"`` — a learned probe (SigLIP's MAP head) attends over all the
 trunk's output tokens; FALIP's bias then goes on the probe's attention logits (``pool_bias``).
 
-Adapters register themselves with :func:`falip.runtimes.register` (see ``runtimes/__init__.py``);
-:func:`falip.load` asks each registered adapter, in order, whether it takes the name/path given.
+Every adapter implements this protocol as a :class:`falip.runtimes.contract.BlockRuntime` over its model's own
+primitives (the evaluations, the seam check, digests and the score are written there once). Adapters register
+with :func:`falip.runtimes.register` (see ``runtimes/__init__.py``); :func:`falip.load` asks each registered
+adapter, in order, whether it takes the name/path given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Literal, Optional, Protocol
 
 import torch
 
 Trunk = Callable[[torch.Tensor], torch.Tensor]
+Pool = Literal["cls", "attention_pool"]
+ScoreKind = Literal["softmax", "sigmoid"]
 
 # Strings whose token ids identify a tokenizer (vocabulary, merges, casing, context length, padding) in digests.
 TOKENIZER_PROBE = ["a photo of a dog.", "Zebra-crossing at 3:45pm, naïve café!", "the " * 100]
@@ -84,12 +88,12 @@ class BlockHeads:
 class VisionRuntime(Protocol):
     """One loaded CLIP-style model (image and text towers) behind an adapter."""
 
-    family: str  # adapter id, e.g. "open_clip", "open_clip-timm", "hf-clip", "hf-siglip"
+    family: str  # adapter id, e.g. "open_clip", "open_clip-timm", "open_clip-eva", "hf-clip", "hf-siglip"
     image_size: int  # S: model input is S×S
     patch_size: int  # p
     grid: tuple[int, int]  # (gh, gw)
     num_prefix: int  # tokens before the patches: 1 ([CLS]) for CLIP; 1 + registers; 0 for SigLIP
-    pool: str  # "cls" or "attention_pool" (see the module docstring)
+    pool: Pool  # "cls" or "attention_pool" (see the module docstring)
     num_layers: int
     num_heads: int
     width: int  # D, the token width inside the blocks
@@ -98,7 +102,7 @@ class VisionRuntime(Protocol):
     std: tuple[float, float, float]
     dtype: torch.dtype
     device: torch.device
-    score_kind: str  # "softmax" (CLIP: logits compared across texts) or "sigmoid" (SigLIP: each pair alone)
+    score_kind: ScoreKind  # "softmax" (CLIP: logits compared across texts) or "sigmoid" (SigLIP: each pair alone)
 
     # -- image tower ----------------------------------------------------------------------------
     def run(self, pixels: torch.Tensor, trunk: Optional[Trunk] = None, pool_bias: Optional[torch.Tensor] = None) -> torch.Tensor:

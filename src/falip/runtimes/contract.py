@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,7 @@ from torch import nn
 
 from ..errors import TextUnavailableError, UnsupportedModelError
 from .attention import check_close, cls_biased_heads, head_terms, heads_mask, unleashed_heads
-from .base import TOKENIZER_PROBE, BlockHeads, Trunk, hash_tensor, protocol_info
-
-Pool = Literal["cls", "attention_pool"]
-ScoreKind = Literal["softmax", "sigmoid"]
+from .base import TOKENIZER_PROBE, BlockHeads, Pool, ScoreKind, Trunk, hash_tensor, protocol_info
 
 SEAM_SEED = 2
 
