@@ -7,6 +7,7 @@ import json
 
 from ..errors import FalipError
 from ..geometry import PREPROCESS_MODES
+from ..inputs import check_count
 from ..methods import METHOD_HELP, parse_method, score_with_method
 from .common import (
     add_bias_args,
@@ -78,7 +79,8 @@ def cmd_bias(args: argparse.Namespace) -> int:
         model = load_from_args(args)
         grid, patch, preprocess, config = model.grid[0], model.patch_size, model.preprocess, model.config
     else:
-        grid, patch = args.grid or 14, args.patch or 16
+        grid = check_count(14 if args.grid is None else args.grid, "--grid (patches per side)", 1, 1024)
+        patch = check_count(16 if args.patch is None else args.patch, "--patch (pixels)", 1, 1024)
         preprocess, config = args.preprocess or DEFAULT_PREPROCESS, config_from_args(args)
     vec = region_bias(args.box, tuple(args.image_size), (grid, grid), config, preprocess=preprocess, patch_size=patch)
     print(f"settings: preprocess {preprocess}, bias {json.dumps(config.to_dict())}")
