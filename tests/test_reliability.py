@@ -702,6 +702,29 @@ def test_a_file_size_limit_names_the_file_being_written(tmp_path, generic, where
         assert child.returncode == 2 and "Traceback" not in child.stderr
 
 
+def test_a_mask_file_rewritten_in_place_is_computed_again_and_a_heads_image_refused(tmp_path, generic, capsys):
+    ckpt = save_checkpoint(tmp_path / "m.pt")
+    mask = np.zeros((48, 64), np.uint8)
+    mask[4:30, 4:40] = 255
+    Image.fromarray(mask).save(generic / "m.png")
+    with open(generic / "regions.jsonl", "a") as f:
+        f.write(json.dumps({"image": "images/b.png", "label": "dog", "mask": "m.png"}) + "\n")
+    argv = classify_argv(generic, ckpt, tmp_path / "r.json")
+    assert main([str(a) for a in argv]) == 0
+    mask[:] = 0
+    mask[30:44, 40:60] = 255
+    Image.fromarray(mask).save(generic / "m.png")  # the same name, another region
+    assert main([str(a) for a in argv]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["speed"]["recomputed_changed_images"] == 1 and result["speed"]["regions"] == 1
+    heads = ["heads", "--annotations", generic / "regions.jsonl", "--image-root", generic, "--prompt", "falip", "--model", ckpt,
+             "--output", tmp_path / "h"]  # fmt: skip
+    assert main([str(a) for a in heads]) == 0
+    Image.fromarray(random_image(np.random.default_rng(9), 64, 48)).save(generic / "images" / "a.png")
+    code, err = cli_err(heads, capsys)
+    assert code == 2 and "inputs.images" in err
+
+
 # One rule for runs that lost most of their inputs; every item lost → null metrics
 
 

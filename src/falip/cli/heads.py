@@ -11,7 +11,7 @@ from ..errors import FalipError
 from ..heads import STATISTICS
 from ..inputs import check_count
 from ..methods import METHOD_HELP, parse_method
-from ..results import check_apart
+from ..results import check_apart, writing
 from ..viz import attention_figure_size, attention_maps, draw_attention
 from .common import add_bias_args, add_model_args, add_run_args, load_from_args, parse_box, parse_index_list, settings_line
 
@@ -40,7 +40,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
         )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    draw_attention(maps, tile=args.tile).save(output)
+    with writing(output):
+        draw_attention(maps, tile=args.tile).save(output)
     blocks = ",".join(str(i) for i in maps.layers)
     print(f"share of [CLS]->patch attention inside each box (mean over blocks {blocks}):")
     for k, (box, (plain, falip)) in enumerate(zip(args.box, maps.box_mass), start=1):

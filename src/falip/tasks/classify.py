@@ -390,13 +390,13 @@ def evaluate(
                     correct=top[0] == truth,
                     correct5=truth in top,
                 )
-                run.rec.add(s.id, **fields, image_stamp=run.stamp(s.image), **({"group": s.group} if s.group else {}))
+                run.rec.add(s.id, **fields, image_stamp=run.stamp(s.image, s.mask), **({"group": s.group} if s.group else {}))
             images.add(group.image_path)
             run.count(regions=len(done))
         for s, err in list(group.failed) + failed:
             run.rec.skip(s.id, err.reason, err.detail)
 
-    work = run.plan(group_by_image(dataset.samples), lambda s: (s.id, s.image))
+    work = run.plan(group_by_image(dataset.samples), lambda s: (s.id, (s.image, s.mask)))
     # Workers decode and preprocess (pixels for methods without an edit); the model encodes a batch of images at once.
     loader = GroupLoader(class_index, None if method.edit else model.preprocessor())
     with torch.no_grad():

@@ -15,12 +15,12 @@ from typing import Optional
 import numpy as np
 
 from ..bias import FovealConfig
-from ..digests import describe_inputs
+from ..digests import describe_inputs, file_stamp
 from ..heads import STATISTICS, head_response, rank_heads
 from ..methods import parse_method
-from ..results import RunRecorder
+from ..results import RunRecorder, writing
 from ..viz import draw_head_heatmap
-from .run import Run, Summary, fingerprint, skip_reasons, weights_files
+from .run import Run, Summary, digest, fingerprint, skip_reasons, weights_files
 
 
 def describe(model, prompt: str, statistic: str, config: Optional[FovealConfig] = None) -> dict:
@@ -35,6 +35,13 @@ def describe(model, prompt: str, statistic: str, config: Optional[FovealConfig] 
         statistic=statistic,
         falip=(config or model.config).to_dict() if method.foveal else None,
     )
+
+
+def _stamps(samples: Sequence) -> str:
+    """One digest of the stamps of every image and mask file the samples read: a file replaced or rewritten
+    under the same name changes it, and a resume is refused (heads records carry no per-record stamp)."""
+    paths = sorted({str(p) for s in samples for p in (s.image, getattr(s, "mask", None)) if p is not None})
+    return digest([(p, file_stamp(p)) for p in paths])
 
 
 def evaluate(
@@ -67,7 +74,7 @@ def evaluate(
         "heads",
         out / "heads.json",
         fingerprint(describe(model, prompt, statistic, config), run_config),
-        inputs=describe_inputs([model], files=files, image_root=image_root),
+        inputs={**describe_inputs([model], files=files, image_root=image_root), "images": _stamps(samples)},
         reads=[*files.values(), *weights_files([model]), *(s.image for s in samples), *masks],
         resume=resume,
         allow_lost_inputs=allow_lost_inputs,
@@ -94,5 +101,6 @@ def evaluate(
 
     results = run.finish(summarize)
     title = f"{result.prompt}: {statistic} change of each head's [CLS] term, n={result.n}"
-    draw_head_heatmap(result.response, title, top=top).save(heatmap)  # once the run is accepted
+    with writing(heatmap):
+        draw_head_heatmap(result.response, title, top=top).save(heatmap)  # once the run is accepted
     return results

@@ -153,30 +153,37 @@ class Run:
 
     # -- per-record identity
 
-    def stamp(self, image) -> Optional[str]:
-        """Size and mtime of an image file, read once per run (``image_stamp`` of a record)."""
-        path = Path(image)
-        if path not in self._stamps:
-            self._stamps[path] = file_stamp(path)
-        return self._stamps[path]
+    def stamp(self, *files) -> Optional[str]:
+        """The identity of a record's own files (its image, and its mask where it has one): size, mtime,
+        ctime and inode of each (:func:`falip.digests.file_stamp`), read once per run (``image_stamp``)."""
+        stamps = []
+        for f in files:
+            if f is None:
+                continue
+            path = Path(f)
+            if path not in self._stamps:
+                self._stamps[path] = file_stamp(path)
+            stamps.append(str(self._stamps[path]))
+        return "|".join(stamps) if stamps else None
 
-    def is_changed(self, sample_id: str, image=None) -> bool:
-        """A resumed record whose image file was replaced since."""
+    def is_changed(self, sample_id: str, files=()) -> bool:
+        """A resumed record whose files (a path or a tuple of paths) were replaced or rewritten since."""
         done = self.rec.done.get(sample_id)
-        return done is not None and image is not None and done.get("image_stamp") not in (None, self.stamp(image))
+        files = files if isinstance(files, tuple) else (files,)
+        return done is not None and done.get("image_stamp") not in (None, self.stamp(*files))
 
-    def pending(self, sample_id: str, image=None) -> bool:
-        """Not done yet, skipped (when skips are retried), or done on an image file that changed since."""
+    def pending(self, sample_id: str, files=()) -> bool:
+        """Not done yet, skipped (when skips are retried), or done on files that changed since."""
         done = self.rec.done.get(sample_id)
         if done is None or (self.retry_skipped and "skipped" in done):
             return True
-        return self.is_changed(sample_id, image)
+        return self.is_changed(sample_id, files)
 
     # -- the work of this rank
 
     def plan(self, units: Sequence[Sequence[S]], identity: Callable[[S], tuple]) -> list[list[S]]:
         """This rank's share of ``units``, each cut to its pending samples (empty ones dropped); opens the
-        progress bar. ``identity(sample)`` is ``(sample id, image path or None)``."""
+        progress bar. ``identity(sample)`` is ``(sample id, its file or a tuple of its files)``."""
         mine = distributed.shard(list(units))
         own = [s for unit in mine for s in unit]
         work = [[s for s in unit if self.pending(*identity(s))] for unit in mine]
