@@ -177,7 +177,7 @@ def read_regions_jsonl(path: Union[str, Path], image_root: Union[str, Path, None
         where = f"{path}:{n}"
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, or an integer of over 4300 digits
             raise FalipError(f"{where}: not valid JSON ({exc})") from None
         image = field_of(record, "image", "str", where)
         if ("box" in record) == ("mask" in record):

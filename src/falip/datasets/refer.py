@@ -132,7 +132,7 @@ def _read_json(path: Path, what: str):
     text = read_text(path, what)
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or an integer of over 4300 digits
         raise FalipError(f"{path} is not valid JSON ({what}): {exc}") from None
 
 
@@ -263,7 +263,7 @@ def load_reclip(path, split: str = "", name: str = "", detections=None) -> RecDa
         where = f"{path}:{lineno}"
         try:
             datum = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, or an integer of over 4300 digits
             raise FalipError(f"{where} is not valid JSON: {exc}") from None
         require(datum, ("file_name", "image_id", "anns", "ann_id", "sentences"), where, "ReCLIP JSONL")
         image_id = field_of(datum, "image_id", "id", where)
