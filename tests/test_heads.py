@@ -411,8 +411,9 @@ def test_cli_attention_writes_the_picture(files, capsys):
     assert code == 2 and "box 0" in capsys.readouterr().err
     code = main(attention_argv("1,1,50,50", "--show-layers", "9"))
     assert code == 2 and "layer 9 is out of range" in capsys.readouterr().err
-    code = main(attention_argv("1,1,50,50", "--mode", "approx"))
-    assert code == 2 and "--mode does not apply" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not offered: attention and heads run every block head by head
+        main(attention_argv("1,1,50,50", "--mode", "approx"))
+    assert "unrecognized arguments: --mode" in capsys.readouterr().err
 
 
 def test_cli_heads_writes_response_ranking_and_heatmap(files, capsys):

@@ -6,14 +6,17 @@ Tiny random models and tiny images keep the whole file fast.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +35,8 @@ from falip.datasets.refer import BoxConventionWarning, load_detections, load_rec
 from falip.digests import describe_inputs, file_digest
 from falip.errors import FalipError, ImageLoadError, InvalidRegionError, ModelLoadError
 from falip.images import ExifIgnoredWarning, ImageTooLargeError, RotationNotice, load_image
+from falip.methods import score_with_method
+from falip.ranking import score_name
 from falip.results import (
     OutputInUseError,
     ResumeMismatchError,
@@ -1030,6 +1035,172 @@ def test_r3b_sizes_a_file_states_are_checked_before_allocating(tmp_path, capsys)
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-C: numbers that overflow, non-finite scores, threads, the CLI's one-line error handler (core and CLI).
 # (cases of this family go below this line, above the next section)
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        (dict(sigma=1e-200), "FovealConfig.sigma"),  # 2σ² underflows to 0: the float64 bump would be 0/0
+        (dict(sigma=1e200), "FovealConfig.sigma"),  # 2σ² overflows
+        (dict(alpha=1e39), "FovealConfig.alpha"),  # finite in float64, inf in the float32 bias
+        (dict(alpha=10**400), "FovealConfig.alpha"),  # too large for any float
+        (dict(hard_value=-1e39, shape="hard"), "FovealConfig.hard_value"),
+        (dict(heads={0: 1e300}), "FovealConfig.heads[0]"),  # was a RuntimeError converting to float32
+        (dict(alpha=10.0, heads={0: 1e38}), "alpha × its scale"),  # each fits, their product does not
+        (dict(eps=0.0), "FovealConfig.eps"),  # a one-token region divides by eps
+        (dict(alpha=True), "FovealConfig.alpha"),
+        (dict(unleash=[dict(layers=(3,), lam=1e39)]), "Unleash.lam"),
+    ],
+)
+def test_bias_numbers_are_checked_as_the_bias_holds_them(fields, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        FovealConfig(**fields)
+
+
+def test_bias_numbers_are_checked_in_the_models_attention_dtype():
+    FovealConfig(alpha=1e5).check_dtype(torch.float32, 4)
+    with pytest.raises(ValueError, match="overflows float16, the attention dtype"):
+        FovealConfig(alpha=1e5).check_dtype(torch.float16, 4)
+    with pytest.raises(ValueError, match="an unleash λ = 100000 overflows float16"):
+        FovealConfig(unleash=[Unleash(layers=(3,), lam=1e5)]).check_dtype(torch.float16, 4)
+
+
+def test_a_bias_that_overflows_the_attention_is_blamed_on_the_bias_not_the_weights(tiny_model):
+    image = random_image(np.random.default_rng(3), 64, 64)
+    huge = FovealConfig(layers=(2, 3), unleash=[Unleash(layers=(2, 3), lam=3e38)])
+    with pytest.raises(ValueError, match=r"FALIP bias settings .* \(its plain image pass is finite\)"):
+        tiny_model.encode_regions(image, [[0, 0, 30, 30]], config=huge)
+
+
+def test_sixteen_threads_on_a_cold_zero_shot_cache_all_succeed(tiny_model, tmp_path, monkeypatch):
+    from falip.zeroshot import zero_shot_classifier
+
+    names = ["cat", "dog", "bird"]
+    want = zero_shot_classifier(tiny_model, names, ["a photo of a {}."], use_cache=False)
+    barrier = threading.Barrier(16)
+
+    def call(i):
+        barrier.wait()  # every thread finds the cache cold and writes the same entry at once
+        return zero_shot_classifier(tiny_model, names, ["a photo of a {}."])
+
+    for round_ in range(3):
+        monkeypatch.setenv("FALIP_CACHE_DIR", str(tmp_path / f"cache{round_}"))
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(call, range(16)))
+        assert all(torch.allclose(g, want, atol=1e-6) for g in got)
+        left = sorted(p.name for p in (tmp_path / f"cache{round_}" / "zeroshot").iterdir())
+        assert len(left) == 1 and left[0].endswith(".pt")  # no temporary file left behind
+
+
+def test_a_config_dict_is_accepted_and_a_bad_one_named(tiny_model):
+    image = random_image(np.random.default_rng(4), 64, 64)
+    as_dict = tiny_model.encode_regions(image, [[0, 0, 30, 30]], config={"alpha": 2.0, "layers": [2, 3]})
+    as_config = tiny_model.encode_regions(image, [[0, 0, 30, 30]], config=FovealConfig(alpha=2.0, layers=(2, 3)))
+    torch.testing.assert_close(as_dict, as_config, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"unknown FovealConfig field\(s\) \['alpa'\]"):
+        tiny_model.encode_regions(image, [[0, 0, 30, 30]], config={"alpa": 2.0})
+    with pytest.raises(ValueError, match="config must be a FovealConfig or a dict of its fields, got str"):
+        tiny_model.encode_regions(image, [[0, 0, 30, 30]], config="alpha=2")
+    model = wrap(tiny_clip(64, 16, layers=4, width=64), config={"alpha": 1.0, "layers": [3]})  # what falip.load passes on
+    assert model.config == FovealConfig(alpha=1.0, layers=(3,))
+
+
+def test_a_generator_of_boxes_is_the_list_it_yields(tiny_model):
+    image = random_image(np.random.default_rng(5), 64, 64)
+    boxes = [[0, 0, 30, 30], [10, 10, 60, 50]]
+    want = tiny_model.score_regions(image, boxes, ["a", "b"])
+    torch.testing.assert_close(tiny_model.score_regions(image, (b for b in boxes), ["a", "b"]), want, rtol=0, atol=0)
+    got = score_with_method(tiny_model, image, (b for b in boxes), ["a", "b"], method="crop")
+    assert got.shape == (2, 2)
+
+
+@pytest.fixture(scope="module")
+def score_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("r3c")
+    torch.save(tiny_clip(224, 32, layers=4, width=64).state_dict(), root / "tiny.pt")
+    Image.fromarray(random_image(np.random.default_rng(6), 320, 240)).save(root / "photo.png")
+    return root
+
+
+def score_argv(files, *extra):
+    return ["score", str(files / "photo.png"), "--model", str(files / "tiny.pt"), *extra]
+
+
+def test_score_json_has_the_shape_of_the_score_table_with_ties_and_repeated_texts(score_files, capsys):
+    assert main(score_argv(score_files, "--box", "0,0,100,100", "--box", "50,50,200,200", "--text", "a", "--text", "a",
+                           "--method", "none", "--json")) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["texts"] == ["a", "a"] and out["best"] == [0, 0] and out["tie"] == [True, True] and out["tied"] == [[0, 1]] * 2
+    assert out["score"] == {"kind": "softmax", "name": score_name("softmax")} and len(out["scores"]) == 2
+    assert main(score_argv(score_files, "--box", "0,0,100,100", "--box", "50,50,200,200", "--text", "a", "--method", "none")) == 0
+    table = capsys.readouterr().out
+    assert "<- best (tie: 1, 2)" in table and f"scores: {score_name('softmax')}" in table
+
+
+def test_score_checks_its_regions_before_loading_the_model(score_files, tmp_path, capsys):
+    missing_model = ["score", str(score_files / "photo.png"), "--model", str(tmp_path / "nope.pt"), "--text", "a"]
+    assert main([*missing_model, "--box", "400,300,500,400"]) == 2
+    assert "box 0" in capsys.readouterr().err  # the box, not the missing checkpoint
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(tmp_path / "small.png")
+    assert main([*missing_model, "--mask", str(tmp_path / "small.png")]) == 2
+    assert "mask 0 has shape (10, 10)" in capsys.readouterr().err
+
+
+def test_a_negative_box_is_a_box_and_zero_grids_are_refused(score_files, capsys):
+    assert main(score_argv(score_files, "--box", "-50,-50,100,100", "--text", "a")) == 0
+    captured = capsys.readouterr()
+    assert "-50,-50,100,100" in captured.out and "falip: warning: box 0 (-50, -50, 100, 100) extends outside" in captured.err
+    for option in ("--grid", "--patch"):
+        assert main(["bias", "--image-size", "100,100", "--box", "0,0,50,50", option, "0"]) == 2
+        assert f"{option} (" in capsys.readouterr().err  # refused, not the default
+
+
+def test_non_finite_scores_are_an_error_not_a_table(score_files, capsys, monkeypatch):
+    import falip.cli.score as score_cli
+
+    monkeypatch.setattr(score_cli, "score_with_method", lambda *a, **k: torch.tensor([[float("nan")]]))
+    assert main(score_argv(score_files, "--box", "0,0,100,100", "--text", "a", "--json")) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "NaN or infinite scores" in captured.err
+
+
+@pytest.mark.parametrize(
+    "exc, line",
+    [
+        (OverflowError("int too large to convert to float"), "falip: error: a number is too large: int too large"),
+        (RecursionError("maximum recursion depth exceeded"), "falip: error: an input file is nested too deeply to read"),
+        (FileNotFoundError(2, "No such file or directory", "x.json"), "falip: error: No such file or directory: x.json"),
+        (MemoryError(), "falip: error: out of memory"),
+        (ValueError("bad value"), "falip: error: bad value"),
+    ],
+)
+def test_every_user_caused_exception_is_one_line(exc, line, capsys):
+    from falip.cli import _main
+
+    def command(args):
+        raise exc
+
+    assert _main(argparse.Namespace(func=command, command="x")) == 2
+    assert capsys.readouterr().err.strip().startswith(line)
+
+
+def test_a_genuine_bug_keeps_its_traceback():
+    from falip.cli import _main
+
+    def command(args):
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        _main(argparse.Namespace(func=command, command="x"))
+
+
+def test_version_and_no_abbreviated_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"falip {falip.__version__}"
+    with pytest.raises(SystemExit):  # --mode is not --model where a command has no --mode
+        main(["attention", "x.png", "--box", "0,0,1,1", "--mode", "naive", "--output", "o.png"])
+    assert "unrecognized arguments: --mode" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,8 +53,7 @@ class Unleash:
             object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
             if not self.heads:
                 raise ValueError("Unleash.heads is empty: name at least one head, or None for all")
-        if not np.isfinite(self.lam):
-            raise ValueError(f"Unleash.lam must be finite, got {self.lam!r}")
+        check_float32("Unleash.lam", self.lam)
         object.__setattr__(self, "lam", float(self.lam))
 
 
@@ -97,15 +96,26 @@ class FovealConfig:
             raise ValueError(f"FovealConfig.shape must be one of {SHAPES}, got {self.shape!r}")
         if self.rows not in ROWS:
             raise ValueError(f"FovealConfig.rows must be one of {ROWS}, got {self.rows!r}")
-        for name in ("alpha", "sigma", "eps", "hard_value"):
-            if not np.isfinite(getattr(self, name)):
-                raise ValueError(f"FovealConfig.{name} must be finite, got {getattr(self, name)!r}")
-        if self.sigma <= 0:
-            raise ValueError(f"FovealConfig.sigma must be > 0, got {self.sigma!r}")
+        for name in ("alpha", "hard_value"):
+            check_float32(f"FovealConfig.{name}", getattr(self, name))
+        for name in ("sigma", "eps"):
+            value = real_number(f"FovealConfig.{name}", getattr(self, name))
+            if not np.isfinite(value) or value <= 0:
+                raise ValueError(f"FovealConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        with np.errstate(all="ignore"):
+            two_var = 2.0 * np.float64(self.sigma) ** 2  # what the float64 bump divides by
+        if not 0.0 < two_var < np.inf:
+            raise ValueError(
+                f"FovealConfig.sigma = {self.sigma!r}: the bump divides by 2·sigma², which is {float(two_var)!r} in float64; "
+                "use a sigma between 1e-150 and 1e150 (in tokens; the library default is 100)"
+            )
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if self.heads is not None and not isinstance(self.heads, Mapping):
             object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        for head, scale in self.heads.items() if isinstance(self.heads, Mapping) else ():
+            check_float32(f"FovealConfig.heads[{head}] (a head's bias scale)", scale)
+            check_float32(f"the largest bias on head {head} (alpha × its scale {scale:g})", self.bias_bound(scale))
         if self.unleash is not None:
             if isinstance(self.unleash, Unleash):
                 object.__setattr__(self, "unleash", (self.unleash,))
@@ -113,6 +123,20 @@ class FovealConfig:
                 u if isinstance(u, Unleash) else Unleash(**u) if isinstance(u, Mapping) else Unleash(*u) for u in self.unleash
             )
             object.__setattr__(self, "unleash", entries or None)
+
+    @classmethod
+    def of(cls, config) -> Optional[FovealConfig]:
+        """``config`` as a FovealConfig: None stays None, a FovealConfig is itself, a mapping gives its fields
+        (as :meth:`to_dict` writes them); anything else, or an unknown field, is a ValueError naming it."""
+        if config is None or isinstance(config, cls):
+            return config
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config must be a FovealConfig or a dict of its fields, got {type(config).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(str(k) for k in config if k not in known)
+        if unknown:
+            raise ValueError(f"unknown FovealConfig field(s) {unknown}: the fields are {sorted(known)}")
+        return cls(**config)
 
     @classmethod
     def official(cls, numerics: str = "reference-numpy1") -> FovealConfig:
@@ -127,6 +151,25 @@ class FovealConfig:
                 "official() reproduces the reference's float32 bump; use FovealConfig(layers=(8, 9, 10, 11)) for float64"
             )
         return cls(alpha=0.2, sigma=100.0, shape="gaussian", rows="cls", layers=(8, 9, 10, 11), numerics=numerics)
+
+    def bias_bound(self, scale: float = 1.0) -> float:
+        """The largest |value| a bias of this config takes on a head of bias scale ``scale`` (the bump's peak is alpha)."""
+        peak = abs(self.hard_value) if self.shape == "hard" else abs(self.alpha)
+        return peak * abs(float(scale))
+
+    def check_dtype(self, dtype: torch.dtype, num_heads: int) -> None:
+        """ValueError unless every bias value and unleashing gain of this config is finite in ``dtype``, the
+        attention dtype of the model it runs on (fp16 holds at most 65504)."""
+        scales = self.head_scales(num_heads)
+        worst = self.bias_bound(1.0 if scales is None else float(scales.abs().max()))
+        gains = [abs(u.lam) for u in self.unleash or ()]
+        for what, value in [("the largest bias (alpha × head scale)", worst)] + [("an unleash λ", g) for g in gains]:
+            if not bool(torch.isfinite(torch.tensor(value, dtype=torch.float64).to(dtype))):
+                limit = torch.finfo(dtype).max
+                raise ValueError(
+                    f"{what} = {value:g} overflows {str(dtype).replace('torch.', '')}, the attention dtype of this model "
+                    f"(largest value {limit:g}): use a smaller value, or load the model with --precision fp32"
+                )
 
     def resolve_layers(self, depth: int, pool: str = "cls") -> tuple[int, ...]:
         """Sorted 0-based block indices for a ViT of ``depth`` blocks that pools with ``pool`` (``cls`` or
@@ -193,6 +236,25 @@ class FovealConfig:
         if self.numerics == "float64":
             del d["numerics"]  # likewise for the default bump arithmetic
         return d
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def real_number(name: str, value) -> float:
+    """``value`` as a float, or ValueError naming ``name`` when it is not a real number a float holds."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} = {value!r} is too large for a float") from None
+
+
+def check_float32(name: str, value) -> None:
+    """ValueError unless ``value`` is a real number that float32 holds (falip's bias vectors are float32)."""
+    if not abs(real_number(name, value)) <= FLOAT32_MAX:
+        raise ValueError(f"{name} = {value!r} does not fit the float32 bias (|value| ≤ {FLOAT32_MAX:.3g}); use a smaller value")
 
 
 def bump(h: int, w: int, alpha: float, sigma: float, eps: float = 1e-6, numerics: str = "float64") -> np.ndarray:

@@ -33,6 +33,7 @@ from .prompts import EDITS, STYLES, apply_edit
 from .trace import require_cls, trace
 
 METHOD_HELP = f"falip, none, one of {', '.join(EDITS)}, or falip+<edit>"
+PROMPT_HELP = f"falip, one of {', '.join(EDITS)}, or falip+<edit>"  # what prompts a region: every method but none
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def encode_with_method(
     box_arr, mask_list = validated_regions(pil.size, boxes, masks)
     K = len(box_arr)
 
-    if (config or model.config).unleash:  # Eq. 6 for an edit prompt: G_h from the clean image's pass
+    if model.resolve_config(config).unleash:  # Eq. 6 for an edit prompt: G_h from the clean image's pass
         return encode_unleashed(model, pil, box_arr, method=method, masks=mask_list, config=config, edit_style=edit_style)
     edited = [
         apply_edit(pil, method.edit, box_arr[k], None if mask_list is None else mask_list[k], style=edit_style) for k in range(K)
@@ -273,7 +274,7 @@ def encode_unleashed(
     if reference == "same-input" and method.edit is not None:
         raise ValueError(f"reference 'same-input' needs a bias-only method; {method.name!r} edits the image: use 'clean'")
     require_cls(model)
-    config = config or model.config
+    config = model.resolve_config(config)
     entries = unleash if unleash is not None else config.unleash
     if not entries:
         raise ValueError("nothing to unleash: give Unleash entries (or a config with unleash=...)")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -60,15 +61,21 @@ class FalipModel:
 
     @config.setter
     def config(self, config: FovealConfig) -> None:
+        config = FovealConfig.of(config)
         self._check_pooling(config, self.bias_layers(config))  # fail early on layers the model lacks
         # ... and on unleash entries naming blocks or heads it lacks (unbiased blocks fail when the bias is used)
         config.unleash_gains(self.runtime.num_layers, self.runtime.num_heads, biased_only=False)
+        config.check_dtype(self.runtime.dtype, self.num_heads)  # ... and on values the model's dtype cannot hold
         self._config = config
+
+    def resolve_config(self, config=None) -> FovealConfig:
+        """The config a call runs with: ``config`` (a FovealConfig or a dict of its fields), else the model's own."""
+        return FovealConfig.of(config) or self.config
 
     def bias_layers(self, config: Optional[FovealConfig] = None) -> tuple[int, ...]:
         """The blocks that carry the bias under ``config`` (default: the model's): by default the last third of
         the blocks of a [CLS]-pooled model, none of an attention-pooled one (its probe carries the bias)."""
-        return (config or self.config).resolve_layers(self.runtime.num_layers, self.runtime.pool)
+        return self.resolve_config(config).resolve_layers(self.runtime.num_layers, self.runtime.pool)
 
     def _check_pooling(self, config: FovealConfig, layers: tuple[int, ...]) -> None:
         """ValueError for settings an attention-pooled model cannot honour (it has no [CLS] query to bias)."""
@@ -139,15 +146,24 @@ class FalipModel:
                 self._digest = f"{kind}:{self.runtime.digest('all')[:16]}"
         return self._digest
 
-    def _finite(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``embeddings`` unchanged, or ModelLoadError naming the weights when any value is NaN/inf."""
-        if not bool(torch.isfinite(embeddings).all()):
-            raise ModelLoadError(
-                f"model {self.name or '(unnamed)'} (weights {self.pretrained or self.weights_file or 'random'}) produced NaN "
-                f"or infinite embeddings in {str(self.runtime.dtype).replace('torch.', '')}; its weights are broken, "
-                "or the precision overflows (try --precision fp32)"
+    def _finite(self, embeddings: torch.Tensor, biased: Optional[tuple[torch.Tensor, FovealConfig]] = None) -> torch.Tensor:
+        """``embeddings`` unchanged, or an error naming the cause when any value is NaN/inf.
+
+        biased: ``(pixels, config)`` of a biased pass: when the plain pass of those pixels is finite, the bias
+        settings are the cause (ValueError naming them); otherwise the weights or the precision (ModelLoadError)."""
+        if bool(torch.isfinite(embeddings).all()):
+            return embeddings
+        if biased is not None and bool(torch.isfinite(self.runtime.run(biased[0][:1])).all()):
+            raise ValueError(
+                f"the FALIP bias settings {json.dumps(biased[1].to_dict())} make model {self.name or '(unnamed)'} produce NaN "
+                f"or infinite embeddings in {str(self.runtime.dtype).replace('torch.', '')} (its plain image pass is finite): "
+                "use a smaller alpha, head scales or unleash λ"
             )
-        return embeddings
+        raise ModelLoadError(
+            f"model {self.name or '(unnamed)'} (weights {self.pretrained or self.weights_file or 'random'}) produced NaN "
+            f"or infinite embeddings in {str(self.runtime.dtype).replace('torch.', '')}; its weights are broken, "
+            "or the precision overflows (try --precision fp32)"
+        )
 
     def transform_for(self, image_size: tuple[int, int], preprocess: Optional[str] = None) -> ImageTransform:
         """The preprocessing transform for an image of ``image_size = (W, H)``."""
@@ -165,9 +181,10 @@ class FalipModel:
     def plan(self, config: Optional[FovealConfig] = None) -> BiasPlan:
         """Where ``config`` (default: the model's) puts the bias on this model: blocks, rows, heads, unleashing,
         and (attention-pooled models) the probe."""
-        config = config or self.config
+        config = self.resolve_config(config)
         layers = self.bias_layers(config)
         self._check_pooling(config, layers)
+        config.check_dtype(self.runtime.dtype, self.num_heads)
         pool = self.runtime.pool
         return BiasPlan(
             layers=layers,
@@ -185,7 +202,7 @@ class FalipModel:
             transform,
             self.grid,
             self.patch_size,
-            config or self.config,
+            self.resolve_config(config),
             boxes=boxes,
             masks=masks,
             num_prefix=self.runtime.num_prefix,
@@ -243,7 +260,7 @@ class FalipModel:
             bias = self.region_biases(transform, masks=list(masks[s : s + batch_size].cpu().numpy()), config=config)
             index = torch.arange(len(bias))
             out.append(encode_biased(self.runtime, pixels[s : s + batch_size], bias, plan, mode=mode, image_index=index))
-        return F.normalize(self._finite(torch.cat(out)).float(), dim=-1)
+        return F.normalize(self._finite(torch.cat(out), biased=(pixels, self.resolve_config(config))).float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
@@ -314,6 +331,8 @@ class FalipModel:
             raise ValueError(f"{len(images)} images but {len(regions)} region lists")
         pixels, biases, counts = [], [], []
         for image, region in zip(images, regions):
+            if isinstance(region, Iterator):
+                region = list(region)  # a generator of boxes or masks
             if region is None or len(region) == 0:
                 counts.append(0)
                 continue
@@ -330,10 +349,15 @@ class FalipModel:
         if not pixels:
             return [torch.zeros(0, self.runtime.embed_dim) for _ in images]
         index = torch.cat([torch.full((len(b),), n) for n, b in enumerate(biases)])
+        pixels = torch.cat(pixels)
         embeddings = encode_biased(
-            self.runtime, torch.cat(pixels), torch.cat(biases), self.plan(config), mode, chunk_size, image_index=index
+            self.runtime, pixels, torch.cat(biases), self.plan(config), mode, chunk_size, image_index=index
         )
-        return list(F.normalize(self._finite(embeddings).float(), dim=-1).cpu().split(counts))
+        return list(
+            F.normalize(self._finite(embeddings, biased=(pixels, self.resolve_config(config))).float(), dim=-1)
+            .cpu()
+            .split(counts)
+        )
 
     @torch.no_grad()
     def score_regions(self, image, boxes, texts: Union[str, Sequence[str]], **kwargs) -> torch.Tensor:

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
+import os
 import re
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Optional
 
+import torch
 from tqdm import tqdm
 
 from .. import distributed
 from ..errors import FalipError
 from ..notices import cli_warning_line
+from ..version import __version__
 
 # Modules that add their own subcommands through ``register(subparsers)``, in help order.
 COMMAND_MODULES = (
@@ -42,8 +46,12 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="falip", description="FALIP: foveal attention for CLIP ViTs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # No abbreviated options: --mode would silently mean --model where a command has no --mode.
+    parser = argparse.ArgumentParser(prog="falip", description="FALIP: foveal attention for CLIP ViTs", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"falip {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    )
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser
@@ -77,15 +85,36 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     tqdm.write(cli_warning_line(message), file=sys.stderr if file is None else file)
 
 
+# What a user's input or environment can raise, each answered by one line (exit 2); anything else is a bug in falip
+# and keeps its traceback:
+# - FalipError and its kinds (InvalidRegionError, ImageLoadError, ModelLoadError, UnsupportedModelError, ...): falip's own checks;
+# - ValueError (also json.JSONDecodeError, UnicodeDecodeError): a value falip or a library refused;
+# - OverflowError: a number too large for the float or integer it must become;
+# - RecursionError: a file nested too deeply to read (JSON);
+# - OSError (also PIL's UnidentifiedImageError): files and folders missing, unreadable, read-only, a full disk;
+#   BrokenPipeError: the reader of the output went away (``| head``), which ends quietly;
+# - MemoryError and torch's OutOfMemoryError: the input does not fit in (GPU) memory;
+# - KeyboardInterrupt: Ctrl-C (exit 130).
+OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (FalipError, ValueError) as exc:
         return _fail(str(exc))
+    except OverflowError as exc:
+        return _fail(f"a number is too large: {exc}")
+    except RecursionError:
+        return _fail("an input file is nested too deeply to read")
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):  # no "Exception ignored ... BrokenPipeError" at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # files and folders: missing, unreadable, read-only, full disk
         where = f" {exc.filename}" if exc.filename else ""
         return _fail(f"{exc.strerror}:{where}" if exc.strerror else str(exc) or type(exc).__name__)
-    except MemoryError:
+    except OUT_OF_MEMORY:
         return _fail("out of memory; use a smaller model, --batch-size or fewer regions per image")
     except KeyboardInterrupt:
         print("falip: interrupted (a run with --output resumes where it stopped)", file=sys.stderr)

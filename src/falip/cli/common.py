@@ -140,7 +140,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-
 BIAS_FIELDS = ("alpha", "sigma", "shape", "rows", "layers", "heads", "unleash", "numerics")
 
 
-def add_bias_args(parser: argparse.ArgumentParser) -> None:
+def add_bias_args(parser: argparse.ArgumentParser, modes: bool = True) -> None:
+    """The bias options; ``modes=False`` for commands that run every block head by head (no ``--mode``)."""
     g = parser.add_argument_group(f"foveal bias (each option overrides one field of the model's own settings; {MODEL_DEFAULTS})")
     g.add_argument("--alpha", type=float, default=None, help="peak bias (library default 0.2)")
     g.add_argument("--sigma", type=float, default=None, help="Gaussian width in tokens (library default 100)")
@@ -168,7 +169,8 @@ def add_bias_args(parser: argparse.ArgumentParser) -> None:
         help="bump arithmetic: float64 (library default), or the reference code's float32 steps as NumPy 1.x (its pinned "
         "environment) or NumPy >= 2 runs them",
     )
-    g.add_argument("--mode", default="exact", choices=MODES, help="execution: exact (default), naive, approx")
+    if modes:
+        g.add_argument("--mode", default="exact", choices=MODES, help="execution: exact (default), naive, approx")
 
 
 def bias_overrides(args: argparse.Namespace) -> dict:

@@ -10,7 +10,7 @@ from PIL import Image
 from ..errors import FalipError
 from ..heads import STATISTICS
 from ..inputs import check_count
-from ..methods import METHOD_HELP, parse_method
+from ..methods import PROMPT_HELP, parse_method
 from ..results import check_apart, writing
 from ..viz import attention_figure_size, attention_maps, draw_attention
 from .common import add_bias_args, add_model_args, add_run_args, load_from_args, parse_box, parse_index_list, settings_line
@@ -18,16 +18,9 @@ from .common import add_bias_args, add_model_args, add_run_args, load_from_args,
 MAX_TILE = 1024  # pixels per map of falip attention
 
 
-def _refuse_mode(args: argparse.Namespace) -> None:
-    """These commands evaluate every block head by head (equal to mode naive); --mode does not apply."""
-    if args.mode is not None:
-        raise FalipError(f"--mode does not apply to falip {args.command}: it evaluates every block head by head (as mode naive)")
-
-
 def cmd_attention(args: argparse.Namespace) -> int:
     if not args.box:
         raise FalipError("give at least one region with --box x0,y0,x1,y1")
-    _refuse_mode(args)
     check_count(args.tile, "--tile (pixels per map)", 16, MAX_TILE)
     model = load_from_args(args)
     print(settings_line(model))
@@ -54,7 +47,6 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from ..datasets.generic import read_regions_jsonl
     from ..tasks.heads import evaluate
 
-    _refuse_mode(args)
     method = parse_method(args.prompt)
     if args.top < 1:
         raise FalipError(f"--top must be at least 1, got {args.top}")
@@ -114,15 +106,15 @@ def register(sub) -> None:
     )
     p.add_argument("--tile", type=int, default=160, help=f"size of one map in pixels, 16 to {MAX_TILE} (default 160)")
     add_model_args(p)
-    add_bias_args(p)
-    p.set_defaults(func=cmd_attention, mode=None)
+    add_bias_args(p, modes=False)  # head by head, every block (numerically mode naive)
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("heads", help="which attention heads respond to a visual prompt: response matrix, ranking, heatmap")
     p.add_argument(
         "--annotations", required=True, help='regions JSONL: {"image": ..., "box": [x0,y0,x1,y1]} or {"mask": ...} per line'
     )
     p.add_argument("--image-root", required=True, help="folder that image (and mask) paths are relative to")
-    p.add_argument("--prompt", required=True, help=f"the visual prompt: {METHOD_HELP}")
+    p.add_argument("--prompt", required=True, help=f"the visual prompt: {PROMPT_HELP}")
     p.add_argument("--output", required=True, help="folder for heads.json, heads.predictions.jsonl and heads.png")
     p.add_argument("--statistic", default="l2", choices=STATISTICS, help="per-head change measure (default l2)")
     p.add_argument("--top", type=int, default=10, help="heads printed and outlined in the heatmap (default 10)")
@@ -130,5 +122,5 @@ def register(sub) -> None:
     p.add_argument("--no-resume", action="store_true", help="recompute regions already in OUTPUT/heads.predictions.jsonl")
     add_run_args(p)
     add_model_args(p)
-    add_bias_args(p)
-    p.set_defaults(func=cmd_heads, mode=None)
+    add_bias_args(p, modes=False)
+    p.set_defaults(func=cmd_heads)

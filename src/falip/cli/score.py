@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from ..errors import FalipError
-from ..geometry import PREPROCESS_MODES
+from ..geometry import PREPROCESS_MODES, validate_boxes, validate_masks
+from ..images import load_image
 from ..inputs import check_count
 from ..methods import METHOD_HELP, parse_method, score_with_method
+from ..ranking import score_table
 from .common import (
     add_bias_args,
     add_model_args,
@@ -37,34 +41,42 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise FalipError("give at least one region with --box x0,y0,x1,y1 or --mask FILE.png")
     if args.box and args.mask:
         raise FalipError("give either --box or --mask regions, not both")
-    regions = dict(boxes=args.box) if args.box else dict(masks=[read_mask(p) for p in args.mask])
+    image = load_image(args.image)  # the image and its regions are checked before the model is loaded
+    if args.box:
+        boxes, masks, names = validate_boxes(args.box, image.size), None, [",".join(f"{v:g}" for v in b) for b in args.box]
+    else:
+        boxes, masks, names = None, validate_masks([read_mask(p) for p in args.mask], image.size), list(args.mask)
+    method = parse_method(args.method)
     model = load_from_args(args)
-    boxes = regions.pop("boxes", None)
-    scores = score_with_method(
-        model, args.image, boxes, args.text, method=args.method, config=model.config, mode=args.mode, **regions
-    )
-    names = [",".join(f"{v:g}" for v in b) for b in args.box] if args.box else list(args.mask)
-    result = {
-        "image": str(args.image),
-        "regions": names,
-        "texts": args.text,
-        "scores": scores.tolist(),
-        "best": {t: names[int(scores[:, j].argmax())] for j, t in enumerate(args.text)},
-        "model": model.info(),
-        "method": parse_method(args.method).name,
-        "mode": args.mode,
-    }
+    scores = score_with_method(model, image, boxes, args.text, method=method, masks=masks, config=model.config, mode=args.mode)
+    if not bool(torch.isfinite(scores).all()):
+        raise FalipError(
+            f"model {model.name or args.model} gave NaN or infinite scores (its logit scale or bias overflows "
+            f"{str(model.runtime.dtype).replace('torch.', '')}): no region can be called best; check the weights"
+        )
+    table = score_table(scores, args.text, model.runtime.score_kind)
     if args.json:
-        print(json.dumps(result, indent=2))
+        result = dict(image=str(args.image), regions=names, **table, method=method.name, mode=args.mode, model=model.info())
+        print(json.dumps(result, indent=2, allow_nan=False))
         return 0
     print(settings_line(model))
+    print(f"scores: {table['score']['name']}")
     width = max(len(n) for n in names)
     for j, text in enumerate(args.text):
         print(f"{text!r}")
-        best = int(scores[:, j].argmax())
         for k, name in enumerate(names):
-            print(f"  {name:<{width}}  {scores[k, j].item():8.3f}{'  <- best' if k == best else ''}")
+            print(f"  {name:<{width}}  {scores[k, j].item():8.3f}{_best_mark(k, table['best'][j], table['tied'][j])}")
     return 0
+
+
+def _best_mark(k: int, best: int, tied: list[int]) -> str:
+    """``  <- best`` beside the winning region, or ``  <- best (tie: 1, 2, 3)`` (1-based region numbers) on a tie."""
+    if k != best:
+        return ""
+    return "  <- best" if len(tied) == 1 else f"  <- best (tie: {', '.join(str(t + 1) for t in tied)})"
+
+
+DEFAULT_GRID, DEFAULT_PATCH = 14, 16  # falip bias without --model: ViT-B/16 at 224 px
 
 
 def cmd_bias(args: argparse.Namespace) -> int:
@@ -79,8 +91,8 @@ def cmd_bias(args: argparse.Namespace) -> int:
         model = load_from_args(args)
         grid, patch, preprocess, config = model.grid[0], model.patch_size, model.preprocess, model.config
     else:
-        grid = check_count(14 if args.grid is None else args.grid, "--grid (patches per side)", 1, 1024)
-        patch = check_count(16 if args.patch is None else args.patch, "--patch (pixels)", 1, 1024)
+        grid = check_count(DEFAULT_GRID if args.grid is None else args.grid, "--grid (patches per side)", 1, 1024)
+        patch = check_count(DEFAULT_PATCH if args.patch is None else args.patch, "--patch (pixels)", 1, 1024)
         preprocess, config = args.preprocess or DEFAULT_PREPROCESS, config_from_args(args)
     vec = region_bias(args.box, tuple(args.image_size), (grid, grid), config, preprocess=preprocess, patch_size=patch)
     print(f"settings: preprocess {preprocess}, bias {json.dumps(config.to_dict())}")
@@ -116,8 +128,8 @@ def register(sub) -> None:
     p.add_argument("--pretrained", default=None, help="with --model: its pretrained tag or weights file")
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    p.add_argument("--grid", type=int, default=None, help="patches per side, without --model (default 14)")
-    p.add_argument("--patch", type=int, default=None, help="patch size in pixels, without --model (default 16)")
+    p.add_argument("--grid", type=int, default=None, help=f"patches per side, without --model (default {DEFAULT_GRID})")
+    p.add_argument("--patch", type=int, default=None, help=f"patch size in pixels, without --model (default {DEFAULT_PATCH})")
     p.add_argument(
         "--preprocess", default=None, choices=PREPROCESS_MODES, help="default: the model's own; squash without --model"
     )
