@@ -146,16 +146,20 @@ class FalipModel:
                 self._digest = f"{kind}:{self.runtime.digest('all')[:16]}"
         return self._digest
 
-    def _finite(self, embeddings: torch.Tensor, biased: Optional[tuple[torch.Tensor, FovealConfig]] = None) -> torch.Tensor:
-        """``embeddings`` unchanged, or an error naming the cause when any value is NaN/inf.
+    def _finite(
+        self, embeddings: torch.Tensor, biased: Optional[tuple[torch.Tensor, torch.Tensor, FovealConfig]] = None
+    ) -> torch.Tensor:
+        """``embeddings (N, E)`` unchanged, or an error naming the cause when any value is NaN/inf.
 
-        biased: ``(pixels, config)`` of a biased pass: when the plain pass of those pixels is finite, the bias
-        settings are the cause (ValueError naming them); otherwise the weights or the precision (ModelLoadError)."""
-        if bool(torch.isfinite(embeddings).all()):
+        biased: ``(pixels (B, 3, S, S), image_index (N,), config)`` of a biased pass: when the plain pass of the
+        images whose regions are not finite is finite, the bias settings are the cause (ValueError naming them);
+        otherwise the input, the weights or the precision (ModelLoadError)."""
+        bad = ~torch.isfinite(embeddings).all(dim=-1)
+        if not bool(bad.any()):
             return embeddings
-        if biased is not None and bool(torch.isfinite(self.runtime.run(biased[0][:1])).all()):
+        if biased is not None and bool(torch.isfinite(self.runtime.run(biased[0][biased[1][bad].unique()])).all()):
             raise ValueError(
-                f"the FALIP bias settings {json.dumps(biased[1].to_dict())} make model {self.name or '(unnamed)'} produce NaN "
+                f"the FALIP bias settings {json.dumps(biased[2].to_dict())} make model {self.name or '(unnamed)'} produce NaN "
                 f"or infinite embeddings in {str(self.runtime.dtype).replace('torch.', '')} (its plain image pass is finite): "
                 "use a smaller alpha, head scales or unleash λ"
             )
@@ -260,7 +264,8 @@ class FalipModel:
             bias = self.region_biases(transform, masks=list(masks[s : s + batch_size].cpu().numpy()), config=config)
             index = torch.arange(len(bias))
             out.append(encode_biased(self.runtime, pixels[s : s + batch_size], bias, plan, mode=mode, image_index=index))
-        return F.normalize(self._finite(torch.cat(out), biased=(pixels, self.resolve_config(config))).float(), dim=-1)
+        biased = (pixels, torch.arange(len(pixels)), self.resolve_config(config))  # one region per image
+        return F.normalize(self._finite(torch.cat(out), biased=biased).float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
@@ -354,7 +359,7 @@ class FalipModel:
             self.runtime, pixels, torch.cat(biases), self.plan(config), mode, chunk_size, image_index=index
         )
         return list(
-            F.normalize(self._finite(embeddings, biased=(pixels, self.resolve_config(config))).float(), dim=-1)
+            F.normalize(self._finite(embeddings, biased=(pixels, index, self.resolve_config(config))).float(), dim=-1)
             .cpu()
             .split(counts)
         )
