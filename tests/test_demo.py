@@ -105,7 +105,7 @@ def test_browser_demo_page_fits_1024_to_1920_px(tmp_path):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("chromium not found (apt-get install -y chromium, or set FALIP_CHROMIUM=/path/to/chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[app]'")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
     assert main(["demo", "--output", str(tmp_path)]) == 0
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--headless", *CHROMIUM_FLAGS])

@@ -27,7 +27,7 @@ from falip.loading import shipped_model
 from falip.ranking import winners
 from falip.synthetic import make_scene
 
-httpx = pytest.importorskip("httpx", reason="the app extra is not installed: pip install -e '.[app]'")
+httpx = pytest.importorskip("httpx", reason="the test extra is not installed: pip install -e '.[test]'")
 pytest.importorskip("fastapi", reason="the app extra is not installed: pip install -e '.[app]'")
 
 MAX_PIXELS = 300 * 300
@@ -416,7 +416,7 @@ def open_page(tmp_path):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("chromium not found (apt-get install -y chromium, or set FALIP_CHROMIUM=/path/to/chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[app]'")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
     contexts = []
     with sync_api.sync_playwright() as p:
 

@@ -6,6 +6,7 @@ import argparse
 
 from ..app.service import Limits
 from ..errors import FalipError
+from ..version import install_command
 from .common import add_model_args, load_from_args
 
 
@@ -13,7 +14,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from ..app.server import serve
     except ImportError as exc:
-        raise FalipError(f"falip serve needs the web extra: pip install -e '.[app]' (missing: {exc.name})") from None
+        raise FalipError(f"falip serve needs the app extra: {install_command('app')} (missing: {exc.name})") from None
     limits = Limits(
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_pixels=args.max_pixels,

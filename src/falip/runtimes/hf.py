@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..version import install_command
 from .contract import BlockRuntime
 from .open_clip import OPENAI_MEAN, OPENAI_STD
 from .registry import Adapter
@@ -336,7 +337,7 @@ def load_hf(name_or_path: str, pretrained: Optional[str], device: str, precision
         import transformers
     except ImportError:
         raise ModelLoadError(
-            f"{name} is a transformers model: install the hf extra (pip install 'falip[hf]', transformers 5.x)"
+            f"{name} is a transformers model: install the hf extra ({install_command('hf')}: transformers 5.x)"
         ) from None
     directory = resolve_hub_id(name[len(HUB_PREFIX) :]) if name.startswith(HUB_PREFIX) else Path(name).expanduser()
     try:
