@@ -1000,6 +1000,20 @@ def test_r3b_overlong_and_empty_expressions_are_counted_not_scored_silently(tmp_
     assert result["skipped"]["by_reason"] == {"empty expression": 1} and result["metrics"]["n"] == 3
 
 
+def test_r3b_token_counts_agree_between_the_open_clip_and_transformers_tokenizers(tmp_path):
+    from adapters import openai_to_hf
+    from falip.inputs import overlong_texts, token_counts
+    from falip.runtimes.open_clip_loading import infer_openai_config
+
+    clip = tiny_clip(64, 16, layers=2, width=64)
+    state = {k: v.contiguous() for k, v in clip.state_dict().items() if k != "attn_mask"}
+    openai_to_hf.save_hf_clip(state, infer_openai_config(state), tmp_path / "hf")
+    texts = ["a cat", " ".join(["the"] * 75), " ".join(["the"] * 76), "naïve café, 12 € — ok?"]
+    hf, oc = falip.load(str(tmp_path / "hf")), tiny_wrap()
+    assert token_counts(hf.runtime, texts) == token_counts(oc.runtime, texts) == ([4, 77, 78, 13], 77)
+    assert overlong_texts(hf, texts) == {texts[2]: 78}
+
+
 def test_r3b_sizes_a_file_states_are_checked_before_allocating(tmp_path, capsys):
     import h5py
 
