@@ -13,7 +13,8 @@ from conftest import tiny_clip, wrap
 from falip import FalipModel
 from falip.cli import main
 from falip.errors import FalipError
-from falip.results import ResumeMismatchError, RunRecorder, aggregate, predictions_path
+from falip.experiments import aggregate
+from falip.results import ResumeMismatchError, RunRecorder, predictions_path
 from falip.runtimes import OpenClipRuntime
 from falip.zeroshot import cache_dir, class_prompts, load_templates, text_fingerprint, zero_shot_classifier
 
@@ -73,7 +74,7 @@ def test_aggregate_markdown_and_csv(tmp_path, capsys):
     assert main(["aggregate", str(tmp_path / "a.json"), "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("demo,toy,val,falip,ViT-B-16,50.0,4,0")
     (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(FalipError, match="not a falip results file"):
+    with pytest.raises(FalipError, match="none of the 1 file"):
         aggregate([tmp_path / "x.json"])
 
 

@@ -22,9 +22,7 @@ the file itself), so an interrupted distributed run resumes with or without torc
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import io
 import json
 import os
 import re
@@ -109,16 +107,17 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def _flatten(obj, prefix: str = "") -> dict:
+def flatten(obj, prefix: str = "") -> dict:
+    """``{"a": {"b": [1, {"c": 2}]}}`` → ``{"a.b[0]": 1, "a.b[1].c": 2}`` (lists of scalars stay whole)."""
     if isinstance(obj, dict):
         items = {}
         for k, v in obj.items():
-            items.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            items.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return items or {prefix: {}}
     if isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
         items = {}
         for i, v in enumerate(obj):
-            items.update(_flatten(v, f"{prefix}[{i}]"))
+            items.update(flatten(v, f"{prefix}[{i}]"))
         return items
     return {prefix: obj}
 
@@ -130,7 +129,7 @@ def _short(value) -> str:
 
 def describe_differences(old: dict, new: dict) -> str:
     """``"image_root: '/a' → '/b'; weights[0]: ..."``: the settings that differ between two fingerprints."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     keys = [k for k in dict.fromkeys([*a, *b]) if _canonical(a.get(k, "<unset>")) != _canonical(b.get(k, "<unset>"))]
     parts = [f"{k}: {_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))}" for k in keys[:MAX_DIFFERENCES]]
     if len(keys) > MAX_DIFFERENCES:
@@ -595,68 +594,3 @@ class RunRecorder:
         finally:
             self._release()
         return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Aggregation
-
-# What distinguishes runs: a column appears when any aggregated result has it (top level or config).
-ROW_KEYS = ("task", "dataset", "variant", "split", "method", "model", "pretrained", "proposals", "region", "views", "projection")
-
-
-def _describe(result: dict) -> dict:
-    config = result.get("config", {})
-    row = {}
-    for key in ROW_KEYS:
-        value = result.get(key, config.get(key))
-        if isinstance(value, (list, tuple)):
-            value = "+".join(str(v) for v in value)
-        row[key] = "" if value is None else str(value)
-    return row
-
-
-def aggregate(paths: Iterable, fmt: str = "markdown") -> str:
-    """One row per results file: what was run, and its metrics (numbers rounded to 2 decimals)."""
-    rows, metric_names = [], []
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                result = json.load(f)
-        except FileNotFoundError:
-            raise FalipError(f"results file not found: {path}") from None
-        except IsADirectoryError:
-            raise FalipError(f"{path} is a folder, not a results JSON file") from None
-        except OSError as exc:
-            raise FalipError(f"cannot read results file {path}: {exc.strerror or exc}") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FalipError(f"{path} is not valid JSON ({exc}); is it a falip results file?") from None
-        if not isinstance(result, dict) or "metrics" not in result:
-            raise FalipError(f"{path} is not a falip results file (no 'metrics')")
-        row = _describe(result)
-        for name, value in result["metrics"].items():
-            if isinstance(value, (int, float)) and name != "skipped":  # skipped has its own column
-                if name not in metric_names:
-                    metric_names.append(name)
-                row[name] = value
-        row["skipped"] = result.get("skipped", {}).get("count", 0)
-        row["file"] = str(path)
-        rows.append(row)
-    columns = [k for k in ROW_KEYS if any(r.get(k) for r in rows)] + metric_names + ["skipped", "file"]
-
-    def fmt_value(v):
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        return "" if v is None else str(v)
-
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({c: r.get(c, "") for c in columns})
-        return buf.getvalue()
-    if fmt != "markdown":
-        raise ValueError(f"format must be markdown or csv, got {fmt!r}")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt_value(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
