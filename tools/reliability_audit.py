@@ -985,6 +985,176 @@ def _(t):
 # (cases of this family go below this line, above the next section)
 
 
+def cli_capture(argv) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of the CLI run in-process (a traceback propagates)."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def bias_grid(extra, must_name: str) -> str:
+    """``falip bias`` with ``extra``: a clear error naming ``must_name``, or a grid that is all finite (right) or not (silent)."""
+    out = cli(["bias", "--image-size", "100,100", "--box", "0,0,50,50", *extra], must_name=must_name)
+    if out != "ok":
+        return out
+    _, text, _ = cli_capture(["bias", "--image-size", "100,100", "--box", "0,0,50,50", *extra])
+    return "silent" if any(w in text for w in ("nan", "inf")) else "right"
+
+
+@case("numbers", "bias --sigma 1e-300 (2σ² underflows to 0 in float64)")
+def _(t):
+    return bias_grid(["--sigma", "1e-300"], "sigma")
+
+
+@case("numbers", "bias --sigma 1e300 (2σ² overflows)")
+def _(t):
+    return bias_grid(["--sigma", "1e300"], "sigma")
+
+
+@case("numbers", "bias --alpha 1e39 (a float64, inf as the float32 bias)")
+def _(t):
+    return bias_grid(["--alpha", "1e39"], "alpha")
+
+
+@case("numbers", "bias --heads 0:1e40 (a head scale beyond float32)")
+def _(t):
+    return bias_grid(["--heads", "0:1e40"], "heads")
+
+
+@case("numbers", "bias --alpha 1e20 --heads 0:1e20 (each fits float32, their product does not)")
+def _(t):
+    return bias_grid(["--alpha", "1e20", "--heads", "0:1e20"], "alpha")
+
+
+@case("numbers", "FovealConfig(eps=0) on a one-token region (0/0 in the bump)")
+def _(t):
+    def run():
+        config = falip.FovealConfig(eps=0.0)
+        return falip.region_bias((0, 0, 16, 16), (224, 224), (14, 14), config)
+
+    out = api(run, "eps")
+    return out if isinstance(out, str) else ("silent" if not bool(torch.isfinite(out).all()) else "right")
+
+
+@case("numbers", "score --unleash 1:all:3e38: NaN embeddings blamed on the bias, not the weights")
+def _(t):
+    smooth_image(0).save(t / "p.png")
+    argv = ["score", t / "p.png", "--box", "0,0,30,30", "--text", "a", "--model", tiny_checkpoint(t / "m.pt"),
+            "--layers", "1", "--unleash", "1:all:3e38"]  # fmt: skip
+    code, out, err = cli_capture(argv)
+    if code == 0:
+        return "silent" if "nan" in out.lower() else "right"
+    return "clear error" if code == 2 and "bias settings" in err and len(err.strip().splitlines()) == 1 else "vague error"
+
+
+@case("api", "encode_regions(config={...}) with a dict of FovealConfig fields")
+def _(t):
+    model = falip.load(str(tiny_checkpoint(t / "m.pt")))
+    image = np.asarray(smooth_image(0))
+    out = api(lambda: model.encode_regions(image, [[0, 0, 30, 30]], config={"alpha": 2.0, "layers": [1]}))
+    if isinstance(out, str):
+        return out
+    want = model.encode_regions(image, [[0, 0, 30, 30]], config=falip.FovealConfig(alpha=2.0, layers=(1,)))
+    return "right" if torch.equal(out, want) else "silent"
+
+
+@case("api", "falip.load(config={'alpah': 2}) (a misspelt field)")
+def _(t):
+    out = api(lambda: falip.load(str(tiny_checkpoint(t / "m.pt")), config={"alpah": 2.0}), "alpah")
+    return out if isinstance(out, str) else "silent"
+
+
+@case("api", "score_regions with a generator of boxes")
+def _(t):
+    model = falip.load(str(tiny_checkpoint(t / "m.pt")))
+    image, boxes = np.asarray(smooth_image(0)), [[0, 0, 30, 30], [10, 10, 60, 40]]
+    out = api(lambda: model.score_regions(image, (b for b in boxes), ["a", "b"]))
+    if isinstance(out, str):
+        return out
+    return "right" if torch.equal(out, model.score_regions(image, boxes, ["a", "b"])) else "silent"
+
+
+@case("threads", "zero_shot_classifier from 16 threads on a cold cache, 4 rounds")
+def _(t):
+    from falip.zeroshot import zero_shot_classifier
+
+    model = falip.load(str(tiny_checkpoint(t / "m.pt")))
+    want = zero_shot_classifier(model, ["cat", "dog"], ["a {}."], use_cache=False)
+    failures = 0
+    old = os.environ.get("FALIP_CACHE_DIR")
+    try:
+        for round_ in range(4):
+            os.environ["FALIP_CACHE_DIR"] = str(t / f"cache{round_}")
+
+            def call(_):
+                try:
+                    return torch.allclose(zero_shot_classifier(model, ["cat", "dog"], ["a {}."]), want, atol=1e-6)
+                except Exception:
+                    return None
+
+            with ThreadPoolExecutor(16) as pool:
+                got = list(pool.map(call, range(16)))
+            failures += sum(g is None for g in got)
+            if not all(g is None or g for g in got):
+                return "silent"
+    finally:
+        if old is None:
+            os.environ.pop("FALIP_CACHE_DIR", None)
+        else:
+            os.environ["FALIP_CACHE_DIR"] = old
+    return "traceback" if failures else "right"
+
+
+@case("cli", "score --box -20,-20,40,40 (a box starting left of and above the image)")
+def _(t):
+    smooth_image(0).save(t / "p.png")
+    code, out, err = cli_capture(
+        ["score", t / "p.png", "--box", "-20,-20,40,40", "--text", "a", "--model", tiny_checkpoint(t / "m.pt")]
+    )
+    if code != 0:
+        return "vague error"
+    lines = err.strip().splitlines()
+    one_line = len(lines) == 1 and lines[0].startswith("falip: warning: box 0") and ".py:" not in err
+    return "warning" if one_line else "silent"
+
+
+@case("cli", "score with a box outside the image and a model file that does not exist (regions first)")
+def _(t):
+    smooth_image(0).save(t / "p.png")
+    return cli(["score", t / "p.png", "--box", "100,100,200,200", "--text", "a", "--model", t / "none.pt"], must_name="box 0")
+
+
+@case("cli", "bias --patch 0 (was silently the default 16)")
+def _(t):
+    return cli(["bias", "--image-size", "100,100", "--box", "0,0,50,50", "--patch", "0"], must_name="--patch")
+
+
+@case("cli", "score --json: method none ties every box; best is an index and the tie is flagged")
+def _(t):
+    smooth_image(0).save(t / "p.png")
+    argv = ["score", t / "p.png", "--box", "0,0,30,30", "--box", "20,10,60,40", "--text", "a", "--text", "a",
+            "--method", "none", "--json", "--model", tiny_checkpoint(t / "m.pt")]  # fmt: skip
+    code, out, _ = cli_capture(argv)
+    if code != 0:
+        return "vague error"
+    result = json.loads(out)
+    return "right" if result["best"] == [0, 0] and result["tie"] == [True, True] and len(result["texts"]) == 2 else "silent"
+
+
+@case("cli", "--mode given to falip attention (prefix of --model)")
+def _(t):
+    smooth_image(0).save(t / "p.png")
+    code, _, err = cli_capture(["attention", t / "p.png", "--box", "0,0,30,30", "--mode", "naive", "--output", t / "a.png"])
+    if code == 0:
+        return "silent"
+    return "clear error" if code == 2 and "--mode" in err else "vague error"
+
+
 # ----------------------------------------------------------------------------------------------
 # Round 3, R3-D: the server: Host/Origin, time and size bounds, decoding as the CLI does (falip serve).
 # (cases of this family go below this line, above the next section)
