@@ -730,6 +730,26 @@ def test_a_mask_file_rewritten_in_place_is_computed_again_and_a_heads_image_refu
     assert code == 2 and "inputs.images" in err
 
 
+def test_a_native_dataset_whose_box_changed_under_the_same_id_is_computed_again(tmp_path, generic):
+    """Native readers (CUB, Dogs, …) have no annotation digest: each record keeps what the reader made of its sample."""
+    from falip.datasets.generic import RegionDataset, RegionSample
+
+    model = falip.load(str(save_checkpoint(tmp_path / "m.pt")))
+
+    def run(box):
+        samples = [
+            RegionSample("0", generic / "images" / "a.png", "cat", box=box),
+            RegionSample("1", generic / "images" / "b.png", "dog", box=(0, 0, 30, 30)),
+        ]
+        data = RegionDataset("native", "test", ["cat", "dog"], samples)
+        return classify_evaluate(model, data, tmp_path / "r.json", templates="simple", workers=0, progress=False)
+
+    assert run((4, 4, 40, 30))["speed"]["regions"] == 2
+    again = run((10, 10, 60, 44))  # the dataset's box file edited: sample 0 reads differently
+    assert again["speed"]["regions"] == 1 and again["speed"]["recomputed_changed_images"] == 1 and again["metrics"]["n"] == 2
+    assert run((10, 10, 60, 44))["speed"]["regions"] == 0
+
+
 # One rule for runs that lost most of their inputs; every item lost → null metrics
 
 

@@ -602,6 +602,24 @@ def _(t):
     return "silent" if json.loads((t / "r.json").read_text())["speed"]["resumed"] else "right"
 
 
+@case("R3-A", "classify library: a native dataset's box changed under the same sample id, resumed")
+def _(t):
+    from falip.datasets.generic import RegionDataset, RegionSample
+    from falip.tasks.classify import evaluate
+
+    root = generic_data(t / "data")
+    model = falip.load(str(tiny_checkpoint(t / "m.pt")))
+
+    def run(box):
+        samples = [RegionSample("0", root / "images" / "0.png", "cat", box=box)]
+        return evaluate(model, RegionDataset("native", "test", ["cat", "dog"], samples), t / "r.json", templates="simple",
+                        workers=0, progress=False)  # fmt: skip
+
+    run((4, 4, 40, 30))
+    again = run((20, 10, 60, 44))  # e.g. CUB's bounding_boxes.txt edited
+    return "right" if again["speed"]["regions"] == 1 else "silent"
+
+
 @case("R3-A", "pointcloud: --view-weights changed, same --output")
 def _(t):
     root, ckpt = pc_data(t / "data", np.random.default_rng(0).normal(size=(3, 64, 3))), tiny_checkpoint(t / "m.pt")

@@ -324,6 +324,14 @@ def describe(
     )
 
 
+def sample_key(sample: RegionSample) -> str:
+    """The digest of what a reader made of a sample (image, label, box or mask, group): a resumed record
+    whose sample reads differently now (e.g. a dataset's box file edited) is computed again."""
+    return digest(
+        [str(sample.image), sample.label, sample.box, str(sample.mask), sample.mask_id, sample.mask_as_box, sample.group]
+    )
+
+
 def evaluate(
     model,
     dataset: RegionDataset,
@@ -390,13 +398,14 @@ def evaluate(
                     correct=top[0] == truth,
                     correct5=truth in top,
                 )
-                run.rec.add(s.id, **fields, image_stamp=run.stamp(s.image, s.mask), **({"group": s.group} if s.group else {}))
+                stamp = run.stamp(s.image, s.mask)
+                run.rec.add(s.id, **fields, image_stamp=stamp, sample=sample_key(s), **({"group": s.group} if s.group else {}))
             images.add(group.image_path)
             run.count(regions=len(done))
         for s, err in list(group.failed) + failed:
-            run.rec.skip(s.id, err.reason, err.detail)
+            run.rec.add(s.id, skipped=err.reason, detail=err.detail, sample=sample_key(s))
 
-    work = run.plan(group_by_image(dataset.samples), lambda s: (s.id, (s.image, s.mask)))
+    work = run.plan(group_by_image(dataset.samples), lambda s: (s.id, (s.image, s.mask), sample_key(s)))
     # Workers decode and preprocess (pixels for methods without an edit); the model encodes a batch of images at once.
     loader = GroupLoader(class_index, None if method.edit else model.preprocessor())
     with torch.no_grad():

@@ -166,30 +166,34 @@ class Run:
             stamps.append(str(self._stamps[path]))
         return "|".join(stamps) if stamps else None
 
-    def is_changed(self, sample_id: str, files=()) -> bool:
-        """A resumed record whose files (a path or a tuple of paths) were replaced or rewritten since."""
+    def is_changed(self, sample_id: str, files=(), key: Optional[str] = None) -> bool:
+        """A resumed record whose files (a path or a tuple of paths) were replaced or rewritten since, or
+        whose sample now reads differently (``key``: the digest of what the reader made of it, e.g. its
+        label and box, stored as the record's ``sample``)."""
         done = self.rec.done.get(sample_id)
+        if done is None:
+            return False
         files = files if isinstance(files, tuple) else (files,)
-        return done is not None and done.get("image_stamp") not in (None, self.stamp(*files))
+        return done.get("image_stamp") not in (None, self.stamp(*files)) or done.get("sample") not in (None, key)
 
-    def pending(self, sample_id: str, files=()) -> bool:
-        """Not done yet, skipped (when skips are retried), or done on files that changed since."""
+    def pending(self, sample_id: str, files=(), key: Optional[str] = None) -> bool:
+        """Not done yet, skipped (when skips are retried), or done on files or a sample that changed since."""
         done = self.rec.done.get(sample_id)
         if done is None or (self.retry_skipped and "skipped" in done):
             return True
-        return self.is_changed(sample_id, files)
+        return self.is_changed(sample_id, files, key)
 
     # -- the work of this rank
 
     def plan(self, units: Sequence[Sequence[S]], identity: Callable[[S], tuple]) -> list[list[S]]:
         """This rank's share of ``units``, each cut to its pending samples (empty ones dropped); opens the
-        progress bar. ``identity(sample)`` is ``(sample id, its file or a tuple of its files)``."""
+        progress bar. ``identity(sample)`` is ``(sample id, its file or a tuple of its files[, its key])``."""
         mine = distributed.shard(list(units))
         own = [s for unit in mine for s in unit]
         work = [[s for s in unit if self.pending(*identity(s))] for unit in mine]
         self.changed = distributed.sum_counts({"changed": sum(self.is_changed(*identity(s)) for s in own)})["changed"]
         if self.changed and distributed.is_main():
-            warn(f"{self.changed} resumed predictions are computed again: their image files changed")
+            warn(f"{self.changed} resumed predictions are computed again: their image files or their samples changed")
         resumed = [identity(s)[0] for s in own if not self.pending(*identity(s))]
         self._bar = tqdm(
             total=len(own),
