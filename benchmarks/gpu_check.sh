@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared accelerator check (issue 12 item 7): one run, under 5 minutes on one GPU.
+# The prepared accelerator check (docs/benchmarks.md, "On a GPU, one command"): one run, under 5 minutes on one GPU.
 #
 #   bash benchmarks/gpu_check.sh                      # CUDA device 0, ViT-B/16 random weights, full size
 #   bash benchmarks/gpu_check.sh --cpu                # reduced, on CPU (falip-toy; a few minutes on 2 cores)

@@ -1,6 +1,6 @@
 """Independent float64 implementations of what the FALIP reference code computes.
 
-Written from SPEC §1.1 and the OpenAI CLIP ViT equations, sharing no code with falip, so that
+Written from docs/method.md §2.1 and §3 and the OpenAI CLIP ViT equations, sharing no code with falip, so that
 falip's compatibility mode can be checked against them.
 """
 
@@ -16,9 +16,9 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def spec_bump(h, w, alpha=0.2, sigma=100.0, eps=1e-6, numerics="float64"):
-    """The (h, w) bump of SPEC §1, element by element: the float64 formula, or the reference's float32 steps.
+    """The (h, w) bump of docs/method.md §2.1, element by element: the float64 formula, or the reference's float32 steps.
 
-    ``reference-numpy2``: SPEC §1 "Exact float operations of the reference" (float32 normalisation).
+    ``reference-numpy2``: docs/method.md §2.1, the reference's float rules (float32 normalisation).
     ``reference-numpy1``: the same, with ``max + ε − min`` a float64 scalar, as NumPy 1.x promotes it.
     """
     f32 = np.float32
@@ -43,11 +43,11 @@ def spec_bump(h, w, alpha=0.2, sigma=100.0, eps=1e-6, numerics="float64"):
 
 
 def spec_bias_row(box, W, H, S=224, p=16, alpha=0.2, sigma=100.0, eps=1e-6, numerics="float64"):
-    """Row 0 of M (length 1 + g²) for one box, transcribed step by step from SPEC §1.1."""
+    """Row 0 of M (length 1 + g²) for one box, transcribed step by step from docs/method.md §3."""
     g = S // p
     x0, y0, x1, y1 = box
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
-    sx, sy = S / W, S / H  # the scale first, then x * scale (SPEC §1.1 step 2)
+    sx, sy = S / W, S / H  # the scale first, then x * scale (docs/method.md §3 step 2)
     X0, X1 = min(x0 * sx, S), min(x1 * sx, S)
     Y0, Y1 = min(y0 * sy, S), min(y1 * sy, S)
     c0 = max(math.ceil(X0 / p), 1) - 1

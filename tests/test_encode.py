@@ -265,7 +265,7 @@ def test_head_selection_biases_only_the_chosen_heads(rng):
 
 
 def test_official_compatibility_equals_the_float64_reference(rng, b16_tiny, official):
-    """falip in squash mode with the official config == SPEC §1.1 + OpenAI ViT equations, float64."""
+    """falip in squash mode with the official config == docs/method.md §2–§4 + OpenAI ViT equations, float64."""
     model = wrap(b16_tiny, preprocess="squash", config=official)
     state = b16_tiny.state_dict()
     W, H = 500, 375

@@ -1,4 +1,4 @@
-"""Per-head decomposition, unleashing, head response and attention maps (issue #6)."""
+"""Per-head decomposition, unleashing, head response and attention maps (docs/method.md §7)."""
 
 import argparse
 import json

@@ -67,7 +67,7 @@ def test_bias_rows_equal_the_reference_code_on_541_random_tiny_border_and_outsid
 
 
 def test_spec_transcription_selects_the_reference_tokens_and_float64_stays_within_3e5():
-    """Second, independent check (tests/reference.py, written from SPEC §1.1) and the clean default's deviation."""
+    """Second, independent check (tests/reference.py, written from docs/method.md §3) and the clean default's deviation."""
     fx = np.load(DATA / "reference_bias_numpy1.npz")
     for box, (W, H), row in zip(fx["boxes_xywh"], fx["image_sizes"], fx["rows"]):
         spec = spec_bias_row(xyxy(box), int(W), int(H))  # float64 bump

@@ -1,4 +1,4 @@
-"""Fault injection: the bad-input, concurrency and crash cases of issue 14 (README "Reliability").
+"""Fault injection: the bad-input, concurrency and crash cases of docs/reliability.md.
 
 Each test names the case and its expected outcome: the right answer, a clear error, or a warning.
 Tiny random models and tiny images keep the whole file fast.

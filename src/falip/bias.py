@@ -72,7 +72,7 @@ class FovealConfig:
     heads: ``None`` = all heads; a sequence of head indices; or ``{head: scale}``.
     unleash: ``None`` (off), or :class:`Unleash` entries amplifying the bias's effect on chosen
         heads of biased blocks (a later entry overrides an earlier one for the same head).
-    numerics: how the bump is computed: ``float64`` (the clean formula of SPEC §1, the default),
+    numerics: how the bump is computed: ``float64`` (the clean formula of docs/method.md §2.1, the default),
         or the reference code's float32 operations as they run under NumPy 1.x
         (``reference-numpy1``, its pinned environment) or NumPy ≥ 2 (``reference-numpy2``);
         see :func:`bump`.
@@ -258,7 +258,7 @@ def check_float32(name: str, value) -> None:
 
 
 def bump(h: int, w: int, alpha: float, sigma: float, eps: float = 1e-6, numerics: str = "float64") -> np.ndarray:
-    """The ``(h, w)`` bump ``α (G − min G + ε) / (max G − min G + ε)`` (SPEC §1), as float64 values.
+    """The ``(h, w)`` bump ``α (G − min G + ε) / (max G − min G + ε)`` (docs/method.md §2.1), as float64 values.
 
     ``numerics="float64"``: the formula in float64 (a 1×1 region gets exactly α).
 
@@ -327,7 +327,7 @@ def region_bias(
     ``box`` is ``(x0, y0, x1, y1)`` in original pixels of an image of ``image_size = (W, H)``;
     ``grid = (gh, gw)`` patches of ``patch_size`` pixels. The first ``num_prefix`` entries ([CLS], then
     register tokens) are always 0.
-    With ``preprocess="squash"`` and :meth:`FovealConfig.official` this is SPEC §1.1 exactly.
+    With ``preprocess="squash"`` and :meth:`FovealConfig.official` this is docs/method.md §3 exactly.
     """
     config = config or FovealConfig.official()
     gh, gw = grid

@@ -1,4 +1,4 @@
-"""Execution strategies: the same biased ViT, computed three ways (SPEC §2).
+"""Execution strategies: the same biased ViT, computed three ways (docs/method.md §9).
 
 - ``naive``: one full forward pass per region, batch size 1, full ``L×L`` masks — the reference
   code's execution pattern, kept as the baseline that the other modes are tested against.

@@ -208,7 +208,7 @@ def validate_masks(masks, image_size: tuple[int, int]) -> list[np.ndarray]:
 def box_token_weights(box_input: Sequence[float], input_size: int, patch: int, grid: tuple[int, int]) -> np.ndarray:
     """Token weights ``(gh, gw)`` of a box already in input pixels: 1 on every touched patch.
 
-    Exactly the reference code's rule (SPEC §1.1 step 3), including its quirk: a left/top edge
+    Exactly the reference code's rule (docs/method.md §3 steps 3–4), including its quirk: a left/top edge
     lying exactly on a patch border also selects the patch before it.
     """
     X0, Y0, X1, Y1 = box_input

@@ -1,4 +1,4 @@
-"""Visual-prompt baselines: image edits that mark a region (SPEC §3).
+"""Visual-prompt baselines: image edits that mark a region (docs/method.md §10).
 
 Each edit takes the original image and one region (a box, optionally a mask) and returns the
 edited image, the region's box *in the edited image* (for combining an edit with the FALIP bias),

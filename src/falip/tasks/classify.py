@@ -1,4 +1,4 @@
-"""Region-aware zero-shot classification (SPEC §3): what class is the object in this box or mask?
+"""Region-aware zero-shot classification (docs/method.md §11.2): what class is the object in this box or mask?
 
 A zero-shot classifier (class names × prompt templates, text side computed once and cached) scores
 the embedding of each region, encoded by any method of :mod:`falip.methods` (``falip``, ``none``,

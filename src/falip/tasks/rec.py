@@ -1,4 +1,4 @@
-"""Referring expression comprehension (REC): which proposal box does a sentence describe? (SPEC §3)
+"""Referring expression comprehension (REC): which proposal box does a sentence describe? (docs/method.md §11.1)
 
 Every proposal of an image is encoded by each method (FALIP bias, an image edit, or both) and
 each model; the sentence becomes ``"a photo of {sentence}"`` (plus the method's text suffix);
@@ -7,7 +7,7 @@ Shtedritski et al. 2023) subtracts each proposal's mean score over captions of o
 of the split; ensembles "E" combine methods (``sum`` or ``max``) and sum models' logits. The
 prediction is the best-scoring proposal; it is correct iff IoU with a target box > 0.5.
 
-Speed (issue #3 §5): a region's embedding depends on the image and the box, not on the sentence,
+Speed (docs/method.md §11.1): a region's embedding depends on the image and the box, not on the sentence,
 so samples are grouped by image and each image's proposals are encoded **once** per (model,
 method) — one batched call — and scored against all of that image's sentences; text features
 are cached; each image is decoded once.
