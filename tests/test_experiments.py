@@ -56,12 +56,12 @@ def test_files_that_are_not_results_are_skipped_with_a_notice(runs, tmp_path, ca
     assert main(["aggregate", *map(str, runs + extra)]) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
-        f"falip: skipped {extra[0]}: no 'metrics': not a falip results file",
-        f"falip: skipped {extra[1]}: its 'config' is a str, not an object",
-        f"falip: skipped {extra[2]}: its 'metrics' is a list, not an object",
+        f"falip: skipped {extra[0]} has no 'metrics': not a falip results file",
+        f"falip: skipped {extra[1]} has a str as 'config', not an object",
+        f"falip: skipped {extra[2]} has a list as 'metrics', not an object",
     ]
     assert captured.out.count("\n") == 5
-    with pytest.raises(FalipError, match="none of the 3 file"):
+    with pytest.raises(FalipError, match="none of the 3 files given"):
         aggregate(extra)
 
 

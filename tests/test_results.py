@@ -74,7 +74,7 @@ def test_aggregate_markdown_and_csv(tmp_path, capsys):
     assert main(["aggregate", str(tmp_path / "a.json"), "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("demo,toy,val,falip,ViT-B-16,50.0,4,0")
     (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(FalipError, match="none of the 1 file"):
+    with pytest.raises(FalipError, match="x.json has no 'metrics': not a falip results file"):
         aggregate([tmp_path / "x.json"])
 
 

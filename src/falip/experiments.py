@@ -44,24 +44,24 @@ def format_for(path, fmt: Optional[str] = None) -> Format:
 
 
 def read_result(path) -> tuple[Optional[dict], str]:
-    """``(results dict, "")`` for a falip results JSON file, else ``(None, why it is not one)``."""
+    """``(results dict, "")`` for a falip results JSON file, else ``(None, why it is not one)`` (``"<path> <why>"`` reads)."""
     try:
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
     except FileNotFoundError:
         raise FalipError(f"results file not found: {path}") from None
     except IsADirectoryError:
-        return None, "a folder"
+        return None, "is a folder, not a results JSON file"
     except OSError as exc:
         raise FalipError(f"cannot read results file {path}: {exc.strerror or exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return None, f"not JSON ({type(exc).__name__})"
+        return None, f"is not valid JSON ({type(exc).__name__})"
     if not isinstance(result, dict) or "metrics" not in result:
-        return None, "no 'metrics': not a falip results file"
+        return None, "has no 'metrics': not a falip results file"
     if not isinstance(result["metrics"], dict):
-        return None, f"its 'metrics' is a {type(result['metrics']).__name__}, not an object"
+        return None, f"has a {type(result['metrics']).__name__} as 'metrics', not an object"
     if not isinstance(result.get("config", {}), dict):
-        return None, f"its 'config' is a {type(result['config']).__name__}, not an object"
+        return None, f"has a {type(result['config']).__name__} as 'config', not an object"
     return result, ""
 
 
@@ -100,19 +100,22 @@ def _settings_that_differ(configs: list[dict], taken: dict[str, list[str]]) -> d
 def aggregate(paths: Iterable, fmt: Format = "markdown", notice=None) -> str:
     """The table of the results files among ``paths`` (numbers to 2 decimals in markdown; a missing metric is empty).
 
-    notice: called with one line for each file that is not a results file (it is skipped); default: ignored."""
+    notice: called with one line for each file that is not a results file (it is skipped); default: ignored.
+    Without any results file among them, a FalipError says why each one is not."""
     paths = list(paths)
-    results, files = [], []
+    results, files, skipped = [], [], []
     for path in paths:
         result, why = read_result(path)
         if result is None:
-            if notice is not None:
-                notice(f"skipped {path}: {why}")
+            skipped.append(f"{path} {why}")
             continue
         results.append(result)
         files.append(str(path))
     if not results:
-        raise FalipError(f"none of the {len(paths)} file(s) given is a falip results JSON file")
+        many = f"none of the {len(paths)} files given is a falip results JSON file: " if len(paths) > 1 else ""
+        raise FalipError(many + "; ".join(skipped))
+    for line in skipped if notice is not None else ():
+        notice(f"skipped {line}")
     rows = [_identity(r) for r in results]
     identity = [k for k in ROW_KEYS if any(row[k] for row in rows)]
     settings = _settings_that_differ([r.get("config", {}) for r in results], {k: [row[k] for row in rows] for k in identity})
