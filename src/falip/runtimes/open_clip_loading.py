@@ -373,6 +373,7 @@ def create_clip(
         if logs:
             warn("; ".join(f"open_clip: {m}" for m in logs))
         check_finite(model, name_or_path)
+        check_logit_scale(model, name_or_path)
         return model, dict(name=name_or_path, pretrained=None, mean=None, std=None, arch=None, card=None, weights_file=None)
 
     name = normalize_model_name(name_or_path)
