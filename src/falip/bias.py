@@ -101,7 +101,7 @@ class FovealConfig:
         for name in ("sigma", "eps"):
             value = real_number(f"FovealConfig.{name}", getattr(self, name))
             if not np.isfinite(value) or value <= 0:
-                raise ValueError(f"FovealConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+                raise ValueError(f"FovealConfig.{name} must be > 0 and finite, got {getattr(self, name)!r}")
         with np.errstate(all="ignore"):
             two_var = 2.0 * np.float64(self.sigma) ** 2  # what the float64 bump divides by
         if not 0.0 < two_var < np.inf:
