@@ -150,6 +150,9 @@ class TimmTower(OpenClipModelParts):
         attn = self.blocks[index].attn
         return attn.proj(attn.norm(heads.transpose(1, 2).reshape(B, Q, H * dh)))
 
+    def _tested(self) -> str:
+        return f"open_clip_torch 3.x and {TIMM_RANGE}"
+
     def _scale(self, index: int) -> float:
         attn = self.blocks[index].attn
         return float(getattr(attn, "scale", None) or attn.head_dim**-0.5)
