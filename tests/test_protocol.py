@@ -186,3 +186,13 @@ def test_biases_of_the_wrong_width_are_refused(rng, clip):
     one_prefix = region_biases(transform, model.grid, model.patch_size, model.config, boxes=[(0, 0, 30, 30)])
     with pytest.raises(ValueError, match=r"\(K, 19\).*\(1, 17\)"):
         falip.encode_biased(model.runtime, pixels, one_prefix, model.plan())
+
+
+def test_a_coca_tower_that_returns_its_tokens_is_refused():
+    clip = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(layers=1, width=64, head_width=32, patch_size=16, image_size=32, output_tokens=True),
+        text_cfg=dict(context_length=16, width=32, heads=1, layers=1),
+    )
+    with pytest.raises(UnsupportedModelError, match="CoCa image tower"):
+        OpenClipRuntime(clip, text_missing="no tokenizer in this test")

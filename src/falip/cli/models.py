@@ -12,9 +12,17 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def versions() -> str:
+    """The libraries the classification depends on (which configs exist, which timm towers)."""
+    import open_clip
+    import timm
+
+    return f"open_clip_torch {open_clip.__version__}, timm {timm.__version__}"
+
+
 def markdown(rows: list[tuple[str, str, str]]) -> str:
-    """The table of docs/models.md: one row per model."""
-    lines = ["| adapter | model | status |", "|---|---|---|"]
+    """The table of docs/models.md: the library versions, then one row per model."""
+    lines = [f"With {versions()}:", "", "| adapter | model | status |", "|---|---|---|"]
     lines += [f"| {adapter} | `{name}` | {status} |" for adapter, name, status in rows]
     return "\n".join(lines)
 

@@ -101,6 +101,10 @@ class OpenClipRuntime(OpenClipModelParts):
                 f"{type(visual).__name__}, which OpenClipRuntime does not run (ResNet towers have no attention "
                 "to bias; see docs/models.md)"
             )
+        if getattr(visual, "output_tokens", False):
+            raise UnsupportedModelError(
+                "this ViT is a CoCa image tower (it returns its tokens for the captioning decoder too); falip runs CLIP ViTs"
+            )
         if visual.attn_pool is not None or visual.pool_type != "tok":
             raise UnsupportedModelError(
                 f"FALIP steers the [CLS] token, but this ViT pools with "
@@ -199,9 +203,10 @@ class OpenClipRuntime(OpenClipModelParts):
 
 def catalog() -> list[tuple[str, str]]:
     """``(name, "runs" | "refused: why")`` for every model the open_clip adapter knows (falip's shipped models and
-    every open_clip config), classified from the config dicts: nothing is built (a timm tower whose pooling is its
-    own default is built on the meta device, without weights, to read it)."""
+    every open_clip config), classified from the config dicts: nothing is built (except a timm tower whose pooling is its
+    own default, built to read it: one small config today)."""
     import open_clip
+    import timm
     from timm.models import is_model_in_modules
 
     from ..loading import SHIPPED_MODELS
@@ -212,6 +217,8 @@ def catalog() -> list[tuple[str, str]]:
         tower = v.get("timm_model_name")
         if tower is None:
             out.append((name, _native_status(v)))
+        elif not timm.is_model(tower):
+            out.append((name, f"refused: timm {timm.__version__} has no {tower} (a newer timm has it)"))
         elif not is_model_in_modules(tower, ["vision_transformer", "vision_transformer_hybrid", "eva"]):
             out.append((name, f"refused: its image tower is timm's {tower}, not a ViT or Eva (no [CLS] query or probe to bias)"))
         else:
@@ -224,6 +231,8 @@ def _native_status(v: dict) -> str:
         return "refused: a ResNet image tower has no attention over patches to bias"
     if v.get("attentional_pool"):
         return "refused: pools with an attentional pooler (CoCa), not its [CLS] token"
+    if v.get("output_tokens"):
+        return "refused: a CoCa image tower (it returns its tokens for the captioning decoder too)"
     if v.get("pool_type", "tok") != "tok" or v.get("global_average_pool"):
         return "refused: pools by averaging its tokens: no [CLS] query to bias"
     return "runs"
@@ -232,11 +241,10 @@ def _native_status(v: dict) -> str:
 def _timm_status(tower: str, pool: str, proj: Optional[str]) -> str:
     if pool in ("abs_attn", "rot_attn"):
         return f"refused: open_clip's {pool} head pools CNN features"
-    if not pool and proj in ("linear", "mlp"):  # the timm model's own default pooling: read it off a weightless build
+    if not pool and proj in ("linear", "mlp"):  # the timm model's own default pooling (one small config): build it to read it
         import timm
 
-        with torch.device("meta"):
-            pool = timm.create_model(tower).global_pool
+        pool = timm.create_model(tower).global_pool
     if pool in ("map", "token"):
         return "runs"
     return f"refused: its timm tower pools with global_pool={pool!r}: an average/max pool has no query to bias"
