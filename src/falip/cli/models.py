@@ -14,10 +14,9 @@ def register(sub) -> None:
 
 def versions() -> str:
     """The libraries the classification depends on (which configs exist, which timm towers)."""
-    import open_clip
-    import timm
+    from ..runtimes.open_clip import library_versions
 
-    return f"open_clip_torch {open_clip.__version__}, timm {timm.__version__}"
+    return library_versions()
 
 
 def markdown(rows: list[tuple[str, str, str]]) -> str:

@@ -226,6 +226,14 @@ def catalog() -> list[tuple[str, str]]:
     return out
 
 
+def library_versions() -> str:
+    """``open_clip_torch X, timm Y``: what :func:`catalog`'s answer depends on."""
+    import open_clip
+    import timm
+
+    return f"open_clip_torch {open_clip.__version__}, timm {timm.__version__}"
+
+
 def _native_status(v: dict) -> str:
     if isinstance(v.get("layers"), (list, tuple)):
         return "refused: a ResNet image tower has no attention over patches to bias"
