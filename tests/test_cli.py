@@ -41,6 +41,10 @@ def test_score_prints_a_table_with_the_best_box(files, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0 and "'a dog'" in out and out.count("<- best") == 1
+    # the settings, then what the bias acts on in this model and where (tiny.pt: 6 blocks, the last third biased)
+    assert out.splitlines()[1] == (
+        "bias acts on: the class token's attention logits over the patches in the biased blocks; biased blocks: 4, 5"
+    )
 
 
 def test_score_json_with_masks_and_bias_options(files, capsys):

@@ -200,5 +200,10 @@ def load_from_args(args: argparse.Namespace):
 
 
 def settings_line(model) -> str:
-    """``settings: preprocess squash, bias {...}`` — what a command runs with, printed before its output."""
-    return f"settings: preprocess {model.preprocess}, bias {json.dumps(model.config.to_dict())}"
+    """``settings: preprocess squash, bias {...}`` and, on a second line, what the bias acts on in this model and
+    in which blocks — what a command runs with, printed before its output."""
+    layers = ", ".join(str(i) for i in model.bias_layers()) or "none"
+    return (
+        f"settings: preprocess {model.preprocess}, bias {json.dumps(model.config.to_dict())}\n"
+        f"bias acts on: {model.runtime.info()['bias_acts_on']}; biased blocks: {layers}"
+    )
