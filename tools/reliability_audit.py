@@ -588,7 +588,7 @@ def rec_setup(t: Path, anns=((2, 2, 30, 30), (30, 10, 30, 30)), images=2) -> lis
             "--quiet", "--workers", "0"]  # fmt: skip
 
 
-@case("R3-A", "classify: a {class: [prompts]} templates JSON edited in place, then resumed")
+@case("r3-runs", "classify: a {class: [prompts]} templates JSON edited in place, then resumed")
 def _(t):
     root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
     prompts = t / "p.json"
@@ -602,7 +602,7 @@ def _(t):
     return "silent" if json.loads((t / "r.json").read_text())["speed"]["resumed"] else "right"
 
 
-@case("R3-A", "classify library: a native dataset's box changed under the same sample id, resumed")
+@case("r3-runs", "classify library: a native dataset's box changed under the same sample id, resumed")
 def _(t):
     from falip.datasets.generic import RegionDataset, RegionSample
     from falip.tasks.classify import evaluate
@@ -620,7 +620,7 @@ def _(t):
     return "right" if again["speed"]["regions"] == 1 else "silent"
 
 
-@case("R3-A", "pointcloud: --view-weights changed, same --output")
+@case("r3-runs", "pointcloud: --view-weights changed, same --output")
 def _(t):
     root, ckpt = pc_data(t / "data", np.random.default_rng(0).normal(size=(3, 64, 3))), tiny_checkpoint(t / "m.pt")
     assert cli_run(pc_argv(root, ckpt, t / "r.json"))[0] == "ok"
@@ -628,7 +628,7 @@ def _(t):
     return "silent" if out == "ok" else out
 
 
-@case("R3-A", "rec library: run_config {'note': ...} and another mode, same output")
+@case("r3-runs", "rec library: run_config {'note': ...} and another mode, same output")
 def _(t):
     from falip.datasets.refer import load_reclip
     from falip.tasks.rec import RegionScorer, evaluate
@@ -646,7 +646,7 @@ def _(t):
     return "silent" if isinstance(out, dict) else out
 
 
-@case("R3-A", "classify --output names the templates file")
+@case("r3-runs", "classify --output names the templates file")
 def _(t):
     root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
     templates = t / "t.txt"
@@ -656,7 +656,7 @@ def _(t):
     return kept(templates, before, out)
 
 
-@case("R3-A", "classify --output names the model checkpoint")
+@case("r3-runs", "classify --output names the model checkpoint")
 def _(t):
     root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
     before = ckpt.read_bytes()
@@ -664,7 +664,7 @@ def _(t):
     return kept(ckpt, before, out)
 
 
-@case("R3-A", "rec --predictions names the detections file, with --no-resume")
+@case("r3-runs", "rec --predictions names the detections file, with --no-resume")
 def _(t):
     argv = rec_setup(t)
     (t / "d.json").write_text(json.dumps({"1": [[2, 2, 30, 30]], "2": [[30, 10, 30, 30]]}))
@@ -674,7 +674,7 @@ def _(t):
     return kept(t / "d.json", before, out)
 
 
-@case("R3-A", "pointcloud --output names an HDF5 file of the data")
+@case("r3-runs", "pointcloud --output names an HDF5 file of the data")
 def _(t):
     root, ckpt = pc_data(t / "data", np.random.default_rng(0).normal(size=(3, 64, 3))), tiny_checkpoint(t / "m.pt")
     h5 = root / "modelnet40_ply_hdf5_2048" / "ply_data_test0.h5"
@@ -683,7 +683,7 @@ def _(t):
     return kept(h5, before, out)
 
 
-@case("R3-A", "--output is a JSON file falip did not write")
+@case("r3-runs", "--output is a JSON file falip did not write")
 def _(t):
     root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
     (t / "notes.json").write_text('{"my": "notes"}')
@@ -692,7 +692,7 @@ def _(t):
     return kept(t / "notes.json", before, out)
 
 
-@case("R3-A", "rec: one --output, another --predictions, with --no-resume")
+@case("r3-runs", "rec: one --output, another --predictions, with --no-resume")
 def _(t):
     argv = rec_setup(t)
     assert cli_run([*argv, "--output", t / "o.json", "--predictions", t / "a.jsonl"])[0] == "ok"
@@ -701,7 +701,7 @@ def _(t):
     return kept(t / "o.json", before, out)
 
 
-@case("R3-A", "a lock left by a dead PID of another PID namespace")
+@case("r3-runs", "a lock left by a dead PID of another PID namespace")
 def _(t):
     import socket
 
@@ -720,7 +720,7 @@ def _(t):
     return "data loss"  # taken over: two writers in two namespaces would interleave
 
 
-@case("R3-A", "the file-size limit (EFBIG) is reached while a run writes")
+@case("r3-runs", "the file-size limit (EFBIG) is reached while a run writes")
 def _(t):
     root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
     limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (900, 900))\n"
@@ -740,7 +740,7 @@ def _(t):
     return "clear error" if child.returncode == 2 and named else "vague error"
 
 
-@case("R3-A", "rec: every detection has zero or negative size")
+@case("r3-runs", "rec: every detection has zero or negative size")
 def _(t):
     argv = rec_setup(t)
     (t / "d.json").write_text(json.dumps({"1": [[5, 5, 0, 9]], "2": [[5, 5, -4, 9]]}))
@@ -760,14 +760,14 @@ def every_item_lost(argv: list, output: Path, metric: str) -> str:
     return "right" if metrics[metric] is None and metrics["n"] == 0 else "silent"
 
 
-@case("R3-A", "classify with every image missing: metrics")
+@case("r3-runs", "classify with every image missing: metrics")
 def _(t):
     root, ckpt = generic_data(t / "data"), tiny_checkpoint(t / "m.pt")
     shutil.rmtree(root / "images")
     return every_item_lost(classify_argv(root, ckpt, t / "r.json"), t / "r.json", "top1")
 
 
-@case("R3-A", "pointcloud with every cloud unreadable (NaN points): metrics")
+@case("r3-runs", "pointcloud with every cloud unreadable (NaN points): metrics")
 def _(t):
     clouds = np.random.default_rng(2).normal(size=(3, 64, 3))
     clouds[:, 0] = np.nan
@@ -775,7 +775,7 @@ def _(t):
     return every_item_lost(pc_argv(root, ckpt, t / "r.json"), t / "r.json", "acc")
 
 
-@case("R3-A", "pointcloud: a cloud at 1e30 in a batch of 4 vs one cloud at a time")
+@case("r3-runs", "pointcloud: a cloud at 1e30 in a batch of 4 vs one cloud at a time")
 def _(t):
     clouds = np.random.default_rng(1).normal(size=(4, 64, 3))
     clouds[2] *= 1e30
@@ -1024,32 +1024,32 @@ def bias_grid(extra, must_name: str) -> str:
     return "silent" if any(w in text for w in ("nan", "inf")) else "right"
 
 
-@case("numbers", "bias --sigma 1e-300 (2σ² underflows to 0 in float64)")
+@case("r3-numbers", "bias --sigma 1e-300 (2σ² underflows to 0 in float64)")
 def _(t):
     return bias_grid(["--sigma", "1e-300"], "sigma")
 
 
-@case("numbers", "bias --sigma 1e300 (2σ² overflows)")
+@case("r3-numbers", "bias --sigma 1e300 (2σ² overflows)")
 def _(t):
     return bias_grid(["--sigma", "1e300"], "sigma")
 
 
-@case("numbers", "bias --alpha 1e39 (a float64, inf as the float32 bias)")
+@case("r3-numbers", "bias --alpha 1e39 (a float64, inf as the float32 bias)")
 def _(t):
     return bias_grid(["--alpha", "1e39"], "alpha")
 
 
-@case("numbers", "bias --heads 0:1e40 (a head scale beyond float32)")
+@case("r3-numbers", "bias --heads 0:1e40 (a head scale beyond float32)")
 def _(t):
     return bias_grid(["--heads", "0:1e40"], "heads")
 
 
-@case("numbers", "bias --alpha 1e20 --heads 0:1e20 (each fits float32, their product does not)")
+@case("r3-numbers", "bias --alpha 1e20 --heads 0:1e20 (each fits float32, their product does not)")
 def _(t):
     return bias_grid(["--alpha", "1e20", "--heads", "0:1e20"], "alpha")
 
 
-@case("numbers", "FovealConfig(eps=0) on a one-token region (0/0 in the bump)")
+@case("r3-numbers", "FovealConfig(eps=0) on a one-token region (0/0 in the bump)")
 def _(t):
     def run():
         config = falip.FovealConfig(eps=0.0)
@@ -1059,7 +1059,7 @@ def _(t):
     return out if isinstance(out, str) else ("silent" if not bool(torch.isfinite(out).all()) else "right")
 
 
-@case("numbers", "score --unleash 1:all:3e38: NaN embeddings blamed on the bias, not the weights")
+@case("r3-numbers", "score --unleash 1:all:3e38: NaN embeddings blamed on the bias, not the weights")
 def _(t):
     smooth_image(0).save(t / "p.png")
     argv = ["score", t / "p.png", "--box", "0,0,30,30", "--text", "a", "--model", tiny_checkpoint(t / "m.pt"),
@@ -1070,7 +1070,7 @@ def _(t):
     return "clear error" if code == 2 and "bias settings" in err and len(err.strip().splitlines()) == 1 else "vague error"
 
 
-@case("api", "encode_regions(config={...}) with a dict of FovealConfig fields")
+@case("r3-api", "encode_regions(config={...}) with a dict of FovealConfig fields")
 def _(t):
     model = falip.load(str(tiny_checkpoint(t / "m.pt")))
     image = np.asarray(smooth_image(0))
@@ -1081,13 +1081,13 @@ def _(t):
     return "right" if torch.equal(out, want) else "silent"
 
 
-@case("api", "falip.load(config={'alpah': 2}) (a misspelt field)")
+@case("r3-api", "falip.load(config={'alpah': 2}) (a misspelt field)")
 def _(t):
     out = api(lambda: falip.load(str(tiny_checkpoint(t / "m.pt")), config={"alpah": 2.0}), "alpah")
     return out if isinstance(out, str) else "silent"
 
 
-@case("api", "score_regions with a generator of boxes")
+@case("r3-api", "score_regions with a generator of boxes")
 def _(t):
     model = falip.load(str(tiny_checkpoint(t / "m.pt")))
     image, boxes = np.asarray(smooth_image(0)), [[0, 0, 30, 30], [10, 10, 60, 40]]
@@ -1097,7 +1097,7 @@ def _(t):
     return "right" if torch.equal(out, model.score_regions(image, boxes, ["a", "b"])) else "silent"
 
 
-@case("threads", "zero_shot_classifier from 16 threads on a cold cache, 4 rounds")
+@case("r3-threads", "zero_shot_classifier from 16 threads on a cold cache, 4 rounds")
 def _(t):
     from falip.zeroshot import zero_shot_classifier
 
@@ -1128,7 +1128,7 @@ def _(t):
     return "traceback" if failures else "right"
 
 
-@case("cli", "score --box -20,-20,40,40 (a box starting left of and above the image)")
+@case("r3-cli", "score --box -20,-20,40,40 (a box starting left of and above the image)")
 def _(t):
     smooth_image(0).save(t / "p.png")
     code, out, err = cli_capture(
@@ -1141,18 +1141,18 @@ def _(t):
     return "warning" if one_line else "silent"
 
 
-@case("cli", "score with a box outside the image and a model file that does not exist (regions first)")
+@case("r3-cli", "score with a box outside the image and a model file that does not exist (regions first)")
 def _(t):
     smooth_image(0).save(t / "p.png")
     return cli(["score", t / "p.png", "--box", "100,100,200,200", "--text", "a", "--model", t / "none.pt"], must_name="box 0")
 
 
-@case("cli", "bias --patch 0 (was silently the default 16)")
+@case("r3-cli", "bias --patch 0 (was silently the default 16)")
 def _(t):
     return cli(["bias", "--image-size", "100,100", "--box", "0,0,50,50", "--patch", "0"], must_name="--patch")
 
 
-@case("cli", "score --json: method none ties every box; best is an index and the tie is flagged")
+@case("r3-cli", "score --json: method none ties every box; best is an index and the tie is flagged")
 def _(t):
     smooth_image(0).save(t / "p.png")
     argv = ["score", t / "p.png", "--box", "0,0,30,30", "--box", "20,10,60,40", "--text", "a", "--text", "a",
@@ -1164,7 +1164,7 @@ def _(t):
     return "right" if result["best"] == [0, 0] and result["tie"] == [True, True] and len(result["texts"]) == 2 else "silent"
 
 
-@case("cli", "--mode given to falip attention (prefix of --model)")
+@case("r3-cli", "--mode given to falip attention (prefix of --model)")
 def _(t):
     smooth_image(0).save(t / "p.png")
     code, _, err = cli_capture(["attention", t / "p.png", "--box", "0,0,30,30", "--mode", "naive", "--output", t / "a.png"])
@@ -1212,25 +1212,25 @@ def _toy(t: Path, **kw):
     return falip.load(str(tiny_checkpoint(t / "m.pt")), **kw)
 
 
-@case("server", "GET /api/health with the Host of a rebinding domain")
+@case("r3-server", "GET /api/health with the Host of a rebinding domain")
 def _(t):
     r = _server_client(_toy(t)).get("/api/health", headers={"host": "rebind.attacker.test"})
     return _refused(r, 400, "rebind.attacker.test")
 
 
-@case("server", "multipart POST from a page of another site (Origin header)")
+@case("r3-server", "multipart POST from a page of another site (Origin header)")
 def _(t):
     r = _score_post(_server_client(_toy(t)), _png_bytes(smooth_image(0)), headers={"origin": "https://attacker.test"})
     return _refused(r, 403, "cross-origin")
 
 
-@case("server", "POST from a sandboxed frame (Origin: null)")
+@case("r3-server", "POST from a sandboxed frame (Origin: null)")
 def _(t):
     r = _score_post(_server_client(_toy(t)), _png_bytes(smooth_image(0)), headers={"origin": "null"})
     return _refused(r, 403, "cross-origin")
 
 
-@case("server", "bound to 0.0.0.0 with --allow-host: that name is served")
+@case("r3-server", "bound to 0.0.0.0 with --allow-host: that name is served")
 def _(t):
     from fastapi.testclient import TestClient
 
@@ -1275,7 +1275,7 @@ def _read_until_closed(conn, seconds: float) -> tuple[bytes, bool]:
     return data, True
 
 
-@case("server", "upload trickled one byte every 0.2 s (read timeout 1 s)")
+@case("r3-server", "upload trickled one byte every 0.2 s (read timeout 1 s)")
 def _(t):
     import socket
 
@@ -1298,7 +1298,7 @@ def _(t):
     return "clear error" if b" 408 " in data.split(b"\r\n")[0] else "vague error"
 
 
-@case("server", "40 idle connections, then a health check (max 64 connections)")
+@case("r3-server", "40 idle connections, then a health check (max 64 connections)")
 def _(t):
     import socket
 
@@ -1316,14 +1316,14 @@ def _(t):
     return "right" if ok and all(closed) else ("hang" if not all(closed) else "vague error")
 
 
-@case("server", "8000x1 PNG under crop preprocessing (pixel limit 1 000 000)")
+@case("r3-server", "8000x1 PNG under crop preprocessing (pixel limit 1 000 000)")
 def _(t):
     client = _server_client(_toy(t, preprocess="crop"), max_pixels=1_000_000)
     r = _score_post(client, _png_bytes(Image.new("RGB", (8000, 1), "gray")), boxes=[(0, 0, 4000, 1)])
     return _refused(r, 413, "preprocessing")
 
 
-@case("server", "a 600x2 box under the crop edit (pixel limit 1 000 000)")
+@case("r3-server", "a 600x2 box under the crop edit (pixel limit 1 000 000)")
 def _(t):
     client = _server_client(_toy(t, preprocess="crop"), max_pixels=1_000_000)
     r = _score_post(client, _png_bytes(smooth_image(1, 640, 480)), boxes=[(0, 100, 600, 102)], method="crop")
@@ -1344,25 +1344,25 @@ def _decoded_like_the_cli(t: Path, image: Image.Image, name: str) -> str:
     return "right" if np.allclose(r.json()["scores"], want, rtol=0, atol=1e-5) else "silent"
 
 
-@case("server", "12-bit camera data in a 16-bit PNG, scored as falip score scores the file")
+@case("r3-server", "12-bit camera data in a 16-bit PNG, scored as falip score scores the file")
 def _(t):
     raw = np.random.default_rng(0).integers(0, 4096, (48, 64), dtype=np.uint16)
     return _decoded_like_the_cli(t, Image.fromarray(raw), "cam.png")
 
 
-@case("server", "32-bit integer TIFF, scored as falip score scores the file")
+@case("r3-server", "32-bit integer TIFF, scored as falip score scores the file")
 def _(t):
     raw = np.random.default_rng(1).integers(0, 60000, (48, 64)).astype(np.int32)
     return _decoded_like_the_cli(t, Image.fromarray(raw, mode="I"), "i32.tif")
 
 
-@case("server", "layers JSON nested 50 000 deep")
+@case("r3-server", "layers JSON nested 50 000 deep")
 def _(t):
     r = _score_post(_server_client(_toy(t)), _png_bytes(smooth_image(0)), layers="[" * 50_000 + "]" * 50_000)
     return _refused(r, 400, "layers")
 
 
-@case("server", "a box coordinate written as a 320-digit integer")
+@case("r3-server", "a box coordinate written as a 320-digit integer")
 def _(t):
     client = _server_client(_toy(t))
     data = dict(boxes="[[0, 0, 1" + "0" * 320 + ", 30]]", texts=json.dumps(["a cat"]))
@@ -1370,13 +1370,13 @@ def _(t):
     return _refused(r, 400, "box 0")
 
 
-@case("server", "/api/health of a model given by an absolute checkpoint path")
+@case("r3-server", "/api/health of a model given by an absolute checkpoint path")
 def _(t):
     info = _server_client(_toy(t)).get("/api/health").json()
     return "silent" if str(t) in json.dumps(info) else "right"
 
 
-@case("server", "mask upload of another size than the image")
+@case("r3-server", "mask upload of another size than the image")
 def _(t):
     client = _server_client(_toy(t))
     files = [("image", ("p.png", _png_bytes(smooth_image(0)))), ("masks", ("m.png", _png_bytes(Image.new("L", (10, 10), 255))))]
@@ -1439,31 +1439,31 @@ def _loads_right(t: Path, model: Path) -> str:
     return "right" if abs(json.loads(out.getvalue())["scores"][0][0] - float(base[0, 0])) < 1e-3 else "silent"
 
 
-@case("weights", "HF config with another hidden_size than its weights")
+@case("r3-weights", "HF config with another hidden_size than its weights")
 def _(t):
     directory = _hf_dir(t, edit_config=lambda c: c["vision_config"].update(hidden_size=128, intermediate_size=512))
     return _refuses_model(_score_argv(t, directory), "model.safetensors")
 
 
-@case("weights", "HF model.safetensors with an extra tensor")
+@case("r3-weights", "HF model.safetensors with an extra tensor")
 def _(t):
     directory = _hf_dir(t, edit_tensors=lambda d: d.update({"vision_model.extra.weight": torch.ones(4)}))
     return _refuses_model(_score_argv(t, directory), "vision_model.extra.weight")
 
 
-@case("weights", "HF logit_scale of 100 (exp overflows)")
+@case("r3-weights", "HF logit_scale of 100 (exp overflows)")
 def _(t):
     directory = _hf_dir(t, edit_tensors=lambda d: d["logit_scale"].fill_(100.0))
     return _refuses_model(_score_argv(t, directory), "logit_scale")
 
 
-@case("weights", "uint8 layer norm in an OpenAI-layout .pt")
+@case("r3-weights", "uint8 layer norm in an OpenAI-layout .pt")
 def _(t):
     path = _edited_checkpoint(t, lambda s: s.update({"visual.ln_post.weight": s["visual.ln_post.weight"].to(torch.uint8)}))
     return _refuses_model(_score_argv(t, path), "visual.ln_post.weight")
 
 
-@case("weights", "named architecture + file without logit_scale")
+@case("r3-weights", "named architecture + file without logit_scale")
 def _(t):
     torch.manual_seed(0)
     state = open_clip.create_model("ViT-S-32").state_dict()
@@ -1473,18 +1473,18 @@ def _(t):
     return _refuses_model(argv, "logit_scale")
 
 
-@case("weights", "logit_scale of 89 in an OpenAI-layout .pt (exp overflows float32)")
+@case("r3-weights", "logit_scale of 89 in an OpenAI-layout .pt (exp overflows float32)")
 def _(t):
     path = _edited_checkpoint(t, lambda s: s["logit_scale"].fill_(89.0))
     return _refuses_model(_score_argv(t, path), "logit_scale")
 
 
-@case("weights", "float64 OpenAI-layout .pt (cast, same scores)")
+@case("r3-weights", "float64 OpenAI-layout .pt (cast, same scores)")
 def _(t):
     return _loads_right(t, _edited_checkpoint(t, lambda s: s.update({k: v.double() for k, v in s.items()})))
 
 
-@case("weights", "fp16 OpenAI-layout .pt, as OpenAI distributes (cast, same scores)")
+@case("r3-weights", "fp16 OpenAI-layout .pt, as OpenAI distributes (cast, same scores)")
 def _(t):
     return _loads_right(
         t, _edited_checkpoint(t, lambda s: s.update({k: v.half() if k != "logit_scale" else v for k, v in s.items()}))
@@ -1510,8 +1510,16 @@ def run_all() -> list[tuple[str, str, str]]:
 
 def main_cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--markdown", action="store_true", help="print the table of docs/reliability.md")
+    parser.add_argument(
+        "--groups", default="", help="comma-separated group names or prefixes to run (e.g. r3 for round 3); default: all"
+    )
     args = parser.parse_args()
+    wanted = [g for g in args.groups.split(",") if g]
+    if wanted:
+        CASES[:] = [c for c in CASES if any(c[0].startswith(g) for g in wanted)]
+        if not CASES:
+            parser.error(f"no case is in a group starting with {', '.join(wanted)}")
     rows = run_all()
     counts = Counter(o for _, _, o in rows)
     summary = f"{len(rows)} cases: " + ", ".join(f"{n} {k}" for k, n in counts.most_common())
