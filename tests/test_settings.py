@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -121,6 +122,17 @@ def test_command_runs_falip_toy_with_the_cards_settings(name, data, tmp_path, ca
     assert printed == (OWN_PREPROCESS, OWN)
     if recorded is not None:
         assert recorded == (OWN_PREPROCESS, OWN)
+
+
+@pytest.mark.parametrize("name", ("rec", "classify", "pointcloud", "heads"))
+def test_every_run_takes_quiet_and_names_where_its_predictions_went(name, data, tmp_path, capsys):
+    argv, _ = commands(data, tmp_path)[name]
+    assert main([*argv, "--model", "falip-toy", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "it/s" not in err and "%|" not in err  # no progress bar
+    if name in ("rec", "classify"):
+        output = Path(argv[argv.index("--output") + 1])
+        assert f"wrote {output} and {output.parent / (output.stem + '.predictions.jsonl')}" in out
 
 
 @pytest.mark.parametrize("name", ("score", "rec", "demo", "bias"))  # demo loads its model itself; the others share load_from_args

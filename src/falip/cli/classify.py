@@ -81,6 +81,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         workers=args.workers,
         batch_size=args.batch_size,
         allow_lost_inputs=args.allow_lost_inputs,
+        progress=not args.quiet,
     )
     m, speed = result["metrics"], result["speed"]
     print(
@@ -92,7 +93,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         print(f"  groups: {groups}  worst {_fmt(m['worst_group'])}")
     if speed["images_per_s"] is not None:
         print(f"  {speed['images_per_s']:.2f} images/s, {speed['regions_per_s']:.2f} regions/s ({args.device})")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and {Path(args.output).parent / result['predictions']}")
     return 0
 
 

@@ -101,7 +101,8 @@ def add_loader_args(group, what: str = "images", default_batch: int = 16) -> Non
 
 
 def add_run_args(group) -> None:
-    """``--allow-lost-inputs``: the options every evaluation run shares besides ``--output`` and the loader's."""
+    """``--allow-lost-inputs``, ``--quiet``: the options every evaluation run shares besides ``--output`` and the loader's."""
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
     group.add_argument(
         "--allow-lost-inputs",
         action="store_true",

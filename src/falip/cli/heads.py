@@ -83,6 +83,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
         top=args.top,
         resume=not args.no_resume,
         allow_lost_inputs=args.allow_lost_inputs,
+        progress=not args.quiet,
     )
     n, skipped = result["metrics"]["n"], result["skipped"]["count"]
     print(f"{n} regions ({skipped} skipped); top {args.top} heads by {args.statistic} response to {method.name}:")

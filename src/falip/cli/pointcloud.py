@@ -99,7 +99,7 @@ def cmd_pointcloud(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = evaluate(
         classifier, dataset, args.output, run_config, args.batch_size, args.limit, resume=not args.no_resume,
-        workers=args.workers, allow_lost_inputs=args.allow_lost_inputs,
+        workers=args.workers, allow_lost_inputs=args.allow_lost_inputs, progress=not args.quiet,
     )  # fmt: skip
     m = result["metrics"]
     acc = "n/a" if m["acc"] is None else f"{m['acc']:.2f}%"

@@ -92,7 +92,7 @@ def cmd_rec(args: argparse.Namespace) -> int:
     )
     if m["skipped"]:
         print(f"  skipped: {result['skipped']['by_reason']}")
-    print(f"wrote {args.output} and {result['predictions']}")
+    print(f"wrote {args.output} and {Path(args.output).parent / result['predictions']}")
     return 0
 
 
@@ -159,7 +159,6 @@ def register(sub) -> None:
     )
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
     g.add_argument("--no-resume", action="store_true", help="overwrite existing predictions instead of continuing them")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_loader_args(g, "images (each with all its proposals, for all its sentences)")
     add_run_args(g)
     p.set_defaults(func=cmd_rec, distributed=True)
