@@ -71,3 +71,18 @@ def random_boxes(rng, w, h, k) -> np.ndarray:
 @pytest.fixture(scope="session")
 def official():
     return FovealConfig.official()
+
+
+def modelnet40_split(root, clouds):
+    """A ModelNet40-layout HDF5 test split under ``root/modelnet40_ply_hdf5_2048`` of ``clouds (N, P, 3)``, labelled
+    0, 1, 2, 0, … over three classes; returns ``root``."""
+    import h5py
+
+    folder = root / "modelnet40_ply_hdf5_2048"
+    folder.mkdir(parents=True)
+    (folder / "shape_names.txt").write_text("airplane\nbathtub\nflower_pot\n")
+    with h5py.File(folder / "ply_data_test0.h5", "w") as f:
+        f.create_dataset("data", data=np.asarray(clouds, dtype=np.float32))
+        f.create_dataset("label", data=(np.arange(len(clouds)) % 3).reshape(-1, 1).astype(np.uint8))
+    (folder / "test_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_test0.h5\n")
+    return root

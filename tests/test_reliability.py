@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 import falip
-from conftest import random_boxes, random_image, tiny_clip, wrap
+from conftest import modelnet40_split, random_boxes, random_image, tiny_clip, wrap
 from falip import FovealConfig
 from falip.bias import Unleash
 from falip.cli import main
@@ -549,20 +549,6 @@ def rec_argv(root, ckpt, output, *extra):
             "--quiet", "--workers", "0", "--output", output, *extra]  # fmt: skip
 
 
-def modelnet(root, clouds):
-    """A ModelNet40-layout HDF5 split of ``clouds`` ``(N, P, 3)`` labelled 0, 1, 2, 0, …"""
-    import h5py
-
-    folder = root / "modelnet40_ply_hdf5_2048"
-    folder.mkdir(parents=True)
-    (folder / "shape_names.txt").write_text("airplane\nbathtub\nflower_pot\n")
-    with h5py.File(folder / "ply_data_test0.h5", "w") as f:
-        f.create_dataset("data", data=np.asarray(clouds, dtype=np.float32))
-        f.create_dataset("label", data=(np.arange(len(clouds)) % 3).reshape(-1, 1).astype(np.uint8))
-    (folder / "test_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_test0.h5\n")
-    return root
-
-
 def pointcloud_argv(root, ckpt, output, *extra):
     return ["pointcloud", "--dataset", "modelnet40", "--data-root", root, "--model", ckpt, "--workers", "0", "--output", output,
             *extra]  # fmt: skip
@@ -584,7 +570,7 @@ def test_an_edited_templates_file_is_refused_on_resume_naming_the_prompts(tmp_pa
 
 
 def test_an_edited_pointcloud_templates_file_or_annotation_file_rewritten_in_place_is_refused(tmp_path, capsys):
-    root = modelnet(tmp_path / "data", np.random.default_rng(0).normal(size=(3, 64, 3)))
+    root = modelnet40_split(tmp_path / "data", np.random.default_rng(0).normal(size=(3, 64, 3)))
     ckpt, templates = save_checkpoint(tmp_path / "m.pt"), tmp_path / "t.txt"
     templates.write_text("a depth map of a {}.\n")
     argv = pointcloud_argv(root, ckpt, tmp_path / "r.json", "--templates", templates)
@@ -788,7 +774,7 @@ def test_every_item_lost_gives_null_metrics_not_zero(tmp_path, generic, capsys, 
     else:
         clouds = np.random.default_rng(0).normal(size=(2, 64, 3))
         clouds[:, 3] = np.nan
-        argv = pointcloud_argv(modelnet(tmp_path / "data", clouds), ckpt, tmp_path / "o.json")
+        argv = pointcloud_argv(modelnet40_split(tmp_path / "data", clouds), ckpt, tmp_path / "o.json")
     code, err = cli_err(argv, capsys)
     assert code == 2 and "--allow-lost-inputs" in err
     assert main([str(a) for a in argv + ["--allow-lost-inputs"]]) == 0
@@ -804,7 +790,7 @@ def test_every_item_lost_gives_null_metrics_not_zero(tmp_path, generic, capsys, 
 def test_a_cloud_with_huge_coordinates_fails_alone_whatever_the_batch_size(tmp_path):
     clouds = np.random.default_rng(0).normal(size=(4, 64, 3))
     clouds[1] *= 1e30  # finite, but its depth views overflow in the model
-    root, ckpt = modelnet(tmp_path / "data", clouds), save_checkpoint(tmp_path / "m.pt")
+    root, ckpt = modelnet40_split(tmp_path / "data", clouds), save_checkpoint(tmp_path / "m.pt")
     runs = {}
     for batch in ("4", "1"):
         assert main([str(a) for a in pointcloud_argv(root, ckpt, tmp_path / f"b{batch}.json", "--batch-size", batch)]) == 0

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import random_image, tiny_clip, wrap
+from conftest import modelnet40_split, random_image, tiny_clip, wrap
 from falip import FalipError, FovealConfig
 from falip.cli import main
 from falip.datasets.generic import load_generic, read_regions_jsonl
@@ -54,13 +53,7 @@ def files(tmp_path_factory):
     regions = [{"image": f"COCO_train2014_{i:012d}.jpg", "label": ["cat", "dog"][i - 1], "box": [4, 4, 40, 30]} for i in (1, 2)]
     (root / "regions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in regions))
     (root / "classes.txt").write_text("cat\ndog\n")
-    folder = root / "modelnet40_ply_hdf5_2048"
-    folder.mkdir()
-    (folder / "shape_names.txt").write_text("airplane\nbathtub\nflower_pot\n")
-    with h5py.File(folder / "ply_data_test0.h5", "w") as f:
-        f.create_dataset("data", data=rng.normal(size=(3, 64, 3)).astype(np.float32))
-        f.create_dataset("label", data=np.array([[0], [1], [2]], dtype=np.uint8))
-    (folder / "test_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_test0.h5\n")
+    modelnet40_split(root, rng.normal(size=(3, 64, 3)))
     torch.save(tiny_clip(64, 16, layers=2, width=64).state_dict(), root / "tiny.pt")
     return root
 
